@@ -1,0 +1,10 @@
+"""Schedules (data), their cost model, and the search spaces."""
+
+from spaces.cost import BlockCost, breakdown, gmacs, macs, tokens_entering
+from spaces.model_spec import ModelSpec
+from spaces.schedule import METHODS, SCHEMA_VERSION, LayerPlan, Schedule, kept_count
+
+__all__ = [
+    "METHODS", "SCHEMA_VERSION", "BlockCost", "LayerPlan", "ModelSpec", "Schedule",
+    "breakdown", "gmacs", "kept_count", "macs", "tokens_entering",
+]

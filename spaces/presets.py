@@ -1,0 +1,167 @@
+"""The papers' own schedules by name (see ../shared/REFERENCE.md for their GMACs on DeiT-S).
+
+    none               the unreduced model
+    tome:<r>           ToMe: merge r tokens in every block (Bolya et al. 2023)
+    tome:<r>,<inflect> ToMe's schedule shape; inflect -1 decreases linearly from 2r to 0
+    evit:<keep>        EViT: prune + fuse at blocks depth/4, depth/2, 3*depth/4 (3, 6, 9 on 12 blocks)
+    idlevit:<k>        IdleViT, paper convention: four equal stages, stage s keeps k**s active
+    idlevit-code:<k>   IdleViT, official-code layout: first third full, then stages of 3/3/2 blocks
+    ppt[:<r>]          PPT: prune-or-pool r tokens at blocks 3, 6, 9 (r=50 on 196 patches, scaled)
+    tcvit:<keep>       TC-ViT (our design, no public code): condense at blocks 3, 6, 9, order 2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from spaces.model_spec import ModelSpec
+from spaces.schedule import LayerPlan, Schedule
+
+PRESET_NAMES = ("none", "tome", "evit", "idlevit", "idlevit-code", "ppt", "tcvit")
+PPT_R_DEIT = 50  # PPT's r on DeiT-S (196 patches)
+
+
+def _quarter_blocks(depth: int) -> list[int]:
+    """EViT/PPT reduce at 1/4, 1/2 and 3/4 of the depth: blocks 3, 6, 9 of 12."""
+    return sorted({depth // 4, depth // 2, (3 * depth) // 4} - {0})
+
+
+def _at(spec: ModelSpec, where: dict[int, LayerPlan]) -> tuple[LayerPlan, ...]:
+    return tuple(where.get(i, LayerPlan()) for i in range(spec.depth))
+
+
+def _parse_float(text: str, preset: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"preset {preset!r}: {text!r} is not a number") from None
+
+
+def _parse_int(text: str, preset: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"preset {preset!r}: {text!r} is not an integer") from None
+
+
+def tome_r_per_block(depth: int, r: int, inflect: float = 0.0) -> list[int]:
+    """ToMe's per-block r: linear from int(r * (1 - inflect)) to its mirror about r."""
+    start = int(r * (1.0 - inflect))
+    end = 2 * r - start
+    step = (end - start) / max(depth - 1, 1)
+    return [max(0, int(start + step * i)) for i in range(depth)]
+
+
+def _tome(args: str, spec: ModelSpec, preset: str) -> Schedule:
+    parts = args.split(",")
+    if len(parts) > 2 or not parts[0]:
+        raise ValueError(f"preset {preset!r}: expected tome:<r> or tome:<r>,<inflect>")
+    r = _parse_int(parts[0], preset)
+    if r < 0:
+        raise ValueError(f"preset {preset!r}: r must be >= 0")
+    inflect = _parse_float(parts[1], preset) if len(parts) == 2 else 0.0
+    rs = tome_r_per_block(spec.depth, r, inflect)
+    layers = tuple(LayerPlan("merge", r=ri) if ri else LayerPlan() for ri in rs)
+    return Schedule(spec, layers, prop_attn=True, name=preset)
+
+
+def _keep_arg(args: str, preset: str) -> float:
+    keep = _parse_float(args, preset)
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"preset {preset!r}: keep must be in (0, 1], got {keep}")
+    return keep
+
+
+def _evit(args: str, spec: ModelSpec, preset: str) -> Schedule:
+    keep = _keep_arg(args, preset)
+    plan = LayerPlan("prune", keep=keep, fuse=True)
+    # EViT attends without size bias: the fused token is an ordinary token to it.
+    return Schedule(spec, _at(spec, {i: plan for i in _quarter_blocks(spec.depth)}), prop_attn=False, name=preset)
+
+
+def _idle_schedule(spec: ModelSpec, stages: list[list[int]], k: float, preset: str) -> Schedule:
+    where = {}
+    for s, blocks in enumerate(stages):
+        keep = k**s
+        for i in blocks:
+            if keep < 1.0:
+                where[i] = LayerPlan("idle", keep=keep)
+    return Schedule(spec, _at(spec, where), prop_attn=False, name=preset)
+
+
+def _idlevit(args: str, spec: ModelSpec, preset: str) -> Schedule:
+    """Paper text: four equal stages; stage s runs k**s of the patch tokens."""
+    k = _keep_arg(args, preset)
+    d = spec.depth
+    bounds = [round(d * s / 4) for s in range(5)]
+    return _idle_schedule(spec, [list(range(bounds[s], bounds[s + 1])) for s in range(4)], k, preset)
+
+
+def _idlevit_code(args: str, spec: ModelSpec, preset: str) -> Schedule:
+    """Official code on 12 blocks: blocks 0-3 full, then 4-6, 7-9, 10-11 at k, k^2, k^3."""
+    k = _keep_arg(args, preset)
+    d = spec.depth
+    first = d // 3
+    rest = d - first
+    sizes = [rest - 2 * (rest * 3 // 8), rest * 3 // 8, rest * 3 // 8][::-1]  # 3/3/2 on 8 blocks
+    stages, start = [list(range(first))], first
+    for size in sizes:
+        stages.append(list(range(start, start + size)))
+        start += size
+    return _idle_schedule(spec, stages, k, preset)
+
+
+def _ppt(args: str, spec: ModelSpec, preset: str) -> Schedule:
+    if args:
+        r = _parse_int(args, preset)
+    else:
+        r = round(PPT_R_DEIT * spec.num_patches / 196)  # 50 on DeiT-S; same fraction elsewhere
+    if r < 0:
+        raise ValueError(f"preset {preset!r}: r must be >= 0")
+    plan = LayerPlan("adaptive", r=r)
+    return Schedule(spec, _at(spec, {i: plan for i in _quarter_blocks(spec.depth)}), prop_attn=True, name=preset)
+
+
+def _tcvit(args: str, spec: ModelSpec, preset: str) -> Schedule:
+    keep = _keep_arg(args, preset)
+    plan = LayerPlan("condense", keep=keep, order=2, alpha=0.5, weighting="size_relevance")
+    return Schedule(spec, _at(spec, {i: plan for i in _quarter_blocks(spec.depth)}), prop_attn=True, name=preset)
+
+
+def _none(args: str, spec: ModelSpec, preset: str) -> Schedule:
+    if args:
+        raise ValueError(f"preset {preset!r}: 'none' takes no arguments")
+    return Schedule.empty(spec)
+
+
+_BUILDERS: dict[str, Callable[[str, ModelSpec, str], Schedule]] = {
+    "none": _none,
+    "tome": _tome,
+    "evit": _evit,
+    "idlevit": _idlevit,
+    "idlevit-code": _idlevit_code,
+    "ppt": _ppt,
+    "tcvit": _tcvit,
+}
+
+
+def build_preset(name: str, spec: ModelSpec) -> Schedule:
+    """Parse `family[:args]` and build the schedule for `spec`."""
+    family, _, args = name.strip().partition(":")
+    if family not in _BUILDERS:
+        raise ValueError(f"unknown preset {name!r}; valid families: {', '.join(PRESET_NAMES)}")
+    if family not in ("none", "ppt") and not args:
+        raise ValueError(f"preset {name!r} needs an argument, e.g. {family}:0.7" if family != "tome"
+                         else f"preset {name!r} needs an argument, e.g. tome:13")
+    return _BUILDERS[family](args, spec, name.strip())
+
+
+def paper_presets() -> list[str]:
+    """The presets of REFERENCE.md, in the order a search evaluates them."""
+    return (
+        ["tome:8", "tome:13", "tome:16"]
+        + [f"evit:{k}" for k in (0.9, 0.8, 0.7, 0.6, 0.5)]
+        + ["ppt"]
+        + [f"idlevit:{k}" for k in (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)]
+        + [f"tcvit:{k}" for k in (0.7, 0.5)]
+    )

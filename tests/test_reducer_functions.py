@@ -1,0 +1,406 @@
+"""Contract and known-answer tests for the pure reducer functions in ``reducers``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor
+
+from reducers.adaptive import DEFAULT_THRESHOLD, adaptive, significance
+from reducers.common import (
+    complement_indices,
+    gather_tokens,
+    scatter_tokens,
+    topk_sorted,
+    weighted_mean_merge,
+)
+from reducers.condense import condense, connectivity
+from reducers.idle import select_active
+from reducers.merge import bipartite_plan, merge
+from reducers.prune import prune
+
+
+def t(*rows: object) -> Tensor:
+    """Float tensor from nested literals."""
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- common
+
+
+def test_gather_tokens_known_answer() -> None:
+    x = torch.arange(16.0).view(2, 4, 2)
+    idx = torch.tensor([[3, 0], [1, 1]])
+    expected = t([[6.0, 7.0], [0.0, 1.0]], [[10.0, 11.0], [10.0, 11.0]])
+    assert torch.equal(gather_tokens(x, idx), expected.float())
+
+
+def test_scatter_tokens_is_out_of_place() -> None:
+    x = torch.zeros(1, 4, 2)
+    out = scatter_tokens(x, torch.tensor([[2, 0]]), torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]))
+    assert torch.equal(out, torch.tensor([[[3.0, 4.0], [0.0, 0.0], [1.0, 2.0], [0.0, 0.0]]]))
+    assert torch.equal(x, torch.zeros(1, 4, 2))
+
+
+def test_topk_sorted_and_complement() -> None:
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.8, 0.2], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    idx = topk_sorted(scores, 3)
+    assert idx.tolist() == [[1, 2, 3], [0, 1, 2]]
+    assert complement_indices(idx, 5).tolist() == [[0, 4], [3, 4]]
+    assert complement_indices(torch.tensor([[3, 0], [4, 2]]), 5).tolist() == [[1, 2, 4], [0, 1, 3]]
+
+
+def test_weighted_mean_merge_known_answer() -> None:
+    dst, dst_w = t([[0.0, 0.0], [10.0, 10.0]]), t([[1.0], [1.0]])
+    src, src_w = t([[2.0, 2.0], [4.0, 4.0], [6.0, 6.0]]), t([[1.0], [3.0], [2.0]])
+    merged, w = weighted_mean_merge(dst, dst_w, src, src_w, torch.tensor([[0, 0, 1]]))
+    # (0*1 + 2*1 + 4*3) / 5 and (10*1 + 6*2) / 3.
+    assert torch.allclose(merged, t([[2.8, 2.8], [22 / 3, 22 / 3]]))
+    assert torch.equal(w, t([[5.0], [3.0]]))
+
+
+# --------------------------------------------------------------------------- prune (EViT)
+
+
+def _prune_case() -> tuple[Tensor, Tensor, Tensor]:
+    x = t([[100.0, 100.0], [1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0], [5.0, 50.0]])
+    size = t([[1.0], [1.0], [2.0], [1.0], [3.0], [1.0]])
+    cls_attn = t([0.5, 0.1, 0.4, 0.05, 0.3, 0.15])  # prefix entry ignored
+    return x, size, cls_attn
+
+
+def test_prune_known_answer_fused() -> None:
+    x, size, cls_attn = _prune_case()
+    out, out_size = prune(x, size, cls_attn, num_prefix=1, keep=2, fuse=True)
+    # Kept: patches 1 (0.4) and 3 (0.3). Removed 0, 2, 4 with weights 0.1, 0.05, 0.15 / 0.3.
+    expected = t([[100.0, 100.0], [2.0, 20.0], [4.0, 40.0], [10 / 3, 100 / 3]])
+    assert torch.allclose(out, expected)
+    assert torch.equal(out_size, t([[1.0], [2.0], [3.0], [3.0]]))
+
+
+def test_prune_known_answer_no_fuse() -> None:
+    x, size, cls_attn = _prune_case()
+    out, out_size = prune(x, size, cls_attn, num_prefix=1, keep=3, fuse=False)
+    assert torch.equal(out, t([[100.0, 100.0], [2.0, 20.0], [4.0, 40.0], [5.0, 50.0]]))
+    assert torch.equal(out_size, t([[1.0], [2.0], [3.0], [1.0]]))
+
+
+def test_prune_gradient_reaches_cls_attn_through_fused_token() -> None:
+    x, size, cls_attn = _prune_case()
+    cls_attn.requires_grad_(True)
+    out, _ = prune(x, size, cls_attn, num_prefix=1, keep=2, fuse=True)
+    out[:, -1].sum().backward()
+    assert cls_attn.grad is not None and bool((cls_attn.grad[0, [1, 3, 5]] != 0).all())
+
+
+# --------------------------------------------------------------------------- merge (ToMe)
+
+
+def _merge_case() -> tuple[Tensor, Tensor, Tensor]:
+    # Patch p_i = [i + 1, -(i + 1)]; CLS = [9, 9]. A = p0, p2, p4; B = p1, p3, p5.
+    x = t([9.0, 9.0], *[[i + 1.0, -(i + 1.0)] for i in range(6)]).unsqueeze(0)
+    size = t([1.0], [1.0], [2.0], [1.0], [1.0], [3.0], [1.0]).unsqueeze(0)
+    # Best partners by cosine: p2->p3 (0.995) > p0->p1 (0.981) > p4->p1 (0.832).
+    metric = t([5.0, -5.0], [1.0, 0.0], [10.0, 2.0], [0.0, 1.0], [1.0, 10.0], [3.0, 3.0], [-1.0, 0.0])
+    return x, size, metric.unsqueeze(0)
+
+
+def test_bipartite_plan_known_answer() -> None:
+    _, _, metric = _merge_case()
+    unmerged, src, dst = bipartite_plan(metric[:, 1:], 2)
+    assert unmerged.tolist() == [[2]]
+    assert sorted(zip(src[0].tolist(), dst[0].tolist(), strict=True)) == [(0, 0), (1, 1)]
+
+
+def test_merge_known_answer_r2() -> None:
+    x, size, metric = _merge_case()
+    out, out_size = merge(x, size, metric, num_prefix=1, r=2)
+    # Order: CLS, unmerged A (p4), B (p1 <- p0, p3 <- p2, p5).
+    expected = t([9.0, 9.0], [5.0, -5.0], [5 / 3, -5 / 3], [3.5, -3.5], [6.0, -6.0]).unsqueeze(0)
+    assert torch.allclose(out, expected)
+    assert torch.equal(out_size, t([1.0], [3.0], [3.0], [2.0], [1.0]).unsqueeze(0))
+
+
+def test_merge_known_answer_two_sources_into_one() -> None:
+    x, size, metric = _merge_case()
+    out, out_size = merge(x, size, metric, num_prefix=1, r=3)
+    # p1 <- p0, p4: (2*2 + 1*1 + 3*5) / 6 = 10/3.
+    expected = t([9.0, 9.0], [10 / 3, -10 / 3], [3.5, -3.5], [6.0, -6.0]).unsqueeze(0)
+    assert torch.allclose(out, expected)
+    assert torch.equal(out_size, t([1.0], [6.0], [2.0], [1.0]).unsqueeze(0))
+
+
+# --------------------------------------------------------------------------- idle (IdleViT)
+
+
+def test_select_active_known_answer() -> None:
+    scores = torch.tensor([[9.0, 0.1, 0.5, 0.3, 0.9, 0.2], [9.0, 0.8, 0.1, 0.7, 0.2, 0.3]])
+    assert select_active(scores, num_prefix=1, keep=2).tolist() == [[0, 2, 4], [0, 1, 3]]
+    assert select_active(scores, num_prefix=2, keep=2).tolist() == [[0, 1, 2, 4], [0, 1, 3, 5]]
+
+
+@pytest.mark.parametrize("num_prefix", [1, 2])
+def test_select_active_gather_scatter_round_trip(num_prefix: int) -> None:
+    torch.manual_seed(0)
+    x, scores = torch.randn(3, 9, 4), torch.rand(3, 9)
+    idx = select_active(scores, num_prefix=num_prefix, keep=4)
+    assert idx.shape == (3, num_prefix + 4)
+    assert torch.equal(idx[:, :num_prefix], torch.arange(num_prefix).expand(3, -1))
+    assert bool((idx.diff(dim=1) > 0).all())  # distinct and ascending
+    active = gather_tokens(x, idx) + 1.0  # a stand-in "block" on the active tokens
+    out = scatter_tokens(x, idx, active)
+    changed = (out != x).any(dim=-1)  # (B, N)
+    assert changed.sum(dim=1).tolist() == [num_prefix + 4] * 3
+    assert torch.equal(changed.nonzero()[:, 1].view(3, -1), idx)
+
+
+# --------------------------------------------------------------------------- condense (TC-ViT)
+
+
+def test_connectivity_known_answer() -> None:
+    attn = t([[0.5, 0.5], [1.0, 0.0]])  # A^2 = [[0.75, 0.25], [0.5, 0.5]]
+    assert torch.allclose(connectivity(attn, order=1), attn)
+    assert torch.allclose(connectivity(attn, order=2), t([[0.625, 0.375], [0.75, 0.25]]))
+    assert torch.allclose(connectivity(attn, order=2, weights=[0.0, 1.0]), t([[0.75, 0.25], [0.5, 0.5]]))
+
+
+def _condense_case() -> tuple[Tensor, Tensor, Tensor]:
+    x = t([7.0, 7.0], [1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [4.0, 0.0]).unsqueeze(0)
+    size = t([1.0], [1.0], [3.0], [2.0], [2.0]).unsqueeze(0)
+    attn = t(
+        [0.2, 0.4, 0.1, 0.2, 0.1],
+        [0.1, 0.5, 0.1, 0.2, 0.1],
+        [0.1, 0.6, 0.1, 0.1, 0.1],
+        [0.2, 0.1, 0.1, 0.5, 0.1],
+        [0.2, 0.1, 0.2, 0.4, 0.1],
+    ).unsqueeze(0)
+    # conn = [13, 5, 12, 4] / 34, dom = [4, 1, 2, 1] / 8; alpha 0.5:
+    # relevance = [120, 37, 82, 33] / 272 -> keep patches 0, 2; 1 -> 0 (C 0.6), 3 -> 2 (C 0.4).
+    return x, size, attn
+
+
+def test_condense_known_answer_size() -> None:
+    x, size, attn = _condense_case()
+    out, out_size = condense(x, size, attn, num_prefix=1, keep=2, order=1, alpha=0.5, weighting="size")
+    assert torch.allclose(out, t([7.0, 7.0], [0.25, 0.75], [3.0, 1.0]).unsqueeze(0))
+    assert torch.equal(out_size, t([1.0], [4.0], [4.0]).unsqueeze(0))
+
+
+def test_condense_known_answer_size_relevance() -> None:
+    x, size, attn = _condense_case()
+    out, out_size = condense(
+        x, size, attn, num_prefix=1, keep=2, order=1, alpha=0.5, weighting="size_relevance"
+    )
+    # Weights size * relevance * 272: [120, 111, 164, 66].
+    expected = t([7.0, 7.0], [120 / 231, 111 / 231], [592 / 230, 328 / 230]).unsqueeze(0)
+    assert torch.allclose(out, expected)
+    assert torch.equal(out_size, t([1.0], [4.0], [4.0]).unsqueeze(0))
+
+
+def test_condense_rejects_unknown_weighting() -> None:
+    x, size, attn = _condense_case()
+    with pytest.raises(ValueError, match="size_relevance"):
+        condense(x, size, attn, num_prefix=1, keep=2, order=1, alpha=0.5, weighting="mean")
+
+
+def test_connectivity_rejects_bad_order_and_weights() -> None:
+    attn = torch.eye(3).unsqueeze(0)
+    with pytest.raises(ValueError):
+        connectivity(attn, order=0)
+    with pytest.raises(ValueError):
+        connectivity(attn, order=2, weights=[1.0])
+
+
+# --------------------------------------------------------------------------- adaptive (PPT)
+
+
+def test_significance_known_answer() -> None:
+    sig = significance(t([0.9, 0.2, 0.1, 0.3]), t([5.0, 1.0, 4.0, 2.0]), num_prefix=1)
+    assert torch.allclose(sig, t([1 / 6, 1 / 3, 1 / 2]))
+
+
+def test_adaptive_mixed_batch_matches_prune_and_merge_alone() -> None:
+    torch.manual_seed(0)
+    num_prefix, r = 1, 3
+    x, size = torch.randn(2, 9, 4), torch.rand(2, 9, 1) + 0.5
+    metric, value_norm = torch.randn(2, 9, 5), torch.rand(2, 9) + 0.5
+    cls_attn = torch.full((2, 9), 1 / 9)  # image 1: flat -> variance 0 -> merge
+    value_norm[1] = 1.0
+    cls_attn[0] = torch.softmax(torch.randn(9) * 4.0, dim=0)  # image 0: peaked -> prune
+    out, out_size, pruned = adaptive(
+        x, size, cls_attn, value_norm, metric, num_prefix=num_prefix, r=r, threshold=DEFAULT_THRESHOLD
+    )
+    assert pruned.tolist() == [True, False]
+    p_x, p_s = prune(
+        x[:1], size[:1], cls_attn[:1] * value_norm[:1], num_prefix=num_prefix, keep=8 - r, fuse=False
+    )
+    m_x, m_s = merge(x[1:], size[1:], metric[1:], num_prefix=num_prefix, r=r)
+    assert torch.allclose(out[:1], p_x) and torch.allclose(out_size[:1], p_s)
+    assert torch.allclose(out[1:], m_x) and torch.allclose(out_size[1:], m_s)
+
+
+# --------------------------------------------------------------------------- shared contracts
+
+
+@dataclass(frozen=True)
+class Case:
+    """A reducer under test: ``run(x, size, num_prefix, amount)`` and its documented count."""
+
+    run: Callable[[Tensor, Tensor, int, int], tuple[Tensor, Tensor]]
+    count: Callable[[int, int, int], int]  # (N, num_prefix, amount) -> output tokens
+    identity_amount: Callable[[int], int]  # n -> amount that removes nothing
+    preserves_mass: bool
+    fused: bool  # every input row contributes to the output
+
+
+def _signals(x: Tensor) -> dict[str, Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    b, n_total, _ = x.shape
+    attn = torch.softmax(torch.randn(b, n_total, n_total, generator=gen, dtype=x.dtype) * 2, dim=-1)
+    return {
+        "attn": attn,
+        "cls": attn[:, 0],
+        "vnorm": torch.rand(b, n_total, generator=gen, dtype=x.dtype) + 0.5,
+        "metric": torch.randn(b, n_total, 5, generator=gen, dtype=x.dtype),
+    }
+
+
+def _adaptive_run(threshold: float) -> Callable[[Tensor, Tensor, int, int], tuple[Tensor, Tensor]]:
+    def run(x: Tensor, size: Tensor, p: int, r: int) -> tuple[Tensor, Tensor]:
+        s = _signals(x)
+        out, out_size, _ = adaptive(
+            x, size, s["cls"], s["vnorm"], s["metric"], num_prefix=p, r=r, threshold=threshold
+        )
+        return out, out_size
+
+    return run
+
+
+CASES: dict[str, Case] = {
+    "prune": Case(
+        lambda x, s, p, k: prune(x, s, _signals(x)["cls"], num_prefix=p, keep=k, fuse=False),
+        lambda n_total, p, k: p + k,
+        lambda n: n,
+        preserves_mass=False,
+        fused=False,
+    ),
+    "prune_fuse": Case(
+        lambda x, s, p, k: prune(x, s, _signals(x)["cls"], num_prefix=p, keep=k, fuse=True),
+        lambda n_total, p, k: p + k + 1,
+        lambda n: n,
+        preserves_mass=True,
+        fused=True,
+    ),
+    "merge": Case(
+        lambda x, s, p, r: merge(x, s, _signals(x)["metric"], num_prefix=p, r=r),
+        lambda n_total, p, r: n_total - r,
+        lambda n: 0,
+        preserves_mass=True,
+        fused=True,
+    ),
+    "condense_size": Case(
+        lambda x, s, p, k: condense(
+            x, s, _signals(x)["attn"], num_prefix=p, keep=k, order=2, alpha=0.5, weighting="size"
+        ),
+        lambda n_total, p, k: p + k,
+        lambda n: n,
+        preserves_mass=True,
+        fused=True,
+    ),
+    "condense_size_relevance": Case(
+        lambda x, s, p, k: condense(
+            x, s, _signals(x)["attn"], num_prefix=p, keep=k, order=3, alpha=0.3, weighting="size_relevance"
+        ),
+        lambda n_total, p, k: p + k,
+        lambda n: n,
+        preserves_mass=True,
+        fused=True,
+    ),
+    "adaptive_merge": Case(
+        _adaptive_run(float("inf")),
+        lambda n_total, p, r: n_total - r,
+        lambda n: 0,
+        preserves_mass=True,
+        fused=True,
+    ),
+    "adaptive_prune": Case(
+        _adaptive_run(-1.0),
+        lambda n_total, p, r: n_total - r,
+        lambda n: 0,
+        preserves_mass=False,
+        fused=False,
+    ),
+}
+
+
+def _inputs(n_total: int, *, grad: bool = False) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, n_total, 4, generator=gen, dtype=torch.float64, requires_grad=grad)
+    size = torch.randint(1, 4, (3, n_total, 1), generator=gen).to(torch.float64)
+    return x, size
+
+
+def _amount(name: str, n: int) -> int:
+    """A removing amount: keep about half for keep-style reducers, r = n // 2 - 1 for r-style."""
+    return n // 2 - 1 if name.startswith(("merge", "adaptive")) else n // 2
+
+
+@pytest.mark.parametrize("num_prefix", [1, 2])
+@pytest.mark.parametrize("n_total", [9, 10])
+@pytest.mark.parametrize("name", list(CASES))
+def test_contract_counts_prefix_and_mass(name: str, n_total: int, num_prefix: int) -> None:
+    case, n = CASES[name], n_total - num_prefix
+    x, size = _inputs(n_total)
+    amount = _amount(name, n)
+    out, out_size = case.run(x, size, num_prefix, amount)
+    count = case.count(n_total, num_prefix, amount)
+    assert out.shape == (3, count, 4) and out_size.shape == (3, count, 1)
+    assert torch.equal(out[:, :num_prefix], x[:, :num_prefix])
+    assert torch.equal(out_size[:, :num_prefix], size[:, :num_prefix])
+    assert bool((out_size >= 1).all()) and torch.isfinite(out).all()
+    if case.preserves_mass:
+        assert torch.allclose(out_size.sum(dim=(1, 2)), size.sum(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("num_prefix", [1, 2])
+@pytest.mark.parametrize("name", list(CASES))
+def test_contract_identity_when_nothing_removed(name: str, num_prefix: int) -> None:
+    case = CASES[name]
+    x, size = _inputs(9)
+    out, out_size = case.run(x, size, num_prefix, case.identity_amount(9 - num_prefix))
+    assert out is x and out_size is size
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_contract_gradients_flow_through_kept_and_fused_tokens(name: str) -> None:
+    case, num_prefix = CASES[name], 1
+    x, size = _inputs(9, grad=True)
+    out, _ = case.run(x, size, num_prefix, _amount(name, 8))
+    out.sum().backward()
+    assert x.grad is not None
+    touched = (x.grad != 0).any(dim=-1)  # (B, N) rows that reach the output
+    assert bool(touched[:, :num_prefix].all())
+    expected = 9 if case.fused else case.count(9, num_prefix, _amount(name, 8))
+    assert touched.sum(dim=1).tolist() == [expected] * 3
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, s, g: merge(x, s, g["metric"], num_prefix=1, r=5),  # n // 2 = 4
+        lambda x, s, g: merge(x, s, g["metric"], num_prefix=1, r=-1),
+        lambda x, s, g: adaptive(x, s, g["cls"], g["vnorm"], g["metric"], num_prefix=1, r=5, threshold=0.0),
+        lambda x, s, g: prune(x, s, g["cls"], num_prefix=1, keep=0, fuse=True),
+        lambda x, s, g: prune(x, s, g["cls"], num_prefix=1, keep=9, fuse=False),
+        lambda x, s, g: condense(x, s, g["attn"], num_prefix=1, keep=0, order=1, alpha=0.5, weighting="size"),
+        lambda x, s, g: condense(x, s, g["attn"], num_prefix=1, keep=2, order=1, alpha=1.5, weighting="size"),
+        lambda x, s, g: select_active(g["cls"], num_prefix=1, keep=9),
+    ],
+)
+def test_bad_amounts_raise_value_error(call: Callable[[Tensor, Tensor, dict[str, Tensor]], object]) -> None:
+    x, size = _inputs(9)
+    with pytest.raises(ValueError):
+        call(x, size, _signals(x))
