@@ -96,16 +96,30 @@ def breakdown(schedule: Schedule) -> list[BlockCost]:
     return rows
 
 
-def macs(schedule: Schedule) -> int:
-    """MACs per image: patch embedding, blocks, final norm and head(s)."""
+def macs(schedule: Schedule, *, norms: bool = True, overhead: bool = True) -> int:
+    """MACs per image: patch embedding, blocks, final norm and head(s).
+
+    The defaults count what runs (fvcore's convention). `norms=False, overhead=False` is the
+    papers' convention (PITFALLS 2): the model's matrix products only, no LayerNorm, nothing
+    the reducer itself computes.
+    """
     rows = breakdown(schedule)
     spec = schedule.model
-    final_tokens = rows[-1].tokens_out
-    return spec.patch_macs + sum(r.macs for r in rows) + norm_macs(spec, final_tokens) + spec.head_macs
+    total = spec.patch_macs + sum(r.macs for r in rows) + norm_macs(spec, rows[-1].tokens_out) + spec.head_macs
+    if not overhead:
+        total -= sum(r.overhead_macs for r in rows)
+    if not norms:
+        total -= sum(_block_norm_macs(spec, r) for r in rows) + norm_macs(spec, rows[-1].tokens_out)
+    return total
 
 
-def gmacs(schedule: Schedule) -> float:
-    return macs(schedule) / 1e9
+def _block_norm_macs(spec: ModelSpec, row: BlockCost) -> int:
+    """norm1 and norm2 of a block (an idle block's norm1 over its idle tokens is overhead)."""
+    return norm_macs(spec, row.tokens_attn) + norm_macs(spec, row.tokens_mlp)
+
+
+def gmacs(schedule: Schedule, *, norms: bool = True, overhead: bool = True) -> float:
+    return macs(schedule, norms=norms, overhead=overhead) / 1e9
 
 
 def baseline_gmacs(spec: ModelSpec) -> float:

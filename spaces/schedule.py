@@ -221,9 +221,13 @@ class Schedule:
 
     @classmethod
     def from_text(cls, text: str, *, source: str = "<text>") -> Schedule:
-        """Parse YAML or JSON (JSON is YAML)."""
+        """Parse JSON, or else YAML (PyYAML reads JSON's 7e-05 as a string, so JSON goes first)."""
         try:
-            data = yaml.safe_load(text)
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        try:
+            data = yaml.safe_load(text) if data is None else data
         except yaml.YAMLError as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ValueError(f"malformed schedule file {source}: {first}") from None

@@ -1,0 +1,84 @@
+"""run_search.py gmacs: output contract and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from run_search import main
+from search.models import model_spec
+from spaces import LayerPlan, Schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+DEIT_S = "deit_small_patch16_224"
+
+
+def test_gmacs_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["gmacs", "--model", DEIT_S, "--preset", "evit:0.7", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == DEIT_S
+    assert out["gmacs"] == pytest.approx(3.04, abs=0.01)
+    assert out["tokens"][3:5] == [197, 140] and len(out["tokens"]) == 12
+
+
+def test_gmacs_table_and_schedule_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = Schedule.from_preset("tome:13", model_spec(DEIT_S)).save(tmp_path / "tome.yaml")
+    assert main(["gmacs", "--model", DEIT_S, "--schedule", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "GMACs     2.712" in out and "tokens leaving the last block: 41" in out
+
+
+def test_script_runs_as_a_program() -> None:
+    proc = subprocess.run([sys.executable, "run_search.py", "gmacs", "--model", DEIT_S, "--preset", "ppt", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["gmacs"] == pytest.approx(2.95, abs=0.01)
+
+
+def _schedule_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / f"s{len(list(tmp_path.iterdir()))}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    deit_s = model_spec(DEIT_S)
+    good = Schedule.from_preset("evit:0.7", deit_s).to_dict()
+    unknown_method = dict(good, layers=[{"method": "drop"}] * 12)
+    keep_zero = dict(good, layers=[{"method": "prune", "keep": 0.0}] * 12)
+    tiny = Schedule.from_preset("evit:0.7", model_spec("deit_tiny_patch16_224")).save(tmp_path / "tiny.yaml")
+    short = Schedule(model_spec("deit_base_patch16_224"), (LayerPlan(),) * 12).to_dict()
+    short["model"]["depth"], short["layers"] = 6, short["layers"][:6]
+    base = ["gmacs", "--model", DEIT_S]
+    return {
+        "unknown preset": (base + ["--preset", "magic:3"], "unknown preset"),
+        "keep above 1": (base + ["--preset", "evit:1.5"], "keep must be in"),
+        "unknown method": (base + ["--schedule", _schedule_file(tmp_path, json.dumps(unknown_method))], "unknown method"),
+        "keep zero": (base + ["--schedule", _schedule_file(tmp_path, json.dumps(keep_zero))], "keep must be in"),
+        "other model": (base + ["--schedule", str(tiny)], "is for"),
+        "other depth": (base + ["--schedule", _schedule_file(tmp_path, json.dumps(short))], "depth 6"),
+        "malformed": (base + ["--schedule", _schedule_file(tmp_path, "layers: [")], "malformed"),
+        "missing file": (base + ["--schedule", str(tmp_path / "nope.yaml")], "not found"),
+        "non-ViT": (["gmacs", "--model", "resnet18", "--preset", "evit:0.7"], "not a timm VisionTransformer"),
+        "unknown model": (["gmacs", "--model", "no_such_model", "--preset", "evit:0.7"], "unknown model"),
+        "no schedule": (base, "required"),
+        "unknown flag": (base + ["--preset", "ppt", "--frobnicate"], "unrecognized"),
+    }
+
+
+CASES = ["unknown preset", "keep above 1", "unknown method", "keep zero", "other model", "other depth",
+         "malformed", "missing file", "non-ViT", "unknown model", "no schedule", "unknown flag"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
+    argv, match = _bad_cases(tmp_path)[case]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], captured.err
+    assert captured.out == ""

@@ -1,0 +1,137 @@
+"""Schedules as data: validation, serialisation, presets and the papers' GMACs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from search.models import model_spec
+from spaces import LayerPlan, Schedule, breakdown, gmacs, kept_count
+from spaces.presets import paper_presets, tome_r_per_block
+
+
+@pytest.fixture(scope="module")
+def deit_s():
+    return model_spec("deit_small_patch16_224")
+
+
+# REFERENCE.md, DeiT-S. Paper values are printed to one decimal (two for PPT).
+TOME = {"tome:8": 3.4, "tome:13": 2.7, "tome:16": 2.3}
+EVIT = {"evit:0.9": 4.0, "evit:0.8": 3.5, "evit:0.7": 3.0, "evit:0.6": 2.6, "evit:0.5": 2.3}
+IDLEVIT = {f"idlevit:{k}": g for k, g in zip((0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), (4.0, 3.5, 3.1, 2.7, 2.4, 2.1, 1.9), strict=True)}
+# The papers count the model's matrix products only (no LayerNorm, no reducer overhead:
+# PITFALLS 2); IdleViT also counts the keys it ranks with, which our overhead term holds.
+# EViT 0.6: the token counts REFERENCE.md prescribes (197 -> 120 -> 74 -> 46) give 2.635 GMACs
+# in the paper's own convention, which the paper prints as 2.6: 0.03 is out of reach for that
+# row; it must still round to the paper's value.
+ROUNDED_ONLY = {"evit:0.6"}
+
+
+def test_unreduced_deit_s_is_4_6(deit_s) -> None:
+    assert gmacs(Schedule.empty(deit_s)) == pytest.approx(4.6, abs=0.03)
+
+
+@pytest.mark.parametrize("preset,paper", list(TOME.items()) + list(EVIT.items()) + [("ppt", 2.94)])
+def test_presets_reproduce_paper_gmacs(deit_s, preset: str, paper: float) -> None:
+    schedule = Schedule.from_preset(preset, deit_s)
+    ours = gmacs(schedule, norms=False, overhead=False)
+    if preset in ROUNDED_ONLY:
+        assert round(ours, 1) == paper and abs(ours - paper) < 0.04, (preset, ours)
+    else:
+        assert ours == pytest.approx(paper, abs=0.03), (preset, ours)
+    # What really runs (LayerNorm and the reducer's own matmuls included) stays within 0.05.
+    assert gmacs(schedule) == pytest.approx(paper, abs=0.05)
+
+
+@pytest.mark.parametrize("preset,paper", list(IDLEVIT.items()))
+def test_idlevit_within_0_1_of_paper(deit_s, preset: str, paper: float) -> None:
+    schedule = Schedule.from_preset(preset, deit_s)
+    assert gmacs(schedule, norms=False) == pytest.approx(paper, abs=0.1)
+    assert gmacs(schedule) == pytest.approx(paper, abs=0.1)
+
+
+def test_idlevit_code_layout_is_3_24_at_0_7(deit_s) -> None:
+    # REFERENCE.md: the official code idles blocks 4-11 in stages 3/3/2 -> 3.24 at k=0.7
+    assert gmacs(Schedule.from_preset("idlevit-code:0.7", deit_s)) == pytest.approx(3.24, abs=0.03)
+
+
+def test_token_counts_of_the_papers(deit_s) -> None:
+    tome13 = Schedule.from_preset("tome:13", deit_s)
+    assert tome13.tokens_entering()[:2] == [197, 184] and tome13.tokens_entering()[11] == 54
+    assert breakdown(tome13)[-1].tokens_out == 41
+    evit = Schedule.from_preset("evit:0.7", deit_s).tokens_entering()
+    assert (evit[3], evit[4], evit[7], evit[10]) == (197, 140, 100, 72)
+    ppt = Schedule.from_preset("ppt", deit_s)
+    assert [ppt.tokens_entering()[i] for i in (3, 4, 7, 10)] == [197, 147, 97, 49]
+
+
+def test_tome_decreasing_schedule() -> None:
+    assert tome_r_per_block(12, 8, -1.0)[0] == 16 and tome_r_per_block(12, 8, -1.0)[-1] == 0
+    assert tome_r_per_block(12, 8) == [8] * 12
+
+
+def test_counting_rule() -> None:
+    assert kept_count(196, 0.7) == 138 and kept_count(139, 0.7) == 98 and kept_count(10, 1.0) == 10
+    assert kept_count(140, 0.7) == 98  # 0.7 * 140 = 98.00000000000001 in floating point
+    assert kept_count(5, 0.01) == 1
+    assert LayerPlan("merge", r=100).removed(97) == 48  # bipartite: at most n // 2
+
+
+@pytest.mark.parametrize("preset", paper_presets() + ["tome:13,-1", "idlevit-code:0.5", "ppt:30", "none"])
+@pytest.mark.parametrize("fmt", ["yaml", "json"])
+def test_round_trip(deit_s, tmp_path, preset: str, fmt: str) -> None:
+    schedule = Schedule.from_preset(preset, deit_s)
+    path = schedule.save(tmp_path / f"s.{fmt}")
+    assert Schedule.load(path) == schedule
+    assert Schedule.from_text(path.read_text()).to_dict() == schedule.to_dict()
+
+
+def test_frozen(deit_s) -> None:
+    schedule = Schedule.from_preset("evit:0.7", deit_s)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        schedule.name = "x"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        schedule.layers[3].keep = 0.5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"method": "drop"}, "unknown method"),
+    ({"method": "prune", "keep": 0.0}, "keep must be in"),
+    ({"method": "prune", "keep": 1.5}, "keep must be in"),
+    ({"method": "prune", "r": 3}, "r is only for"),
+    ({"method": "merge", "r": -1}, "non-negative"),
+    ({"method": "condense", "order": 0}, "order"),
+    ({"method": "condense", "alpha": 2.0}, "alpha"),
+    ({"method": "condense", "weighting": "mean"}, "unknown weighting"),
+])
+def test_layer_plan_validation(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LayerPlan(**kwargs)
+
+
+@pytest.mark.parametrize("preset,match", [
+    ("magic:3", "unknown preset"), ("evit", "needs an argument"), ("evit:x", "not a number"),
+    ("evit:1.5", "keep must be in"), ("tome:1,2,3", "expected tome"), ("none:3", "no arguments"),
+])
+def test_bad_presets(deit_s, preset: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Schedule.from_preset(preset, deit_s)
+
+
+def test_wrong_depth_and_malformed_files(deit_s, tmp_path) -> None:
+    with pytest.raises(ValueError, match="depth 12"):
+        Schedule(deit_s, (LayerPlan(),) * 6)
+    bad = tmp_path / "bad.yaml"
+    for text, match in [("layers: [", "malformed"), ("[1, 2]", "malformed"), ("schema_version: 99", "schema_version"),
+                        ("schema_version: 1\nmodel: {}\nlayers: []", "missing keys")]:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            Schedule.load(bad)
+    with pytest.raises(ValueError, match="not found"):
+        Schedule.load(tmp_path / "missing.yaml")
+
+
+def test_model_spec_of_meta_model_has_no_weights() -> None:
+    spec = model_spec("deit_tiny_patch16_224")
+    assert (spec.depth, spec.embed_dim, spec.tokens) == (12, 192, 197)
