@@ -39,7 +39,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default: {DEFAULT_MODEL})")
     _add_schedule_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object")
+
+    e = sub.add_parser("eval", help="accuracy, agreement, GMACs and measured speed-up of one schedule")
+    _add_model_args(e)
+    _add_schedule_args(e)
+    e.add_argument("--num-images", type=_positive_int, default=2000, help="screening subset size (default 2000)")
+    e.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch (default 256)")
+    e.add_argument("--timing-batch", type=_positive_int, default=64, help="throughput batch (default 64)")
+    e.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats, median reported (default 5)")
+    e.add_argument("--no-timing", action="store_true", help="skip the throughput measurement")
+    e.add_argument("--amp", action="store_true", help="time under autocast (bf16 on CPU, fp16 on CUDA)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="timm model name (default: the embedded default with its weights)")
+    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs network or cache)")
+    p.add_argument("--checkpoint", default=None, help="local weights (.safetensors or .pth)")
+    p.add_argument("--data", default=None, help="ImageFolder / ImageNet-val directory (default: the embedded held-out set)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the screening subset (default 0)")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _resolve_schedule(args: argparse.Namespace, spec):  # type: ignore[no-untyped-def]
@@ -85,7 +121,54 @@ def cmd_gmacs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"gmacs": cmd_gmacs}
+def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """Model (eval mode, on the device), its spec, and the screening set, from the CLI flags."""
+    from search.data import load_eval_set
+    from search.models import data_config, load_model
+    from spaces import ModelSpec
+
+    if args.device.startswith("cuda") and not _cuda():
+        raise ValueError(f"--device {args.device}: no CUDA device here")
+    if args.model is not None and not args.pretrained and args.checkpoint is None:
+        print(f"warning: {args.model} has random weights (add --pretrained or --checkpoint)", file=sys.stderr)
+    model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, device=args.device)
+    data = load_eval_set(args.data, data_config(model), num_images=args.num_images, seed=args.seed)
+    if data.skipped:
+        print(f"warning: skipped {data.skipped} unreadable image(s)", file=sys.stderr)
+    return model, ModelSpec.from_model(model, name=args.model or model.pretrained_cfg.get("architecture")), data
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from search.evaluate import evaluate, predict
+
+    model, spec, data = _load(args)
+    schedule = _resolve_schedule(args, spec)
+    reference = predict(model, data, batch_size=args.batch_size)
+    amp = torch.bfloat16 if args.device == "cpu" else torch.float16
+    timing = None if args.no_timing else {"batch_size": args.timing_batch, "repeats": args.repeats,
+                                          "dtype": amp if args.amp else torch.float32}
+    result = {"model": spec.name, "data": data.source, **evaluate(model, schedule, data, reference,
+                                                                  batch_size=args.batch_size, timing=timing)}
+    result["skipped_images"] = data.skipped
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    pct = lambda v: "n/a (no labels)" if v is None else f"{100 * v:.2f} %"  # noqa: E731
+    print(f"model      {spec.name} on {data.source} ({result['num_images']} images)")
+    print(f"schedule   {result['schedule']}: {result['summary']}")
+    print(f"top-1      {pct(result['top1'])}   top-5 {pct(result['top5'])}")
+    print(f"agreement  {100 * result['agreement']:.2f} % with the unreduced model (KL {result['kl']:.4f})")
+    print(f"GMACs      {result['gmacs']:.3f} of {result['baseline_gmacs']:.3f} ({100 * result['gmacs'] / result['baseline_gmacs']:.1f} %)")
+    if timing is not None:
+        print(f"speed      {result['images_per_s']:.1f} images/s vs {result['baseline_images_per_s']:.1f} unreduced: "
+              f"{result['speedup']:.2f}x (range {result['speedup_min']:.2f}-{result['speedup_max']:.2f}, "
+              f"batch {result['batch_size']}, median of {result['repeats']})")
+    return 0
+
+
+COMMANDS = {"gmacs": cmd_gmacs, "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

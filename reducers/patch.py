@@ -258,7 +258,7 @@ def apply_schedule(model: nn.Module, schedule: Schedule) -> nn.Module:
     model.__class__ = _reducing_model_class(model._ts_original_class)
     state = ForwardState(prop_attn=schedule.prop_attn)
     model._ts_state, model._ts_schedule = state, schedule
-    for i, (blk, plan) in enumerate(zip(model.blocks, schedule.layers)):
+    for i, (blk, plan) in enumerate(zip(model.blocks, schedule.layers, strict=True)):
         blk.__class__, blk.attn.__class__ = ReducingBlock, ReducingAttention
         blk._ts_plan, blk._ts_state, blk._ts_index, blk._ts_prefix = plan, state, i, model.num_prefix_tokens
     return model

@@ -75,7 +75,7 @@ def test_empty_and_keep_one_are_identity(model_key: str, fused: bool) -> None:
         apply_schedule(model, schedule)
         with torch.inference_mode():
             out = model(x)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0, msg=lambda m: f"{schedule.summary()}: {m}")
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0, msg=lambda m, s=schedule: f"{s.summary()}: {m}")
     remove_schedule(model)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), ref, atol=0, rtol=0)

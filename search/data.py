@@ -1,0 +1,154 @@
+"""Evaluation data: the embedded default, or an ImageFolder / ImageNet-val directory.
+
+Screening evaluates many schedules on the same images, so the screening subset is decoded
+once (timm's eval transforms, resolved from the model's data config, minus the final
+normalisation) into one uint8 tensor and normalised batch by batch. 2,000 ImageNet images at
+224 px take about 300 MB this way.
+
+Layouts accepted by `--data DIR`:
+  DIR/<class>/<image>   ImageFolder (ImageNet-val prepared with class folders): labels known
+  DIR/<image>           a flat folder of images: no labels, agreement with the unreduced model only
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".jpeg")
+NO_LABEL = -1
+
+
+@dataclass
+class TensorSet:
+    """A decoded evaluation set: uint8 images, labels (NO_LABEL when unknown), normalisation."""
+
+    images: Tensor  # [N, 3, H, W] uint8
+    labels: Tensor  # [N] long
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+    skipped: int = 0  # unreadable files left out
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.labels != NO_LABEL).all())
+
+    def batches(self, batch_size: int, device: torch.device | str = "cpu"):  # type: ignore[no-untyped-def]
+        """Yield (normalised float images [b, 3, H, W], labels [b]) on `device`."""
+        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1) * 255.0
+        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1) * 255.0
+        for start in range(0, len(self), batch_size):
+            images = self.images[start:start + batch_size].to(device, non_blocking=True)
+            yield (images.float() - mean) / std, self.labels[start:start + batch_size]
+
+
+def embedded_set(num_images: int = 2000, *, seed: int = 0) -> TensorSet:
+    """The held-out split of the embedded shapes-on-clutter data set (generated, cached in memory)."""
+    from search import synthetic
+
+    images, labels = synthetic.make_split("heldout", num_images, seed=seed)
+    return TensorSet(images, labels, synthetic.MEAN, synthetic.STD, source=f"embedded:heldout:{seed}")
+
+
+def _uint8_eval_transform(data_config: dict):  # type: ignore[no-untyped-def]
+    """timm's eval transform for this data config, producing uint8 instead of normalised floats."""
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    steps = create_transform(**data_config, is_training=False).transforms
+    kept = [t for t in steps if type(t).__name__ not in ("Normalize", "MaybeToTensor", "ToTensor")]
+    return T.Compose([*kept, T.PILToTensor()])
+
+
+class _Files(Dataset):
+    """(path, label) pairs; unreadable images come back as None and are counted, not fatal."""
+
+    def __init__(self, items: list[tuple[str, int]], transform) -> None:  # type: ignore[no-untyped-def]
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):  # type: ignore[no-untyped-def]
+        from PIL import Image
+
+        path, label = self.items[index]
+        try:
+            with Image.open(path) as img:
+                return self.transform(img.convert("RGB")), label
+        except (OSError, ValueError, SyntaxError):
+            return None
+
+
+def _collate(batch: list):  # type: ignore[no-untyped-def]
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, None, skipped
+    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good]), skipped
+
+
+def list_images(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """ImageFolder layout if there are class folders, else a flat unlabeled folder."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes:
+        items = [(str(f), label) for label, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
+                 if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+        return items, classes
+    return [(str(f), NO_LABEL) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS], []
+
+
+def balanced_subset(labels: list[int], num: int, *, seed: int) -> list[int]:
+    """A fixed, seeded, class-balanced subset: round-robin over classes in a seeded order."""
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i in torch.randperm(len(labels), generator=g).tolist():
+        by_class.setdefault(labels[i], []).append(i)
+    picked: list[int] = []
+    queues = [by_class[c] for c in sorted(by_class)]
+    while len(picked) < min(num, len(labels)):
+        for q in queues:
+            if q and len(picked) < num:
+                picked.append(q.pop())
+    return sorted(picked)
+
+
+def folder_set(root: str | Path, data_config: dict, *, num_images: int = 2000, seed: int = 0,
+               workers: int | None = None) -> TensorSet:
+    """Decode a class-balanced subset of an image directory once, with timm's eval transforms."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"data directory not found: {root}")
+    items, _ = list_images(root)
+    if not items:
+        raise ValueError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS[:5])}...)")
+    chosen = [items[i] for i in balanced_subset([label for _, label in items], num_images, seed=seed)]
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    loader = DataLoader(_Files(chosen, _uint8_eval_transform(data_config)), batch_size=64, num_workers=workers,
+                        collate_fn=_collate, pin_memory=torch.cuda.is_available())
+    images, labels, skipped = [], [], 0
+    for x, y, bad in loader:
+        skipped += bad
+        if x is not None:
+            images.append(x)
+            labels.append(y)
+    if not images:
+        raise ValueError(f"none of the {len(chosen)} images in {root} could be read")
+    return TensorSet(torch.cat(images), torch.cat(labels), tuple(data_config["mean"]), tuple(data_config["std"]),
+                     source=str(root), skipped=skipped)
+
+
+def load_eval_set(data: str | None, data_config: dict, *, num_images: int = 2000, seed: int = 0) -> TensorSet:
+    """`--data DIR`, or the embedded default when no directory is given."""
+    if data is None:
+        return embedded_set(num_images, seed=seed)
+    return folder_set(data, data_config, num_images=num_images, seed=seed)

@@ -1,0 +1,126 @@
+"""Evaluate a schedule on a model: accuracy, agreement with the unreduced model, throughput.
+
+Knows nothing of Optuna or Ray. Throughput follows REFERENCE.md's protocol: eval mode,
+inference mode, warm-up, device synchronisation, median of repeats at a fixed batch, and the
+speed-up as a ratio to the unreduced model timed in the same process, interleaved with the
+candidate so drift cancels. Baseline and candidate always run the same attention backend.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reducers import apply_schedule, remove_schedule
+from search.data import TensorSet
+from spaces import Schedule, gmacs
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    top1: float | None  # None without labels
+    top5: float | None
+    agreement: float  # top-1 agreement with the unreduced model
+    kl: float  # mean KL(unreduced || reduced) of the softmax outputs
+    num_images: int
+
+
+@dataclass(frozen=True)
+class Throughput:
+    images_per_s: float  # median over repeats
+    baseline_images_per_s: float
+    speedup: float  # median of per-repeat ratios
+    speedup_min: float
+    speedup_max: float
+    batch_size: int
+    repeats: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, data: TensorSet, *, batch_size: int = 256) -> Tensor:
+    """Logits [N, classes] on CPU, in data order."""
+    device = next(model.parameters()).device
+    model.eval()
+    return torch.cat([model(x).float().cpu() for x, _ in data.batches(batch_size, device)])
+
+
+def accuracy(logits: Tensor, labels: Tensor, reference: Tensor) -> Accuracy:
+    """Top-1/top-5 against labels (if any) and agreement/KL against the reference logits."""
+    has_labels = bool((labels >= 0).all())
+    top1 = top5 = None
+    if has_labels:
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 = (top[:, 0] == labels).float().mean().item()
+        top5 = (top == labels[:, None]).any(dim=1).float().mean().item()
+    agreement = (logits.argmax(1) == reference.argmax(1)).float().mean().item()
+    kl = F.kl_div(logits.log_softmax(1), reference.log_softmax(1), log_target=True, reduction="batchmean").item()
+    return Accuracy(top1, top5, agreement, max(kl, 0.0), logits.shape[0])
+
+
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def throughput(model: nn.Module, schedule: Schedule, *, batch_size: int = 64, image_size: tuple[int, int] | None = None,
+               warmup: int = 2, repeats: int = 5, dtype: torch.dtype = torch.float32) -> Throughput:
+    """Images/s of `schedule` and of the unreduced model, timed alternately in this process."""
+    device = next(model.parameters()).device
+    size = image_size or tuple(model.patch_embed.img_size)
+    x = torch.randn(batch_size, 3, *size, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    model.eval()
+
+    def run() -> None:
+        with autocast:
+            model(x)
+
+    times: dict[str, list[float]] = {"base": [], "cand": []}
+    for i in range(warmup + repeats):
+        for which in ("base", "cand"):
+            if which == "base":
+                remove_schedule(model)
+            else:
+                apply_schedule(model, schedule)
+            elapsed = _time_once(run, device)
+            if i >= warmup:
+                times[which].append(elapsed)
+    ratios = [b / c for b, c in zip(times["base"], times["cand"], strict=True)]
+    return Throughput(
+        images_per_s=batch_size / statistics.median(times["cand"]),
+        baseline_images_per_s=batch_size / statistics.median(times["base"]),
+        speedup=statistics.median(ratios), speedup_min=min(ratios), speedup_max=max(ratios),
+        batch_size=batch_size, repeats=repeats,
+    )
+
+
+def evaluate(model: nn.Module, schedule: Schedule, data: TensorSet, reference: Tensor, *, batch_size: int = 256,
+             timing: dict | None = None) -> dict:
+    """Everything the CLI and the search report for one schedule (one flat dict)."""
+    apply_schedule(model, schedule)
+    try:
+        acc = accuracy(predict(model, data, batch_size=batch_size), data.labels, reference)
+    finally:
+        remove_schedule(model)
+    out = {"schedule": schedule.name, "summary": schedule.summary(), **asdict(acc),
+           "gmacs": gmacs(schedule), "baseline_gmacs": gmacs(Schedule.empty(schedule.model))}
+    if timing is not None:
+        speed = throughput(model, schedule, **timing)
+        remove_schedule(model)
+        out.update(asdict(speed))
+    return out
