@@ -123,4 +123,8 @@ def data_config(model: nn.Module) -> dict:
     """timm's data config (input size, interpolation, crop, mean, std) for this model."""
     from timm.data import resolve_data_config
 
-    return resolve_data_config(model=model)
+    config = resolve_data_config(model=model)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:  # a model built with img_size=... differs from its pretrained_cfg
+        config["input_size"] = (config["input_size"][0], *img_size)
+    return config

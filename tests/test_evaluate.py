@@ -1,0 +1,145 @@
+"""Evaluation, data loading and model loading on small random models and generated folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from run_search import main
+from search.data import balanced_subset, folder_set
+from search.evaluate import accuracy, evaluate, predict, throughput
+from search.models import data_config, load_checkpoint
+from spaces import ModelSpec, Schedule
+
+TINY = "deit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(TINY, img_size=64, num_classes=3).eval()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three classes of random images (sizes vary) and one corrupt file."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"class{c}").mkdir()
+        for i in range(5):
+            img = (rng.random((40 + 7 * i, 50, 3)) * 255).astype("uint8")
+            Image.fromarray(img).save(root / f"class{c}" / f"{i}.png")
+    (root / "class1" / "broken.jpg").write_bytes(b"not an image")
+    return root
+
+
+def test_folder_set_decodes_balanced_subset_and_skips_corrupt(tiny, folder: Path) -> None:
+    data = folder_set(folder, data_config(tiny), num_images=16, seed=0, workers=0)
+    assert data.skipped == 1 and len(data) == 15
+    assert data.images.dtype == torch.uint8 and data.images.shape[1:] == (3, 64, 64)
+    assert sorted(data.labels.tolist()) == [0] * 5 + [1] * 5 + [2] * 5
+    x, _ = next(data.batches(4))
+    assert x.dtype == torch.float32 and x.shape == (4, 3, 64, 64)
+
+
+def test_balanced_subset_is_fixed_and_balanced() -> None:
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    a, b = balanced_subset(labels, 30, seed=3), balanced_subset(labels, 30, seed=3)
+    assert a == b and len(set(a)) == 30
+    assert [sum(labels[i] == c for i in a) for c in range(3)] == [10, 10, 10]
+    assert balanced_subset(labels, 30, seed=4) != a
+
+
+def test_empty_schedule_agrees_exactly_and_reduction_is_scored(tiny, folder: Path) -> None:
+    data = folder_set(folder, data_config(tiny), num_images=15, seed=0, workers=0)
+    reference = predict(tiny, data, batch_size=4)
+    spec = ModelSpec.from_model(tiny)
+    same = evaluate(tiny, Schedule.empty(spec), data, reference, batch_size=4)
+    assert same["agreement"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert same["gmacs"] == same["baseline_gmacs"]
+    reduced = evaluate(tiny, Schedule.from_preset("tome:4", spec), data, reference, batch_size=4)
+    assert reduced["gmacs"] < same["gmacs"] and 0.0 <= reduced["agreement"] <= 1.0
+    assert type(tiny).__name__ == "VisionTransformer"  # evaluate leaves the model unpatched
+
+
+def test_accuracy_known_answer() -> None:
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 1.0, 3.0], [1.0, 2.0, 0.0]])
+    labels = torch.tensor([0, 1, 1])
+    out = accuracy(logits, labels, reference=torch.tensor([[1.0, 0.0, 0.0]] * 3))
+    assert out.top1 == pytest.approx(2 / 3) and out.top5 == 1.0 and out.agreement == pytest.approx(1 / 3)
+    unlabeled = accuracy(logits, torch.full((3,), -1), reference=logits)
+    assert unlabeled.top1 is None and unlabeled.agreement == 1.0 and unlabeled.kl == pytest.approx(0.0, abs=1e-7)
+
+
+def test_throughput_positive_and_repeatable(tiny) -> None:
+    schedule = Schedule.from_preset("tome:4", tiny)
+    runs = [throughput(tiny, schedule, batch_size=8, warmup=1, repeats=5) for _ in range(2)]
+    for run in runs:
+        assert run.images_per_s > 0 and run.baseline_images_per_s > 0
+        assert run.speedup_min <= run.speedup <= run.speedup_max
+    # Two measurements of the same thing overlap within their reported spreads.
+    assert runs[0].speedup_min <= runs[1].speedup_max and runs[1].speedup_min <= runs[0].speedup_max
+
+
+def test_checkpoint_round_trip_and_mismatch(tiny, tmp_path: Path) -> None:
+    good = tmp_path / "good.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(good))
+    fresh = timm.create_model(TINY, img_size=64, num_classes=3)
+    load_checkpoint(fresh, good)
+    torch.testing.assert_close(fresh.state_dict()["head.weight"], tiny.state_dict()["head.weight"])
+    other = timm.create_model("deit_small_patch16_224", img_size=64, num_classes=3)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_checkpoint(other, good)
+    pth = tmp_path / "wrapped.pth"
+    torch.save({"model": tiny.state_dict(), "epoch": 3}, pth)
+    load_checkpoint(fresh, pth)
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_eval_cli_json_on_a_folder(tiny, folder: Path, tmp_path: Path, capsys) -> None:
+    ckpt = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model(TINY, num_classes=3).state_dict().items()}, str(ckpt))
+    code, out, err = _run(["eval", "--model", TINY, "--checkpoint", str(ckpt), "--data", str(folder),
+                           "--preset", "evit:0.7", "--timing-batch", "4", "--repeats", "2", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    for key in ("top1", "top5", "agreement", "gmacs", "images_per_s", "speedup"):
+        assert key in result
+    assert result["num_images"] == 15 and result["skipped_images"] == 1 and "skipped 1" in err
+
+
+@pytest.mark.parametrize("case", ["missing dir", "empty dir", "no images", "unknown model", "bad checkpoint",
+                                  "missing checkpoint", "no network", "bad count"])
+def test_eval_bad_input(case: str, tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "notes.txt").write_text("hello")
+    small = tmp_path / "small.safetensors"
+    save_file({"head.weight": torch.zeros(3, 7)}, str(small))
+    base = ["eval", "--model", TINY, "--preset", "none", "--no-timing"]
+    argv, match = {
+        "missing dir": (base + ["--data", str(tmp_path / "nope")], "data directory not found"),
+        "empty dir": (base + ["--data", str(tmp_path / "empty")], "no images"),
+        "no images": (base + ["--data", str(tmp_path / "text")], "no images"),
+        "unknown model": (["eval", "--model", "vit_nonexistent", "--preset", "none"], "unknown model"),
+        "bad checkpoint": (base + ["--checkpoint", str(small)], "does not fit"),
+        "missing checkpoint": (base + ["--checkpoint", str(tmp_path / "x.pth")], "checkpoint not found"),
+        "no network": (base + ["--pretrained"], "could not load pretrained weights"),
+        "bad count": (base + ["--num-images", "0"], "must be positive"),
+    }[case]
+    code, out, err = _run(argv, capsys)
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], err
