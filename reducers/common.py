@@ -51,7 +51,7 @@ def complement_indices(idx: Tensor, n: int) -> Tensor:
     """The indices [B, n - k] in [0, n) that are not in idx [B, k] (distinct), ascending."""
     batch, k = idx.shape
     others = torch.ones(batch, n, dtype=torch.bool, device=idx.device)
-    others.scatter_(1, idx, False)
+    others.scatter_(1, idx, 0)
     # A stable descending sort puts the True ("other") positions first, in index order,
     # without the host synchronisation that ``nonzero`` would need on a GPU.
     order = others.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices
