@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """tokensched command line.
 
+    python run_search.py --budget 65%                    the search (the default command)
+    python run_search.py eval --preset tome:13            one schedule: accuracy, agreement, GMACs, speed
     python run_search.py gmacs --model deit_small_patch16_224 --preset evit:0.7 [--json]
 
-Errors at the boundary print one line and exit with code 2.
+Errors at the boundary print one line and exit with code 2; a search whose front is empty
+exits with code 3.
 """
 
 from __future__ import annotations
@@ -50,7 +53,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-timing", action="store_true", help="skip the throughput measurement")
     e.add_argument("--amp", action="store_true", help="time under autocast (bf16 on CPU, fp16 on CUDA)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    s = sub.add_parser("search", help="search schedules under a budget (the default command)")
+    _add_search_args(s)
     return parser
+
+
+def _add_search_args(p: argparse.ArgumentParser) -> None:
+    from search.pareto import OBJECTIVES
+    from search.run_dir import SAMPLERS
+    from spaces.search_space import REDUCING, SPACES
+
+    _add_model_args(p)
+    p.add_argument("--budget", required=True, help="GMACs budget: 3.0GMACs, '3.0 GMACs', 65%% (of the unreduced model) or 0.65x")
+    p.add_argument("--space", default="per-layer", help=f"search space: {', '.join(SPACES)} (default per-layer)")
+    p.add_argument("--methods", default=",".join(REDUCING), help=f"methods to choose from (default {','.join(REDUCING)})")
+    p.add_argument("--sampler", default="nsga2", help=f"Optuna sampler: {', '.join(SAMPLERS)} (default nsga2)")
+    p.add_argument("--objectives", default="accuracy,gmacs",
+                   help=f"objectives, comma-separated from {', '.join(OBJECTIVES)} (default accuracy,gmacs)")
+    p.add_argument("--trials", type=_positive_int, default=60, help="trials in all, presets included (default 60)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default SQLite in --out; journal:PATH for a file journal)")
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local Ray)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (default 0)")
+    p.add_argument("--concurrency", type=_positive_int, default=2, help="trials at once (default 2)")
+    p.add_argument("--num-images", type=_positive_int, default=2000, help="screening subset size (default 2000)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch (default 256)")
+    p.add_argument("--timing-batch", type=_positive_int, default=64, help="throughput batch (default 64)")
+    p.add_argument("--no-presets", action="store_true", help="do not evaluate the paper presets first")
+    p.add_argument("--fail-trials", default="", help=argparse.SUPPRESS)  # test hook: "3:raise,5:nan"
 
 
 def _positive_int(text: str) -> int:
@@ -168,11 +201,69 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"gmacs": cmd_gmacs, "eval": cmd_eval}
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignore[no-untyped-def]
+    """Validate the search flags into a SearchConfig (ValueError on bad input)."""
+    from pathlib import Path
+
+    from search.driver import SearchConfig, command_line
+    from search.models import DEFAULT_MODEL, model_spec
+    from search.pareto import OBJECTIVES
+    from search.run_dir import SAMPLERS, default_out
+    from search.worker import WorkerSetup
+    from spaces import Schedule, gmacs
+    from spaces.budget import parse_budget
+    from spaces.search_space import SearchSpace
+
+    if args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {args.sampler!r}; valid: {', '.join(SAMPLERS)}")
+    objectives = _split(args.objectives)
+    bad = [o for o in objectives if o not in OBJECTIVES]
+    if bad or not objectives:
+        raise ValueError(f"unknown objective(s) {bad or '(none)'}; valid: {', '.join(OBJECTIVES)}")
+    if args.device.startswith("cuda") and not _cuda():
+        raise ValueError(f"--device {args.device}: no CUDA device here")
+    spec = model_spec(args.model or DEFAULT_MODEL)
+    if args.checkpoint:
+        from search.models import read_checkpoint
+
+        read_checkpoint(args.checkpoint)  # fail before starting Ray
+    budget = parse_budget(args.budget, gmacs(Schedule.empty(spec)))
+    space = SearchSpace(args.space, spec, methods=_split(args.methods), budget_gmacs=budget)
+    timing = None
+    if {"speedup", "images_per_s"} & set(objectives):
+        timing = (("batch_size", args.timing_batch), ("repeats", 3), ("warmup", 1))
+    setup = WorkerSetup(space=space, model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                        data=args.data, num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
+                        device=args.device, threads=max(1, int(args.cpus_per_trial)), timing=timing,
+                        objectives=objectives)
+    faults = {int(k): v for k, v in (item.split(":") for item in _split(args.fail_trials))}
+    return SearchConfig(setup=setup, budget=args.budget, out=Path(args.out) if args.out else default_out(),
+                        trials=args.trials, sampler=args.sampler, resume=args.resume, storage=args.storage,
+                        ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,
+                        gpus_per_trial=args.gpus_per_trial, concurrency=args.concurrency,
+                        presets=not args.no_presets, seed=args.seed, command=command_line(list(argv)),
+                        fault_trials=faults)
+
+
+def cmd_search(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    from search.driver import check_budget, run
+
+    cfg = search_config(args, argv)
+    check_budget(cfg.setup.space)
+    return run(cfg).exit_code
+
+
+COMMANDS = {"gmacs": cmd_gmacs, "eval": cmd_eval, "search": cmd_search}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["search", *argv]  # `run_search.py --budget 65%` is the search
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -182,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     try:
+        if args.command == "search":
+            return cmd_search(args, argv[1:])
         return COMMANDS[args.command](args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,0 +1,295 @@
+"""The search: Optuna proposes schedules, Ray Tune runs them, the run directory keeps everything.
+
+    run(SearchConfig(...)) -> SearchOutcome
+
+Optuna (NSGA-II by default, pinned) samples define-by-run spaces through Ray Tune's
+OptunaSearch; the study lives in SQLite in the run directory (or `--storage`), so
+optuna-dashboard can open it and `--resume` continues it. Ray Tune runs each trial in a
+reused actor that loaded the model and the screening data once. The paper presets that fit
+the budget are enqueued first. Every reported result is appended to trials.jsonl by the
+driver (the single writer), which is what the reports and resume read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from search import pareto, report, run_dir
+from search.worker import FAULT_KEY, WorkerSetup
+from spaces import Schedule, gmacs
+from spaces.presets import paper_presets
+from spaces.search_space import SearchSpace, cheapest_gmacs, preset_params
+
+STUDY_PREFIX = "tokensched"
+EXIT_EMPTY_FRONT = 3
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    setup: WorkerSetup
+    budget: str
+    out: Path
+    trials: int = 60
+    sampler: str = "nsga2"
+    resume: bool = False
+    storage: str | None = None
+    ray_address: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    concurrency: int = 2
+    presets: bool = True
+    seed: int = 0
+    command: str = ""
+    fault_trials: dict[int, str] = field(default_factory=dict)  # test hook: suggestion index -> "raise" | "nan"
+
+
+@dataclass
+class SearchOutcome:
+    out: Path
+    records: list[dict[str, Any]]
+    front: list[dict[str, Any]]
+    exit_code: int
+
+
+def _settings(cfg: SearchConfig) -> dict[str, Any]:
+    s, space = cfg.setup, cfg.setup.space
+    return {
+        "command": cfg.command, "model": space.spec.name, "checkpoint": s.checkpoint, "pretrained": s.pretrained,
+        "data": s.data, "num_images": s.num_images, "seed": cfg.seed, "budget": cfg.budget,
+        "budget_gmacs": round(space.budget_gmacs or 0.0, 9), "baseline_gmacs": gmacs(Schedule.empty(space.spec)),
+        "space": space.name, "methods": list(space.methods), "objectives": list(s.objectives), "sampler": cfg.sampler,
+        "trials": cfg.trials, "device": s.device, "batch_size": s.batch_size, "precision": "fp32",
+        "timing": dict(s.timing) if s.timing else None, "concurrency": cfg.concurrency,
+        "cpus_per_trial": cfg.cpus_per_trial, "gpus_per_trial": cfg.gpus_per_trial,
+        "storage": cfg.storage or f"sqlite:///{(cfg.out / run_dir.STUDY_DB).resolve()}",
+        "versions": run_dir.versions(),
+    }
+
+
+def check_budget(space: SearchSpace) -> None:
+    """A budget below the cheapest schedule of the space is bad input (say what the minimum is)."""
+    floor = cheapest_gmacs(space)
+    if space.budget_gmacs is not None and space.budget_gmacs < floor:
+        raise ValueError(f"budget {space.budget_gmacs:.3f} GMACs is below the cheapest schedule of space "
+                         f"{space.name!r} on {space.spec.name} ({floor:.3f} GMACs)")
+
+
+def preset_points(space: SearchSpace, done: set[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Paper presets that fit the budget and the space, not evaluated yet."""
+    points = []
+    for name in paper_presets():
+        schedule = Schedule.from_preset(name, space.spec)
+        if name in done or (space.budget_gmacs is not None and gmacs(schedule) > space.budget_gmacs):
+            continue
+        params = preset_params(schedule, space)
+        if params is not None:
+            points.append((name, params))
+    return points
+
+
+def _init_ray(cfg: SearchConfig) -> str | None:
+    """Connect to `--ray-address`, or start a local Ray with its dashboard; returns the dashboard URL."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        return None
+    try:
+        if cfg.ray_address:
+            ctx = ray.init(address=cfg.ray_address, log_to_driver=False, configure_logging=False)
+        else:
+            ctx = ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                           log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ValueError(f"cannot reach Ray at {cfg.ray_address or 'local'}: {str(err).splitlines()[0]}") from None
+    url = getattr(ctx, "dashboard_url", None)
+    return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def _searcher(cfg: SearchConfig, storage, points: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
+    faults = dict(cfg.fault_trials)
+
+    class _Searcher(OptunaSearch):
+        """OptunaSearch that can mark chosen suggestions as faulty (test hook)."""
+
+        suggested = 0
+
+        def suggest(self, trial_id: str):  # type: ignore[no-untyped-def]
+            config = super().suggest(trial_id)
+            if isinstance(config, dict) and self.suggested in faults:
+                config = {**config, FAULT_KEY: faults[self.suggested]}
+            if isinstance(config, dict):
+                self.suggested += 1
+            return config
+
+    searcher = _Searcher(
+        space=cfg.setup.space.optuna_space, metric=[o.name for o in objectives],
+        mode=[o.direction for o in objectives], sampler=run_dir.sampler(cfg.sampler, cfg.seed),
+        storage=storage, study_name=f"{STUDY_PREFIX}-{cfg.out.resolve().name}", points_to_evaluate=points or None,
+    )
+    return searcher, ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency)
+
+
+def _optuna_number(searcher, trial_id: str) -> int | None:  # type: ignore[no-untyped-def]
+    ot = getattr(searcher, "_ot_trials", {}).get(trial_id)
+    return getattr(ot, "number", None)
+
+
+def _callback(cfg: SearchConfig, searcher, presets: dict[tuple, str], progress):  # type: ignore[no-untyped-def]
+    from ray import tune
+
+    objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
+    reference = pareto.reference_point(objectives, baseline_gmacs=gmacs(Schedule.empty(cfg.setup.space.spec)))
+
+    class Recorder(tune.Callback):
+        """Appends each finished trial to trials.jsonl and advances the progress bar."""
+
+        def _record(self, trial, state: str, result: dict[str, Any] | None) -> None:  # type: ignore[no-untyped-def]
+            params = {k: v for k, v in trial.config.items() if not k.startswith("__")}
+            record = {"trial": _optuna_number(searcher, trial.trial_id), "ray_trial": trial.trial_id, "state": state,
+                      "preset": presets.get(_key(params)), "fidelity": "screen", "params": params}
+            if result is not None:
+                record.update({k: result.get(k) for k in (
+                    "accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup", "images_per_s", "feasible",
+                    "summary", "schedule", "eval_seconds", "load_seconds", "trial_seconds")})
+                record["seconds"] = result.get("eval_seconds")
+            run_dir.append_record(cfg.out, record)
+            records = run_dir.read_records(cfg.out)
+            front = report.front_records(records, objectives)
+            points = _points(records, objectives)
+            hv = pareto.hypervolume(points[0], [o.direction for o in objectives], reference) if len(points[0]) else 0.0
+            progress.set_postfix(front=len(front), hv=f"{hv:.4f}")
+            progress.update(1)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):  # type: ignore[no-untyped-def]
+            state = "COMPLETE" if all(_finite(result.get(o.name)) for o in objectives) else "FAIL"
+            self._record(trial, state, result)
+
+        def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
+            self._record(trial, "FAIL", None)
+
+    return Recorder()
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, round(v, 9) if isinstance(v, float) else v) for k, v in params.items()))
+
+
+def _points(records: list[dict[str, Any]], objectives) -> tuple:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    ok = [r for r in records if r.get("state") == "COMPLETE" and r.get("feasible")
+          and all(_finite(r.get(o.name)) for o in objectives)]
+    return np.array([[r[o.name] for o in objectives] for r in ok]).reshape(-1, len(objectives)), ok
+
+
+def _run_tune(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type: ignore[no-untyped-def]
+    import optuna
+    from ray import tune
+    from tqdm import tqdm
+
+    from search.worker import trainable
+
+    study_name = f"{STUDY_PREFIX}-{cfg.out.resolve().name}"
+    finished = 0
+    if cfg.resume:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        stale = run_dir.fail_stale_trials(study)
+        finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+        print(f"resuming {cfg.out}: {finished} trials finished, {stale} left running marked FAIL", file=sys.stderr)
+    done_presets = {r["preset"] for r in run_dir.read_records(cfg.out) if r.get("preset")}
+    points = preset_points(cfg.setup.space, done_presets) if cfg.presets else []
+    remaining = cfg.trials - finished
+    if remaining <= 0:
+        return
+    points = points[:remaining]
+    searcher, limited = _searcher(cfg, storage, [p for _, p in points])
+    progress = tqdm(total=cfg.trials, initial=finished, desc="trials", unit="trial", file=sys.stderr)
+    setup_resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trainable, setup=cfg.setup), setup_resources),
+        tune_config=tune.TuneConfig(search_alg=limited, num_samples=remaining, reuse_actors=True),
+        run_config=tune.RunConfig(
+            storage_path=str((cfg.out / "ray").resolve()), name=f"tune-{len(run.get('resumed', [])) + 1}",
+            verbose=0, callbacks=[_callback(cfg, searcher, {_key(p): n for n, p in points}, progress)],
+        ),
+    )
+    tuner.fit()
+    progress.close()
+
+
+def run(cfg: SearchConfig) -> SearchOutcome:
+    """The whole search: prepare the run directory, run the trials, write every output."""
+    space = cfg.setup.space
+    check_budget(space)
+    run = run_dir.prepare(cfg.out, _settings(cfg), resume=cfg.resume)
+    storage = run_dir.storage(cfg.storage, cfg.out)
+    dashboard = _init_ray(cfg)
+    run["dashboard"] = dashboard
+    run_dir.write_run_json(cfg.out, run)
+    if dashboard:
+        print(f"Ray dashboard: {dashboard}", file=sys.stderr)
+    print(f"Optuna study: {run['storage']} (optuna-dashboard {run['storage']})", file=sys.stderr)
+    _run_tune(cfg, run, storage)
+    return finish(cfg, run)
+
+
+def finish(cfg: SearchConfig, run: dict[str, Any]) -> SearchOutcome:
+    """Front, plots, configs and the closing table from trials.jsonl."""
+    objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
+    directions = [o.direction for o in objectives]
+    records = _latest(run_dir.read_records(cfg.out))
+    report.write_trials_csv(cfg.out / "trials.csv", records)
+    front = report.front_records(records, objectives, search_only=False)
+    baseline = gmacs(Schedule.empty(cfg.setup.space.spec))
+    reference = pareto.reference_point(objectives, baseline_gmacs=baseline)
+    import numpy as np
+
+    points, ok = _points(records, objectives)  # feasible, complete, in the order they finished
+    history = pareto.hypervolume_history(points, np.ones(len(ok), dtype=bool), directions, reference)
+    report.plot_hypervolume(cfg.out, {cfg.sampler: history})
+    presets = [r for r in records if r.get("preset") and r.get("state") == "COMPLETE"]
+    if not front:
+        print("no feasible trial completed: the front is empty (see trials.csv)", file=sys.stderr)
+        return SearchOutcome(cfg.out, records, front, EXIT_EMPTY_FRONT)
+    report.write_front(cfg.out, front, objectives)
+    title = f"{cfg.setup.space.spec.name}: {cfg.setup.space.name} space, budget {cfg.budget}"
+    report.plot_front(cfg.out, records, front, objectives, title=title, budget_gmacs=cfg.setup.space.budget_gmacs)
+    src = {"model": run["model"], "checkpoint": run["checkpoint"], "data": run["data"],
+           "budget_gmacs": run["budget_gmacs"], "run_dir": str(cfg.out)}
+    if not (cfg.out / "configs").exists():
+        report.export_configs(cfg.out, front, run=src)
+    print(report.front_table(front, presets, objectives))
+    run["front_size"], run["hypervolume"] = len(front), history[-1] if history else 0.0
+    run_dir.write_run_json(cfg.out, run)
+    return SearchOutcome(cfg.out, records, front, 0)
+
+
+def _latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per Ray trial (the last one written)."""
+    by_id: dict[str, dict[str, Any]] = {}
+    for r in records:
+        by_id[r.get("ray_trial") or str(len(by_id))] = r
+    return list(by_id.values())
+
+
+def command_line(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in ["python", "run_search.py", *argv])
+
+
+def describe(cfg: SearchConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(replace(cfg, fault_trials={})).items() if k != "setup"}

@@ -1,0 +1,117 @@
+"""The run directory: run.json, the trial log, resume checks, Optuna storage and samplers."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+STUDY_DB = "study.db"
+TRIALS_LOG = "trials.jsonl"
+RUN_JSON = "run.json"
+# Settings a resumed run must share with the run it continues.
+MUST_MATCH = ("model", "checkpoint", "budget_gmacs", "space", "methods", "objectives", "data", "num_images", "seed")
+SAMPLERS = ("nsga2", "tpe", "gp", "random")
+
+
+def default_out() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def prepare(out: Path, settings: dict[str, Any], *, resume: bool) -> dict[str, Any]:
+    """Create `out` for a new run, or check that a resumed run matches; returns run.json's content."""
+    run_json = out / RUN_JSON
+    if resume:
+        if not run_json.is_file():
+            raise ValueError(f"--resume: no run to resume in {out} (no {RUN_JSON})")
+        previous = json.loads(run_json.read_text())
+        for key in MUST_MATCH:
+            if previous.get(key) != settings.get(key):
+                raise ValueError(f"--resume: {key} differs from the run in {out} "
+                                 f"({previous.get(key)!r} there, {settings.get(key)!r} now)")
+        previous.setdefault("resumed", []).append(settings["command"])
+        previous["trials"] = settings["trials"]
+        return previous
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output directory {out} already exists; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return dict(settings)
+
+
+def versions() -> dict[str, str]:
+    import optuna
+    import ray
+    import timm
+    import torch
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
+            "optuna": optuna.__version__, "ray": ray.__version__, "platform": platform.platform()}
+
+
+def write_run_json(out: Path, run: dict[str, Any]) -> None:
+    (out / RUN_JSON).write_text(json.dumps(run, indent=2, default=str))
+
+
+def append_record(out: Path, record: dict[str, Any]) -> None:
+    with (out / TRIALS_LOG).open("a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+
+
+def read_records(out: Path) -> list[dict[str, Any]]:
+    path = out / TRIALS_LOG
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by kill -9
+            continue
+    return records
+
+
+def storage(url: str | None, out: Path):  # type: ignore[no-untyped-def]
+    """An Optuna storage object (OptunaSearch wants an object, not a URL): SQLite in the run dir by default.
+
+    `--storage postgresql://...` (any SQLAlchemy URL) for a cluster, `--storage journal:PATH` for a
+    journal file (safe on NFS and with several writers).
+    """
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if url is None:
+        return optuna.storages.RDBStorage(f"sqlite:///{(out / STUDY_DB).resolve()}")
+    if url.startswith("journal:"):
+        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as err:  # noqa: BLE001 - any bad URL is bad input
+        raise ValueError(f"cannot open --storage {url}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def sampler(name: str, seed: int):  # type: ignore[no-untyped-def]
+    """Pinned explicitly (PITFALLS 5: Optuna 5 changed the defaults)."""
+    import optuna
+
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, deterministic_objective=False)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+
+
+def fail_stale_trials(study) -> int:  # type: ignore[no-untyped-def]
+    """Trials left RUNNING by a killed run are marked FAIL (PITFALLS 15); returns how many."""
+    from optuna.trial import TrialState
+
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    for t in stale:
+        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+    return len(stale)

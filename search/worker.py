@@ -1,0 +1,119 @@
+"""What a search worker does: load the model and screening data once, evaluate trials.
+
+A Ray Tune function trainable runs in a long-lived actor (`reuse_actors=True`), so the
+context below is built once per worker process and reused by every trial it runs. Nothing
+here imports Optuna's study machinery: a trial's parameters are replayed through
+`optuna.trial.FixedTrial` to rebuild its schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from search.data import TensorSet, load_eval_set
+from search.evaluate import evaluate, predict
+from search.models import data_config, load_model
+from spaces import Schedule
+from spaces.search_space import SearchSpace
+
+FAULT_KEY = "__fault"  # test hook: the driver may mark a trial to raise or return NaN
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Everything a worker needs to rebuild the model, data and space (small and picklable)."""
+
+    space: SearchSpace
+    model: str | None = None
+    pretrained: bool = False
+    checkpoint: str | None = None
+    data: str | None = None
+    num_images: int = 2000
+    seed: int = 0
+    batch_size: int = 256
+    device: str = "cpu"
+    threads: int = 1
+    timing: tuple[tuple[str, Any], ...] | None = None  # throughput protocol (dict items) when speed is an objective
+    objectives: tuple[str, ...] = ("accuracy", "gmacs")
+
+
+@dataclass
+class Context:
+    model: nn.Module
+    data: TensorSet
+    reference: Tensor  # unreduced logits on the screening set
+    load_seconds: float
+    trials: int = field(default=0)
+
+
+_CONTEXTS: dict[tuple, Context] = {}
+
+
+def _context_key(setup: WorkerSetup) -> tuple:
+    return (setup.model, setup.pretrained, setup.checkpoint, setup.data, setup.num_images, setup.seed,
+            setup.batch_size, setup.device, setup.threads)
+
+
+def context(setup: WorkerSetup) -> Context:
+    """The model, screening data and reference logits of this process (built once)."""
+    key = _context_key(setup)
+    if key not in _CONTEXTS:
+        start = time.perf_counter()
+        torch.set_num_threads(max(1, setup.threads))
+        model = load_model(setup.model, pretrained=setup.pretrained, checkpoint=setup.checkpoint, device=setup.device)
+        data = load_eval_set(setup.data, data_config(model), num_images=setup.num_images, seed=setup.seed)
+        reference = predict(model, data, batch_size=setup.batch_size)
+        _CONTEXTS[key] = Context(model, data, reference, time.perf_counter() - start)
+    return _CONTEXTS[key]
+
+
+def schedule_from_params(space: SearchSpace, params: dict[str, Any]) -> Schedule:
+    import optuna
+
+    clean = {k: v for k, v in params.items() if not k.startswith("__")}
+    return space(optuna.trial.FixedTrial(clean))
+
+
+def evaluate_params(setup: WorkerSetup, params: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate one trial's parameters: every metric the driver may ask for, as one flat dict."""
+    ctx = context(setup)
+    ctx.trials += 1
+    fault = params.get(FAULT_KEY)
+    if fault == "raise":
+        raise RuntimeError("injected failure (test hook)")
+    schedule = schedule_from_params(setup.space, params)
+    start = time.perf_counter()
+    timing = dict(setup.timing) if setup.timing is not None else None
+    result = evaluate(ctx.model, schedule, ctx.data, ctx.reference, batch_size=setup.batch_size, timing=timing)
+    seconds = time.perf_counter() - start
+    accuracy = result["top1"] if result["top1"] is not None else result["agreement"]
+    if fault == "nan":
+        accuracy = float("nan")
+    metrics = {
+        "accuracy": accuracy, "agreement": result["agreement"], "top1": result["top1"], "top5": result["top5"],
+        "kl": result["kl"], "gmacs": result["gmacs"], "baseline_gmacs": result["baseline_gmacs"],
+        "speedup": result.get("speedup"), "images_per_s": result.get("images_per_s"),
+        "feasible": setup.space.budget_gmacs is None or result["gmacs"] <= setup.space.budget_gmacs + 1e-12,
+        "summary": schedule.summary(), "schedule": schedule.to_dict(), "eval_seconds": seconds,
+        "load_seconds": ctx.load_seconds if ctx.trials == 1 else 0.0,
+    }
+    bad = [k for k in setup.objectives if metrics.get(k) is None or not math.isfinite(metrics[k])]
+    if bad:
+        raise ValueError(f"objective(s) {bad} are missing or not finite for {schedule.summary()}")
+    return metrics
+
+
+def trainable(config: dict[str, Any], setup: WorkerSetup) -> None:
+    """Ray Tune function trainable: one evaluation, one report holding every metric."""
+    from ray import tune
+
+    start = time.perf_counter()
+    metrics = evaluate_params(setup, config)
+    metrics["trial_seconds"] = time.perf_counter() - start
+    tune.report(metrics)

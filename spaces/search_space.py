@@ -1,0 +1,209 @@
+"""Search spaces: define-by-run functions of an Optuna trial that return a Schedule.
+
+They only call `trial.suggest_*`, always every parameter, with fixed bounds and stable
+names (PITFALLS 7: conditional spaces silently degrade NSGA-II and GP to random sampling),
+so the same function serves Optuna, Ray Tune's OptunaSearch and `optuna.trial.FixedTrial`.
+The budget is met by construction (`fit_budget` rescales the keep ratios) and also recorded
+with `trial.set_constraint` (<= 0 is feasible).
+
+    per-layer  every block: method, keep, and the method's own parameters
+    staged     three reduction stages (first block, spacing), a method per stage, one keep
+               ratio applied geometrically, as the papers do
+    tome, evit, idlevit, ppt, tcvit   the single-method families of the papers
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from spaces.budget import fit_target
+from spaces.cost import gmacs
+from spaces.model_spec import ModelSpec
+from spaces.schedule import METHODS, LayerPlan, Schedule
+
+REDUCING = tuple(m for m in METHODS if m != "none")
+KEEP_RANGE = (0.1, 1.0)
+FRACTION_RANGE = (0.5, 1.0)  # share of the budget a trial aims at: the front spreads below the budget
+STAGES = 3
+FAMILIES = {"evit": "prune", "idlevit": "idle", "ppt": "adaptive", "tcvit": "condense"}
+SPACES = ("per-layer", "staged", "tome", *FAMILIES)
+
+
+class TrialLike(Protocol):
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float: ...
+    def suggest_int(self, name: str, low: int, high: int) -> int: ...
+    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A named space for one model, method set and budget; call it with a trial."""
+
+    name: str
+    spec: ModelSpec
+    methods: tuple[str, ...] = REDUCING
+    budget_gmacs: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in SPACES:
+            raise ValueError(f"unknown space {self.name!r}; valid: {', '.join(SPACES)}")
+        bad = [m for m in self.methods if m not in REDUCING]
+        if bad or not self.methods:
+            raise ValueError(f"unknown method(s) {bad or '(none given)'}; valid: {', '.join(REDUCING)}")
+        family = FAMILIES.get(self.name) or ("merge" if self.name == "tome" else None)
+        if family and family not in self.methods:
+            raise ValueError(f"space {self.name!r} uses method {family!r}, which --methods excludes")
+
+    def __call__(self, trial: TrialLike) -> Schedule:
+        schedule = _BUILDERS[self.name](trial, self)
+        if self.budget_gmacs is not None:
+            fraction = trial.suggest_float("budget.fraction", *FRACTION_RANGE)
+            schedule = fit_target(schedule, fraction * self.budget_gmacs)
+            if hasattr(trial, "set_constraint"):
+                trial.set_constraint("budget_gmacs", gmacs(schedule) - self.budget_gmacs)
+        return schedule
+
+    def optuna_space(self, trial: TrialLike) -> None:
+        """The form Ray Tune's OptunaSearch wants: suggest, return nothing."""
+        self(trial)
+
+
+def _layer_params(trial: TrialLike, prefix: str, methods: tuple[str, ...]) -> dict[str, Any]:
+    """Every parameter a block may use, always suggested (fixed bounds)."""
+    params: dict[str, Any] = {"keep": trial.suggest_float(f"{prefix}.keep", *KEEP_RANGE)}
+    if "condense" in methods:
+        params["order"] = trial.suggest_int(f"{prefix}.order", 1, 3)
+        params["alpha"] = trial.suggest_float(f"{prefix}.alpha", 0.0, 1.0)
+    if "prune" in methods:
+        params["fuse"] = trial.suggest_categorical(f"{prefix}.fuse", [True, False])
+    return params
+
+
+def _plan(method: str, params: dict[str, Any], keep: float | None = None) -> LayerPlan:
+    if method == "none":
+        return LayerPlan()
+    kwargs: dict[str, Any] = {"keep": params["keep"] if keep is None else keep}
+    if method == "condense":
+        kwargs.update(order=params.get("order", 2), alpha=params.get("alpha", 0.5))
+    if method == "prune":
+        kwargs["fuse"] = params.get("fuse", True)
+    return LayerPlan(method, **kwargs)
+
+
+def _prop_attn(trial: TrialLike) -> bool:
+    return bool(trial.suggest_categorical("prop_attn", [True, False]))
+
+
+def per_layer(trial: TrialLike, space: SearchSpace) -> Schedule:
+    choices = ["none", *space.methods]
+    layers = []
+    for i in range(space.spec.depth):
+        method = trial.suggest_categorical(f"layer{i:02d}.method", choices)
+        layers.append(_plan(method, _layer_params(trial, f"layer{i:02d}", space.methods)))
+    return Schedule(space.spec, tuple(layers), prop_attn=_prop_attn(trial), name="per-layer")
+
+
+def _stage_blocks(trial: TrialLike, depth: int) -> list[int]:
+    first = trial.suggest_int("stages.first", 1, max(1, depth // 2))
+    gap = trial.suggest_int("stages.gap", 1, max(1, depth // STAGES))
+    return [b for b in (first + s * gap for s in range(STAGES)) if b < depth]
+
+
+def staged(trial: TrialLike, space: SearchSpace, *, methods: tuple[str, ...] | None = None) -> Schedule:
+    """Stage s reduces at one block to `keep` of its input (idle: k^(s+1) active until the next stage)."""
+    methods = methods or space.methods
+    blocks = _stage_blocks(trial, space.spec.depth)
+    stage_methods = [trial.suggest_categorical(f"stage{s}.method", list(methods)) for s in range(STAGES)]
+    params = _layer_params(trial, "stages", methods)
+    layers = [LayerPlan()] * space.spec.depth
+    for s, start in enumerate(blocks):
+        method = stage_methods[s]
+        if method == "idle":
+            end = blocks[s + 1] if s + 1 < len(blocks) else space.spec.depth
+            for b in range(start, end):
+                layers[b] = _plan("idle", params, keep=params["keep"] ** (s + 1))
+        else:
+            layers[start] = _plan(method, params)
+    return Schedule(space.spec, tuple(layers), prop_attn=_prop_attn(trial), name=space.name)
+
+
+def tome(trial: TrialLike, space: SearchSpace) -> Schedule:
+    """ToMe's family: r merged per block, linear schedule shape (inflect -1 decreasing .. 1 increasing)."""
+    from spaces.presets import tome_r_per_block
+
+    r = trial.suggest_int("tome.r", 1, max(1, space.spec.num_patches // space.spec.depth))
+    inflect = trial.suggest_float("tome.inflect", -1.0, 1.0)
+    rs = tome_r_per_block(space.spec.depth, r, inflect)
+    layers = tuple(LayerPlan("merge", r=x) if x else LayerPlan() for x in rs)
+    return Schedule(space.spec, layers, prop_attn=_prop_attn(trial), name="tome")
+
+
+def _family(name: str):  # type: ignore[no-untyped-def]
+    def build(trial: TrialLike, space: SearchSpace) -> Schedule:
+        return staged(trial, space, methods=(FAMILIES[name],))
+
+    return build
+
+
+_BUILDERS = {"per-layer": per_layer, "staged": staged, "tome": tome, **{n: _family(n) for n in FAMILIES}}
+
+
+def preset_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any] | None:
+    """The per-layer parameters that rebuild a preset exactly, or None if the space cannot.
+
+    Used to enqueue the papers' presets as the first trials (validated here, since Optuna
+    accepts out-of-range seeds with only a warning: PITFALLS 11).
+    """
+    import optuna
+
+    if space.name != "per-layer":
+        return None
+    entering = schedule.patch_tokens_entering()
+    params: dict[str, Any] = {"prop_attn": schedule.prop_attn}
+    if space.budget_gmacs is not None:
+        params["budget.fraction"] = gmacs(schedule) / space.budget_gmacs
+        if not FRACTION_RANGE[0] <= params["budget.fraction"] <= FRACTION_RANGE[1]:
+            return None
+    for i, plan in enumerate(schedule.layers):
+        if plan.method != "none" and plan.method not in space.methods:
+            return None
+        n = entering[i]
+        keep = (n - plan.removed(n)) / n if plan.r is not None else plan.keep
+        prefix = f"layer{i:02d}"
+        params[f"{prefix}.method"] = plan.method
+        params[f"{prefix}.keep"] = 1.0 if plan.method == "none" else keep
+        if "condense" in space.methods:
+            params[f"{prefix}.order"], params[f"{prefix}.alpha"] = plan.order, plan.alpha
+        if "prune" in space.methods:
+            params[f"{prefix}.fuse"] = plan.fuse
+    if not all(KEEP_RANGE[0] <= v <= KEEP_RANGE[1] for k, v in params.items() if k.endswith(".keep")):
+        return None
+    rebuilt = space(optuna.trial.FixedTrial(params))
+    if rebuilt.tokens_entering() != schedule.tokens_entering() or abs(gmacs(rebuilt) - gmacs(schedule)) > 1e-9:
+        return None
+    return params
+
+
+class _ExtremeTrial:
+    """Answers every suggestion with the most reducing value, for one method."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
+        return low
+
+    def suggest_int(self, name: str, low: int, high: int) -> int:
+        return high if name == "tome.r" else low
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        return self.method if self.method in choices else (False if False in choices else choices[0])
+
+
+def cheapest_gmacs(space: SearchSpace) -> float:
+    """The fewest GMACs any schedule of this space reaches (what a budget must at least allow)."""
+    from dataclasses import replace
+
+    unbounded = replace(space, budget_gmacs=1e-9)  # fit_target then returns the most reduced version
+    return min(gmacs(unbounded(_ExtremeTrial(m))) for m in space.methods)
