@@ -1,0 +1,290 @@
+"""Results of a search run from its trial records: CSV/JSON, plots, exported configs, a text table.
+
+A record is a flat dict (see ``COLUMNS``) plus ``"schedule"``, the serialised schedule.
+Only records that are COMPLETE, feasible and carry every objective value can be on the front.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from search.pareto import Objective, non_dominated
+
+__all__ = [
+    "COLUMNS",
+    "export_configs",
+    "front_records",
+    "front_table",
+    "plot_front",
+    "plot_hypervolume",
+    "write_front",
+    "write_trials_csv",
+]
+
+COLUMNS = (
+    "trial", "state", "preset", "fidelity", "feasible", "accuracy", "agreement", "top1", "top5",
+    "gmacs", "speedup", "images_per_s", "seconds", "summary",
+)  # fmt: skip
+
+
+def _value(record: dict, name: str) -> float | None:
+    v = record.get(name)
+    return float(v) if v is not None and math.isfinite(float(v)) else None
+
+
+def _plain(x: Any) -> Any:
+    """JSON/YAML-safe copy: numpy scalars to Python, NaN to None, tuples to lists."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _table(records: Sequence[dict]) -> pd.DataFrame:
+    extra = sorted({k for r in records for k in r} - set(COLUMNS) - {"schedule"})
+    return pd.DataFrame(
+        [{k: r.get(k) for k in (*COLUMNS, *extra)} for r in records], columns=[*COLUMNS, *extra]
+    )
+
+
+def write_trials_csv(path: str | Path, records: Sequence[dict]) -> Path:
+    """Every trial, one row; the schedule only as its ``summary``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _table(records).to_csv(path, index=False)
+    return path
+
+
+def front_records(
+    records: Sequence[dict], objectives: Sequence[Objective], *, search_only: bool = False
+) -> list[dict]:
+    """Non-dominated feasible COMPLETE records with every objective present, by objectives[0] descending."""
+    names = [o.name for o in objectives]
+    pool = [
+        r for r in records
+        if r.get("state") == "COMPLETE" and r.get("feasible") and all(_value(r, n) is not None for n in names)
+        and not (search_only and r.get("preset"))
+    ]  # fmt: skip
+    if not pool:
+        return []
+    points = np.array([[_value(r, n) for n in names] for r in pool])
+    mask = non_dominated(points, [o.direction for o in objectives])
+    front = [r for r, keep in zip(pool, mask, strict=True) if keep]
+    return sorted(front, key=lambda r: (-_value(r, names[0]), r.get("trial", 0)))
+
+
+def write_front(
+    out_dir: str | Path, front: Sequence[dict], objectives: Sequence[Objective]
+) -> tuple[Path, Path]:
+    """front.csv (flat) and front.json (objectives with directions, records with full schedules)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _table(front).to_csv(out / "front.csv", index=False)
+    doc = {
+        "objectives": [{"name": o.name, "direction": o.direction} for o in objectives],
+        "front": _plain(list(front)),
+    }
+    (out / "front.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return out / "front.csv", out / "front.json"
+
+
+def _y_objective(objectives: Sequence[Objective]) -> Objective:
+    for o in objectives:
+        if o.name != "gmacs":
+            return o
+    raise ValueError(f"plot_front needs an objective besides gmacs, got {[o.name for o in objectives]}")
+
+
+def _groups(records: Sequence[dict], y: str) -> dict[str, list[dict]]:
+    """Plotted records by kind; each needs gmacs and y values."""
+    shown = [r for r in records if _value(r, "gmacs") is not None and _value(r, y) is not None]
+    ok = [r.get("state") == "COMPLETE" and bool(r.get("feasible")) for r in shown]
+    return {
+        "trials": [r for r, good in zip(shown, ok, strict=True) if good and not r.get("preset")],
+        "bad": [r for r, good in zip(shown, ok, strict=True) if not good and not r.get("preset")],
+        "presets": [r for r in shown if r.get("preset")],
+    }
+
+
+def _staircase(front: Sequence[dict], y: Objective) -> tuple[list[float], list[float]]:
+    """Best y reachable at or under each GMACs level: the 2-D attainment line of the front."""
+    pts = sorted((_value(r, "gmacs"), _value(r, y.name)) for r in front)
+    ys = [v for _, v in pts]
+    ys = np.maximum.accumulate(ys) if y.direction == "max" else np.minimum.accumulate(ys)
+    return [x for x, _ in pts], [float(v) for v in ys]
+
+
+def _hover(r: dict, objectives: Sequence[Objective]) -> str:
+    vals = "<br>".join(f"{o.name}: {_value(r, o.name)}" for o in objectives)
+    head = f"trial {r.get('trial')}" + (f" ({r['preset']})" if r.get("preset") else "")
+    return f"{head}<br>{r.get('summary', '')}<br>{vals}"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _layers(records: Sequence[dict], front: Sequence[dict], y: str) -> list[tuple[list[dict], str, dict, dict]]:
+    """(records, label, matplotlib kwargs, plotly marker) per layer of the front plot, bottom first."""
+    g = _groups(records, y)
+    failed = sum(1 for r in records if r.get("state") != "COMPLETE" and _value(r, y) is None)
+    bad = "infeasible/failed" + (f" (+{failed} failed, not shown)" if failed else "")
+    star = {"size": 14, "color": "gold", "symbol": "star", "line": {"width": 1}}
+    return [
+        (g["trials"], f"feasible trials ({len(g['trials'])})", {"s": 12, "alpha": 0.3, "color": "tab:blue"},
+         {"size": 5, "color": "royalblue", "opacity": 0.35}),
+        (g["bad"], bad, {"s": 18, "marker": "x", "color": "grey", "alpha": 0.6},
+         {"size": 6, "color": "grey", "symbol": "x"}),
+        (list(front), f"Pareto front ({len(front)})", {"s": 36, "color": "tab:red", "edgecolor": "k", "zorder": 3},
+         {"size": 9, "color": "crimson", "line": {"width": 1}}),
+        (g["presets"], "paper presets", {"s": 150, "marker": "*", "color": "gold", "edgecolor": "k", "zorder": 4},
+         star),
+    ]  # fmt: skip
+
+
+def plot_front(
+    out_dir: str | Path,
+    records: Sequence[dict],
+    front: Sequence[dict],
+    objectives: Sequence[Objective],
+    *,
+    title: str,
+    budget_gmacs: float | None,
+) -> tuple[Path, Path]:
+    """front.png (matplotlib) and front.html (plotly, self-contained): GMACs against the first
+    non-GMACs objective; trials, infeasible/failed, the front, presets and the budget."""
+    import plotly.graph_objects as go
+
+    plt = _pyplot()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    y = _y_objective(objectives)
+    layers = _layers(records, front, y.name)
+    sx, sy = _staircase(front, y)
+    budget = f"budget {budget_gmacs:g} GMACs" if budget_gmacs is not None else ""
+    better = "higher" if y.direction == "max" else "lower"
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    ax.step(sx, sy, where="post", color="tab:red", lw=1.5)
+    for rs, label, kw, _ in layers:
+        ax.scatter([_value(r, "gmacs") for r in rs], [_value(r, y.name) for r in rs], label=label, **kw)
+    for r in layers[-1][0]:
+        ax.annotate(r["preset"], (_value(r, "gmacs"), _value(r, y.name)), xytext=(5, 5),
+                    textcoords="offset points", fontsize=8)  # fmt: skip
+    if budget:
+        ax.axvline(budget_gmacs, ls="--", color="k", lw=1, label=budget)
+    ax.set(xlabel="GMACs (lower is better)", ylabel=f"{y.name} ({better} is better)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "front.png")
+    plt.close(fig)
+
+    pfig = go.Figure()
+    pfig.add_trace(go.Scatter(x=sx, y=sy, mode="lines", line={"shape": "hv", "color": "crimson"},
+                              name="front (2-D attainment)", hoverinfo="skip"))  # fmt: skip
+    for rs, label, _, marker in layers:
+        pfig.add_trace(go.Scatter(
+            x=[_value(r, "gmacs") for r in rs], y=[_value(r, y.name) for r in rs], name=label, marker=marker,
+            mode="markers+text" if marker is layers[-1][3] else "markers", text=[r.get("preset") or "" for r in rs],
+            textposition="top right", hovertext=[_hover(r, objectives) for r in rs], hoverinfo="text",
+        ))  # fmt: skip
+    if budget:
+        pfig.add_vline(x=budget_gmacs, line_dash="dash", annotation_text=budget)
+    pfig.update_layout(title=title, xaxis_title="GMACs", yaxis_title=f"{y.name} ({better} is better)",
+                       template="plotly_white")  # fmt: skip
+    pfig.write_html(out / "front.html", include_plotlyjs=True)
+    return out / "front.png", out / "front.html"
+
+
+def plot_hypervolume(out_dir: str | Path, histories: dict[str, list[float]]) -> tuple[Path, Path]:
+    """hypervolume.png and hypervolume.csv (row per trial count from 1, column per label)."""
+    plt = _pyplot()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = max((len(h) for h in histories.values()), default=0)
+    series = {k: pd.Series(h, index=range(1, len(h) + 1), dtype=float) for k, h in histories.items()}
+    table = pd.DataFrame(series, index=pd.RangeIndex(1, n + 1, name="trials"))
+    table.to_csv(out / "hypervolume.csv")
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for label in table.columns:
+        ax.plot(table.index, table[label], drawstyle="steps-post", label=label)
+    ax.set(xlabel="trials", ylabel="hypervolume (fixed reference point)", title="Hypervolume of the feasible front")
+    ax.grid(alpha=0.3)
+    if len(table.columns):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "hypervolume.png")
+    plt.close(fig)
+    return out / "hypervolume.png", out / "hypervolume.csv"
+
+
+def export_configs(out_dir: str | Path, front: Sequence[dict], *, run: dict) -> list[Path]:
+    """configs/<trial>.yaml per front record with the command that fine-tunes it. Never overwrites."""
+    cfg_dir = Path(out_dir) / "configs"
+    paths = [cfg_dir / f"{int(r['trial']):04d}.yaml" for r in front]
+    for p in paths:  # check all before writing any
+        if p.exists():
+            raise FileExistsError(f"refusing to overwrite {p}")
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    source = {k: run.get(k) for k in ("model", "checkpoint", "data", "budget_gmacs", "run_dir")}
+    objective_keys = ("accuracy", "agreement", "top1", "top5", "gmacs", "speedup", "images_per_s")
+    for r, p in zip(front, paths, strict=True):
+        cmd = ["python", "run_search.py", "finetune", "--config", str(p)]
+        if run.get("data"):
+            cmd += ["--data", str(run["data"])]
+        doc = {
+            "trial": r["trial"], "preset": r.get("preset"), "fidelity": r.get("fidelity"),
+            "objectives": {k: r.get(k) for k in objective_keys if k in r},
+            "source": source, "finetune_command": shlex.join(cmd), "schedule": r.get("schedule"),
+        }  # fmt: skip
+        with open(p, "x") as f:
+            yaml.safe_dump(_plain(doc), f, sort_keys=False)
+    return paths
+
+
+def _covers(a: dict, b: dict, objectives: Sequence[Objective]) -> bool:
+    """True when record a is equal or better than b in every objective."""
+    return all((_value(a, o.name) >= _value(b, o.name)) if o.direction == "max" else
+               (_value(a, o.name) <= _value(b, o.name)) for o in objectives)  # fmt: skip
+
+
+def front_table(front: Sequence[dict], presets: Sequence[dict], objectives: Sequence[Objective]) -> str:
+    """Fixed-width table of the front beside the presets, with a dominance note per preset."""
+    head = f"{'id':>6}  {'kind':<7}" + "".join(f"{o.name:>13}" for o in objectives) + "  summary"
+    lines = [head, "-" * len(head)]
+    in_front = {r.get("trial") for r in front}
+    for r in [*front, *(p for p in presets if p.get("trial") not in in_front)]:
+        kind = "preset" if r.get("preset") else "search"
+        vals = "".join(f"{'-' if (v := _value(r, o.name)) is None else f'{v:.4g}':>13}" for o in objectives)
+        summary = str(r.get("summary") or r.get("preset") or "")
+        summary = summary if len(summary) <= 50 else summary[:47] + "..."
+        lines.append(f"{r.get('trial', ''):>6}  {kind:<7}{vals}  {'* ' if kind == 'preset' else ''}{summary}")
+    search = [r for r in front if not r.get("preset")]
+    for p in presets:
+        if any(_value(p, o.name) is None for o in objectives):
+            note = "missing objective values, not compared"
+        else:
+            by = [str(r.get("trial")) for r in search if _covers(r, p, objectives)]
+            note = f"matched or dominated by search trial(s) {', '.join(by)}" if by else "not dominated"
+        lines.append(f"preset {p.get('preset')} (trial {p.get('trial')}): {note}")
+    return "\n".join(lines)
