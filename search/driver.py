@@ -93,6 +93,22 @@ def preset_points(space: SearchSpace, done: set[str]) -> list[tuple[str, dict[st
     return points
 
 
+def check_ray_address(address: str | None, timeout: float = 3.0) -> None:
+    """Fail fast on an unreachable cluster (ray.init would wait for minutes)."""
+    import socket
+
+    if not address or address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"malformed --ray-address {address!r}; use HOST:PORT (or ray://HOST:PORT)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ValueError(f"cannot reach Ray at {address}: {err.strerror or err}") from None
+
+
 def _init_ray(cfg: SearchConfig) -> str | None:
     """Connect to `--ray-address`, or start a local Ray with its dashboard; returns the dashboard URL."""
     import ray
@@ -205,14 +221,19 @@ def _run_tune(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type:
     from search.worker import trainable
 
     study_name = f"{STUDY_PREFIX}-{cfg.out.resolve().name}"
-    finished = 0
+    finished, waiting = 0, set()
     if cfg.resume:
         study = optuna.load_study(study_name=study_name, storage=storage)
-        stale = run_dir.fail_stale_trials(study)
+        done, failed = run_dir.settle_stale_trials(study, run_dir.read_records(cfg.out), list(cfg.setup.objectives))
         finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-        print(f"resuming {cfg.out}: {finished} trials finished, {stale} left running marked FAIL", file=sys.stderr)
+        # Enqueued presets the killed run never started: Optuna hands them out first, don't enqueue again.
+        waiting = {_key(t.system_attrs.get("fixed_params", t.params))
+                   for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))}
+        print(f"resuming {cfg.out}: {finished} trials finished; of those left running, {done} completed "
+              f"from the trial log and {failed} marked FAIL", file=sys.stderr)
     done_presets = {r["preset"] for r in run_dir.read_records(cfg.out) if r.get("preset")}
-    points = preset_points(cfg.setup.space, done_presets) if cfg.presets else []
+    all_points = preset_points(cfg.setup.space, done_presets) if cfg.presets else []
+    points = [(n, p) for n, p in all_points if _key(p) not in waiting]
     remaining = cfg.trials - finished
     if remaining <= 0:
         return
@@ -225,7 +246,7 @@ def _run_tune(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type:
         tune_config=tune.TuneConfig(search_alg=limited, num_samples=remaining, reuse_actors=True),
         run_config=tune.RunConfig(
             storage_path=str((cfg.out / "ray").resolve()), name=f"tune-{len(run.get('resumed', [])) + 1}",
-            verbose=0, callbacks=[_callback(cfg, searcher, {_key(p): n for n, p in points}, progress)],
+            verbose=0, callbacks=[_callback(cfg, searcher, {_key(p): n for n, p in all_points}, progress)],
         ),
     )
     tuner.fit()
@@ -236,9 +257,12 @@ def run(cfg: SearchConfig) -> SearchOutcome:
     """The whole search: prepare the run directory, run the trials, write every output."""
     space = cfg.setup.space
     check_budget(space)
-    run = run_dir.prepare(cfg.out, _settings(cfg), resume=cfg.resume)
-    storage = run_dir.storage(cfg.storage, cfg.out)
+    settings = _settings(cfg)
+    run_dir.prepare(cfg.out, settings, resume=cfg.resume, create=False)  # all checks before anything is written
+    check_ray_address(cfg.ray_address)
     dashboard = _init_ray(cfg)
+    run = run_dir.prepare(cfg.out, settings, resume=cfg.resume)
+    storage = run_dir.storage(cfg.storage, cfg.out)
     run["dashboard"] = dashboard
     run_dir.write_run_json(cfg.out, run)
     if dashboard:

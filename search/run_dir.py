@@ -21,8 +21,11 @@ def default_out() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def prepare(out: Path, settings: dict[str, Any], *, resume: bool) -> dict[str, Any]:
-    """Create `out` for a new run, or check that a resumed run matches; returns run.json's content."""
+def prepare(out: Path, settings: dict[str, Any], *, resume: bool, create: bool = True) -> dict[str, Any]:
+    """Create `out` for a new run, or check that a resumed run matches; returns run.json's content.
+
+    With create=False it only checks (nothing is written), so bad input leaves no trace.
+    """
     run_json = out / RUN_JSON
     if resume:
         if not run_json.is_file():
@@ -35,9 +38,10 @@ def prepare(out: Path, settings: dict[str, Any], *, resume: bool) -> dict[str, A
         previous.setdefault("resumed", []).append(settings["command"])
         previous["trials"] = settings["trials"]
         return previous
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"output directory {out} already exists; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return dict(settings)
 
 
@@ -107,11 +111,22 @@ def sampler(name: str, seed: int):  # type: ignore[no-untyped-def]
     raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
 
 
-def fail_stale_trials(study) -> int:  # type: ignore[no-untyped-def]
-    """Trials left RUNNING by a killed run are marked FAIL (PITFALLS 15); returns how many."""
+def settle_stale_trials(study, records: list[dict[str, Any]], objectives: list[str]) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """Trials a killed run left RUNNING (PITFALLS 15): completed from the trial log when their result
+    reached it (killed between the report and Optuna's tell), else marked FAIL. Returns (completed, failed)."""
+    import math
+
     from optuna.trial import TrialState
 
-    stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
-    for t in stale:
-        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-    return len(stale)
+    logged = {r["trial"]: r for r in records if r.get("state") == "COMPLETE" and r.get("trial") is not None}
+    completed = failed = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        r = logged.get(t.number)
+        values = [r.get(o) for o in objectives] if r else None
+        if values and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            study._storage.set_trial_state_values(t._trial_id, state=TrialState.COMPLETE, values=values)
+            completed += 1
+        else:
+            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            failed += 1
+    return completed, failed

@@ -56,6 +56,13 @@ def dihedral(x: Tensor, k: int) -> Tensor:
     return x.flip(3) if k >= 4 else x
 
 
+def generate_train(num_images: int, seed: int, chunk: int = 2000) -> tuple[Tensor, Tensor]:
+    """The training set, generated in balanced chunks from one seeded stream (bounded memory)."""
+    gen = synthetic.split_generator("train", seed)
+    parts = [synthetic.make_images(min(chunk, num_images - i), gen) for i in range(0, num_images, chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 @torch.inference_mode()
 def heldout_accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
     model.eval()
@@ -73,7 +80,7 @@ def train(args: argparse.Namespace) -> dict:
     log = (out / "train_log.txt").open("a")
     say = lambda msg: (print(msg, flush=True), log.write(msg + "\n"), log.flush())  # noqa: E731
     start = time.perf_counter()
-    train_x, train_y = synthetic.make_split("train", args.train_images, seed=args.seed)
+    train_x, train_y = generate_train(args.train_images, args.seed)
     held_x, held_y = synthetic.make_split("heldout", args.heldout_images, seed=args.seed)
     say(f"generated {len(train_x)} train / {len(held_x)} held-out images in {time.perf_counter() - start:.0f} s")
     model = timm.create_model(embedded.NAME, pretrained=False).train()

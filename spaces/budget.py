@@ -8,7 +8,7 @@ from dataclasses import replace
 from spaces.cost import gmacs
 from spaces.schedule import LayerPlan, Schedule
 
-_BUDGET = re.compile(r"^\s*(?P<value>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?P<unit>gmacs?|%|x)\s*$", re.IGNORECASE)
+_BUDGET = re.compile(r"^\s*(?P<value>[-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?P<unit>gmacs?|%|x)\s*$", re.IGNORECASE)
 MIN_KEEP = 0.02  # the smallest keep ratio rescaling goes down to
 MAX_GAMMA = 64.0
 

@@ -1,0 +1,183 @@
+"""The search end to end with a real local Ray (2 CPUs): outputs, front, failures, resume, bad input.
+
+The embedded architecture with random weights and a 48-image screening set keeps each trial
+well under a second; every search runs as a separate process, as a user would run it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from search.pareto import non_dominated
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--model", "tokensched_vit_shapes", "--num-images", "48", "--batch-size", "48"]
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+OUTPUTS = ["trials.csv", "front.csv", "front.json", "front.png", "front.html", "hypervolume.csv", "hypervolume.png",
+           "run.json", "study.db", "trials.jsonl"]
+
+
+def search(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "run_search.py", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def study(out: Path) -> optuna.Study:
+    return optuna.load_study(study_name=f"tokensched-{out.name}", storage=f"sqlite:///{out / 'study.db'}")
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One small search with two injected failures (an exception and a NaN objective)."""
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    proc = search("--budget", "65%", *FAST, "--trials", "10", "--out", str(out), "--fail-trials", "6:raise,7:nan")
+    return out, proc
+
+
+def test_smoke_search_writes_every_output(smoke) -> None:
+    out, proc = smoke
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plotly" in (out / "front.html").read_text()[:200000]
+    configs = sorted((out / "configs").glob("*.yaml"))
+    assert configs
+    exported = yaml.safe_load(configs[0].read_text())
+    assert exported["finetune_command"].startswith("python run_search.py finetune --config ")
+    assert exported["schedule"]["schema_version"] == 1
+    run = json.loads((out / "run.json").read_text())
+    for key in ("versions", "device", "batch_size", "precision", "seed", "sampler", "budget_gmacs", "command"):
+        assert key in run
+    assert run["sampler"] == "nsga2" and "preset" in proc.stdout.lower()
+
+
+def test_front_is_non_dominated_and_feasible(smoke) -> None:
+    out, _ = smoke
+    run = json.loads((out / "run.json").read_text())
+    front = pd.read_csv(out / "front.csv")
+    assert (front["gmacs"] <= run["budget_gmacs"] + 1e-9).all()
+    points = front[["accuracy", "gmacs"]].to_numpy()
+    assert non_dominated(points, ["max", "min"]).all()
+    trials = pd.read_csv(out / "trials.csv")
+    ok = trials[(trials["state"] == "COMPLETE") & trials["feasible"].astype(bool)]
+    # No completed, feasible trial dominates a front member.
+    everything = np.vstack([points, ok[["accuracy", "gmacs"]].to_numpy()])
+    assert non_dominated(everything, ["max", "min"])[: len(points)].all()
+
+
+def test_failures_are_recorded_and_the_search_goes_on(smoke) -> None:
+    out, _ = smoke
+    states = [t.state.name for t in study(out).trials]
+    assert len(states) == 10 and states.count("FAIL") == 2 and states.count("COMPLETE") == 8
+    trials = pd.read_csv(out / "trials.csv")
+    assert (trials["state"] == "FAIL").sum() == 2 and len(trials) == 10
+
+
+def test_presets_first_and_marked(smoke) -> None:
+    out, _ = smoke
+    records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    presets = [r for r in records if r.get("preset")]
+    assert {r["preset"] for r in presets} >= {"ppt", "evit:0.5"}
+    assert all(r["gmacs"] <= json.loads((out / "run.json").read_text())["budget_gmacs"] + 1e-9 for r in presets)
+
+
+def test_resume_after_kill_completes_without_duplicates(tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "run_search.py", "--budget", "65%", *FAST, "--trials", "12",
+                             "--out", str(out)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log = out / "trials.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert log.is_file() and len(log.read_text().splitlines()) >= 3
+    resumed = search("--budget", "65%", *FAST, "--trials", "12", "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = study(out).trials
+    assert len(trials) == 12 and not [t for t in trials if t.state.name == "RUNNING"]
+    params = [tuple(sorted(t.params.items())) for t in trials if t.state.name == "COMPLETE"]
+    assert len(params) == len(set(params))  # nothing ran twice
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    numbers = [r["trial"] for r in records]
+    assert len(numbers) == len(set(numbers))
+
+
+def test_two_node_local_cluster(tmp_path: Path) -> None:
+    port = 6391
+    env = ENV
+    head = subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                           "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert head.returncode == 0, head.stderr[-2000:]
+        worker = subprocess.run(["ray", "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
+                                 "--dashboard-agent-listen-port=52366", "--disable-usage-stats"],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        out = tmp_path / "cluster"
+        proc = search("--budget", "65%", *FAST, "--trials", "4", "--out", str(out), "--no-presets",
+                      "--ray-address", f"127.0.0.1:{port}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert len(pd.read_csv(out / "trials.csv")) == 4
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+BAD = {
+    "malformed budget": (["--budget", "three"], "malformed budget"),
+    "zero budget": (["--budget", "0GMACs"], "must be positive"),
+    "negative budget": (["--budget=-5%"], "must be positive"),
+    "below cheapest": (["--budget", "0.001GMACs"], "below the cheapest schedule"),
+    "unknown space": (["--budget", "65%", "--space", "spiral"], "unknown space"),
+    "unknown sampler": (["--budget", "65%", "--sampler", "cmaes2"], "unknown sampler"),
+    "unknown method": (["--budget", "65%", "--methods", "prune,shrink"], "unknown method"),
+    "unknown objective": (["--budget", "65%", "--objectives", "accuracy,latency"], "unknown objective"),
+    "unreachable ray": (["--budget", "65%", "--ray-address", "127.0.0.1:1"], "cannot reach Ray"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exit_2_and_nothing_written(case: str, tmp_path: Path) -> None:
+    args, match = BAD[case]
+    out = tmp_path / "new"
+    proc = search(*args, *FAST, "--trials", "2", "--out", str(out), timeout=120)
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("warning:")]
+    assert proc.returncode == 2 and lines and lines[-1].startswith("error:") and match in lines[-1], proc.stderr
+    assert len([line for line in lines if line.startswith("error:")]) == 1
+    assert not out.exists()
+
+
+def test_existing_run_is_never_overwritten(smoke) -> None:
+    out, _ = smoke
+    before = tree_digest(out)
+    cases = [
+        (["--budget", "65%", *FAST], "already exists"),  # no --resume
+        (["--budget", "50%", *FAST, "--resume"], "budget_gmacs differs"),
+        (["--budget", "65%", *FAST[2:], "--model", "deit_tiny_patch16_224", "--resume"], "differs"),
+    ]
+    for args, match in cases:
+        proc = search(*args, "--trials", "2", "--out", str(out), timeout=120)
+        assert proc.returncode == 2 and match in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert tree_digest(out) == before
