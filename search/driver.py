@@ -16,6 +16,7 @@ import math
 import os
 import shlex
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,7 @@ def _run_tune(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type:
 
 def run(cfg: SearchConfig) -> SearchOutcome:
     """The whole search: prepare the run directory, run the trials, write every output."""
+    start = time.perf_counter()
     space = cfg.setup.space
     check_budget(space)
     settings = _settings(cfg)
@@ -268,7 +270,10 @@ def run(cfg: SearchConfig) -> SearchOutcome:
     if dashboard:
         print(f"Ray dashboard: {dashboard}", file=sys.stderr)
     print(f"Optuna study: {run['storage']} (optuna-dashboard {run['storage']})", file=sys.stderr)
+    tic = time.perf_counter()
     _run_tune(cfg, run, storage)
+    run.setdefault("timing_s", []).append({"ray_init_and_setup": round(tic - start, 3),
+                                           "tune": round(time.perf_counter() - tic, 3)})
     return finish(cfg, run)
 
 
