@@ -161,6 +161,20 @@ def _layers(records: Sequence[dict], front: Sequence[dict], y: str) -> list[tupl
     ]  # fmt: skip
 
 
+def _label_presets(ax, presets: Sequence[dict], y: str) -> None:
+    """Name each star; labels of stars close on screen are stacked instead of overprinted."""
+    ax.figure.canvas.draw()  # fixes the limits, so data -> pixel is final
+    placed: list[np.ndarray] = []
+    for r in sorted(presets, key=lambda r: -_value(r, y)):
+        px = ax.transData.transform((_value(r, "gmacs"), _value(r, y)))
+        near = sum(np.abs(px - q).max() < 30 for q in placed)
+        placed.append(px)
+        ax.annotate(r["preset"], (_value(r, "gmacs"), _value(r, y)), xytext=(10, 4 - 12 * near),
+                    textcoords="offset points", fontsize=8, va="center", zorder=5,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.4"} if near else None)  # fmt: skip
+
+
 def plot_front(
     out_dir: str | Path,
     records: Sequence[dict],
@@ -187,9 +201,7 @@ def plot_front(
     ax.step(sx, sy, where="post", color="tab:red", lw=1.5)
     for rs, label, kw, _ in layers:
         ax.scatter([_value(r, "gmacs") for r in rs], [_value(r, y.name) for r in rs], label=label, **kw)
-    for r in layers[-1][0]:
-        ax.annotate(r["preset"], (_value(r, "gmacs"), _value(r, y.name)), xytext=(5, 5),
-                    textcoords="offset points", fontsize=8)  # fmt: skip
+    _label_presets(ax, layers[-1][0], y.name)
     if budget:
         ax.axvline(budget_gmacs, ls="--", color="k", lw=1, label=budget)
     ax.set(xlabel="GMACs (lower is better)", ylabel=f"{y.name} ({better} is better)", title=title)
