@@ -111,6 +111,11 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not _cuda():
+        raise ValueError(f"--device {device}: no CUDA device here")
+
+
 def _resolve_schedule(args: argparse.Namespace, spec):  # type: ignore[no-untyped-def]
     from spaces import Schedule
 
@@ -160,8 +165,7 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from search.models import data_config, load_model
     from spaces import ModelSpec
 
-    if args.device.startswith("cuda") and not _cuda():
-        raise ValueError(f"--device {args.device}: no CUDA device here")
+    _check_device(args.device)
     if args.model is not None and not args.pretrained and args.checkpoint is None:
         print(f"warning: {args.model} has random weights (add --pretrained or --checkpoint)", file=sys.stderr)
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, device=args.device)
@@ -224,8 +228,7 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad or not objectives:
         raise ValueError(f"unknown objective(s) {bad or '(none)'}; valid: {', '.join(OBJECTIVES)}")
-    if args.device.startswith("cuda") and not _cuda():
-        raise ValueError(f"--device {args.device}: no CUDA device here")
+    _check_device(args.device)
     spec = model_spec(args.model or DEFAULT_MODEL)
     if args.checkpoint:
         from search.models import read_checkpoint

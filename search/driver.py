@@ -17,7 +17,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,8 @@ def _callback(cfg: SearchConfig, searcher, presets: dict[tuple, str], progress):
     class Recorder(tune.Callback):
         """Appends each finished trial to trials.jsonl and advances the progress bar."""
 
+        records = run_dir.read_records(cfg.out)  # read once; then kept in step with the file
+
         def _record(self, trial, state: str, result: dict[str, Any] | None) -> None:  # type: ignore[no-untyped-def]
             params = {k: v for k, v in trial.config.items() if not k.startswith("__")}
             record = {"trial": _optuna_number(searcher, trial.trial_id), "ray_trial": trial.trial_id, "state": state,
@@ -181,9 +183,9 @@ def _callback(cfg: SearchConfig, searcher, presets: dict[tuple, str], progress):
                     "summary", "schedule", "eval_seconds", "load_seconds", "trial_seconds")})
                 record["seconds"] = result.get("eval_seconds")
             run_dir.append_record(cfg.out, record)
-            records = run_dir.read_records(cfg.out)
-            front = report.front_records(records, objectives)
-            points = _points(records, objectives)
+            self.records.append(record)
+            front = report.front_records(self.records, objectives)
+            points = _points(self.records, objectives)
             hv = pareto.hypervolume(points[0], [o.direction for o in objectives], reference) if len(points[0]) else 0.0
             progress.set_postfix(front=len(front), hv=f"{hv:.4f}")
             progress.update(1)
@@ -319,6 +321,3 @@ def _latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def command_line(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in ["python", "run_search.py", *argv])
 
-
-def describe(cfg: SearchConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(replace(cfg, fault_trials={})).items() if k != "setup"}
