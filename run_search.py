@@ -4,6 +4,7 @@
     python run_search.py --budget 65%                    the search (the default command)
     python run_search.py eval --preset tome:13            one schedule: accuracy, agreement, GMACs, speed
     python run_search.py gmacs --model deit_small_patch16_224 --preset evit:0.7 [--json]
+    python run_search.py finetune --config runs/<run>/configs/0007.yaml [--data DIR] [--steps S | --epochs E]
 
 Errors at the boundary print one line and exit with code 2; a search whose front is empty
 exits with code 3.
@@ -56,7 +57,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="search schedules under a budget (the default command)")
     _add_search_args(s)
+
+    f = sub.add_parser("finetune", help="fine-tune an exported config: distillation + token cut loss (IdleViT recipe)")
+    _add_finetune_args(f)
     return parser
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="an exported config: runs/<run>/configs/<id>.yaml")
+    p.add_argument("--model", default=None, help="timm model name (default: the model the config was searched on)")
+    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs network or cache)")
+    p.add_argument("--checkpoint", default=None, help="local weights (default: the config's source checkpoint)")
+    p.add_argument("--data", default=None,
+                   help="training images: an ImageFolder or flat directory (default: the embedded training stream)")
+    p.add_argument("--eval-data", default=None,
+                   help="held-out images scored before and after (default: the config's search data, else the "
+                        "embedded held-out set)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, default=None, help="optimiser steps")
+    length.add_argument("--epochs", type=_positive_int, default=None,
+                        help="passes over --data (the embedded stream: 10,000 images per epoch); default 30 "
+                             "(IdleViT's recipe) when neither --steps nor --epochs is given")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per step and process (default 64)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, cosine to 1%% of it (default 1e-4)")
+    p.add_argument("--alpha", type=float, default=5.0, help="weight of the distillation KL (default 5)")
+    p.add_argument("--beta", type=float, default=500.0, help="weight of the feature MSE (default 500)")
+    p.add_argument("--theta", type=float, default=20.0, help="weight of the token cut loss (default 20)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=50, help="steps between checkpoints (default 50)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default 0: before and after)")
+    p.add_argument("--out", default=None, help="output directory (default: <config dir>/../finetune/<config name>)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--num-images", type=_positive_int, default=2000, help="held-out images scored (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training stream and dropout (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +116,24 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch (default 256)")
     p.add_argument("--timing-batch", type=_positive_int, default=64, help="throughput batch (default 64)")
     p.add_argument("--no-presets", action="store_true", help="do not evaluate the paper presets first")
+    p.add_argument("--finetune-top", type=_non_negative_int, default=0,
+                   help="after screening, fine-tune this many of the most promising candidates (default 0)")
+    p.add_argument("--finetune-steps", type=_positive_int, default=100, help="steps of each short fine-tune (default 100)")
+    p.add_argument("--finetune-batch", type=_positive_int, default=32, help="batch of the short fine-tunes (default 32)")
+    p.add_argument("--finetune-lr", type=float, default=3e-4, help="peak learning rate of the short fine-tunes (default 3e-4)")
+    p.add_argument("--finetune-data", default=None,
+                   help="training images for the short fine-tunes (needed with --data; default: the embedded training stream)")
     p.add_argument("--fail-trials", default="", help=argparse.SUPPRESS)  # test hook: "3:raise,5:nan"
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -217,7 +267,7 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
     from search.models import DEFAULT_MODEL, model_spec
     from search.pareto import OBJECTIVES
     from search.run_dir import SAMPLERS, default_out
-    from search.worker import WorkerSetup
+    from search.worker import FinetuneJob, WorkerSetup
     from spaces import Schedule, gmacs
     from spaces.budget import parse_budget
     from spaces.search_space import SearchSpace
@@ -244,12 +294,23 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
                         device=args.device, threads=max(1, int(args.cpus_per_trial)), timing=timing,
                         objectives=objectives)
     faults = {int(k): v for k, v in (item.split(":") for item in _split(args.fail_trials))}
+    job = None
+    if args.finetune_top:
+        if args.data and not args.finetune_data:
+            raise ValueError("--finetune-top with --data needs --finetune-data (training images; --data is the "
+                             "screening set and must not be trained on)")
+        if args.finetune_data and not Path(args.finetune_data).is_dir():
+            raise ValueError(f"--finetune-data directory not found: {args.finetune_data}")
+        if not args.finetune_lr > 0:
+            raise ValueError(f"--finetune-lr must be positive, got {args.finetune_lr}")
+        job = FinetuneJob(steps=args.finetune_steps, out_root="", data=args.finetune_data,
+                          batch_size=args.finetune_batch, lr=args.finetune_lr)
     return SearchConfig(setup=setup, budget=args.budget, out=Path(args.out) if args.out else default_out(),
                         trials=args.trials, sampler=args.sampler, resume=args.resume, storage=args.storage,
                         ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,
                         gpus_per_trial=args.gpus_per_trial, concurrency=args.concurrency,
                         presets=not args.no_presets, seed=args.seed, command=command_line(list(argv)),
-                        fault_trials=faults)
+                        fault_trials=faults, finetune_top=args.finetune_top, finetune=job)
 
 
 def cmd_search(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
@@ -260,7 +321,78 @@ def cmd_search(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     return run(cfg).exit_code
 
 
-COMMANDS = {"gmacs": cmd_gmacs, "eval": cmd_eval, "search": cmd_search}
+def _finetune_model(args: argparse.Namespace, schedule, source: dict):  # type: ignore[no-untyped-def]
+    """The model to fine-tune (on the CPU; finetune moves it): the config's model and checkpoint unless overridden."""
+    import reducers
+    from search.models import DEFAULT_MODEL, load_model
+
+    searched = source.get("model") or schedule.model.name
+    if args.model is not None and args.model != searched:
+        raise ValueError(f"--model {args.model} is not {searched}, the model config {args.config} was searched on")
+    checkpoint = args.checkpoint or source.get("checkpoint")
+    pretrained = args.pretrained or bool(source.get("pretrained"))
+    if searched != DEFAULT_MODEL and not pretrained and checkpoint is None:
+        print(f"warning: {searched} has random weights (add --pretrained or --checkpoint)", file=sys.stderr)
+    model = load_model(None if searched == DEFAULT_MODEL else searched, pretrained=pretrained, checkpoint=checkpoint)
+    reducers.apply_schedule(model, schedule)  # a ValueError now if the schedule does not fit the model
+    reducers.remove_schedule(model)
+    return model
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from search import finetune as ft
+    from search.data import load_eval_set
+    from search.models import data_config
+
+    _check_device(args.device)
+    schedule, source = ft.load_job(args.config)
+    out = Path(args.out) if args.out else Path(args.config).parent.parent / "finetune" / Path(args.config).stem
+    if (out / ft.WEIGHTS).exists():
+        raise ValueError(f"{out} holds a finished fine-tune ({ft.WEIGHTS}); nothing is overwritten (choose another --out)")
+    model = _finetune_model(args, schedule, source)
+    stream = ft.train_stream(args.data, data_config(model), args.batch_size, ft.rank_seed(args.seed))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_epoch = max(1, (ft.EMBEDDED_EPOCH if args.data is None else len(stream)) // (args.batch_size * world))
+    steps = args.steps or (args.epochs or 30) * per_epoch
+    settings = ft.FinetuneSettings(steps=steps, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
+                                   beta=args.beta, theta=args.theta, checkpoint_every=args.checkpoint_every,
+                                   seed=args.seed, eval_every=args.eval_every)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: the other processes only train
+        ft.finetune(model, schedule, stream, settings, out_dir=out, device=args.device)
+        return 0
+    eval_data = args.eval_data or source.get("data")
+    if eval_data is not None and args.data is not None and Path(eval_data).resolve() == Path(args.data).resolve():
+        print(f"warning: training and held-out images are the same directory ({eval_data})", file=sys.stderr)
+    eval_set = load_eval_set(eval_data, data_config(model), num_images=args.num_images, seed=args.seed)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"fine-tuning {schedule.name} ({schedule.summary()}) for {steps} steps of {args.batch_size} -> {out}")
+    metrics = ft.finetune(model, schedule, stream, settings, out_dir=out, eval_set=eval_set, device=args.device, log=log)
+    return _print_finetune(args, out, metrics)
+
+
+def _print_finetune(args: argparse.Namespace, out, m: dict) -> int:  # type: ignore[no-untyped-def]
+    """The one summary line (or JSON object) of a finished fine-tune."""
+    before, after = m["before"] or {}, m["after"] or {}
+    result = {"config": str(args.config), "out": str(out), "weights": m["weights"], "schedule": m["schedule"],
+              "steps": m["steps"], "seconds": m["seconds"], "images_per_s": m["images_per_s"],
+              "top1_before": before.get("top1"), "top1_after": after.get("top1"),
+              "agreement_before": before.get("agreement"), "agreement_after": after.get("agreement"),
+              "cut_loss_first": m["cut_loss_first"], "cut_loss_last": m["cut_loss_last"], "gmacs": m["gmacs"],
+              "resumed_from": m["resumed_from"]}  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f} %"  # noqa: E731
+    cut = "" if m["cut_loss_first"] is None else f", cut loss {m['cut_loss_first']:.4f} -> {m['cut_loss_last']:.4f}"
+    print(f"fine-tuned {m['schedule']} for {m['steps']} steps in {m['seconds']:.0f} s ({m['images_per_s']:.1f} img/s): "
+          f"top-1 {pct(result['top1_before'])} -> {pct(result['top1_after'])}{cut}; weights {m['weights']}")
+    return 0
+
+
+COMMANDS = {"gmacs": cmd_gmacs, "eval": cmd_eval, "search": cmd_search, "finetune": cmd_finetune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,11 +50,16 @@ class ForwardState:
     size: Tensor | None = None  # [B, N, 1]; None while every token is one patch
     tokens_in: list[int] = field(default_factory=list)  # tokens entering each block (bookkeeping)
     idle_sets: list[tuple[int, Tensor]] = field(default_factory=list)  # (block, active idx) for the cut loss
+    # Fine-tuning: idle blocks also record their head-mean attention over every token,
+    # (block, active idx, attn [B, N, N]), for reducers.losses.cut_loss_of (O(N^2), training only).
+    record_idle_attention: bool = False
+    idle_attention: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
 
     def reset(self) -> None:
         self.size = None
         self.tokens_in = []
         self.idle_sets = []
+        self.idle_attention = []
 
     def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
         """log(size) as an additive attention bias [B, 1, 1, N] (ToMe's proportional attention)."""
@@ -146,6 +151,14 @@ class ReducingAttention(Attention):
             logits = logits + bias
         return k, logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
+    def full_attention(self, h: Tensor, k: Tensor, bias: Tensor | None) -> Tensor:
+        """Head-mean attention [B, N, N] of every token of h [B, N, C] over keys k (the cut loss's A)."""
+        q = self.q_norm(self._split(0, h))
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        return logits.softmax(dim=-1).mean(dim=1)
+
     def attend_active(self, h: Tensor, k: Tensor, bias: Tensor | None) -> Tensor:
         """Attention among the active tokens h [B, K, C] whose keys k [B, H, K, hd] are known."""
         q = self.q_norm(self._split(0, h))
@@ -204,6 +217,8 @@ class ReducingBlock(Block):
         keys, cls_attn = self.attn.rank_scores(h, bias)
         idx = select_active(cls_attn, num_prefix=p, keep=plan.active(n))  # [B, K]
         state.idle_sets.append((self._ts_index, idx))
+        if state.record_idle_attention:
+            state.idle_attention.append((self._ts_index, idx, self.attn.full_attention(h, keys, bias)))
         head_idx = idx[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
         bias_a = None if bias is None else bias.gather(-1, idx[:, None, None, :])
         xa = gather_tokens(x, idx)

@@ -8,12 +8,19 @@ normalisation) into one uint8 tensor and normalised batch by batch. 2,000 ImageN
 Layouts accepted by `--data DIR`:
   DIR/<class>/<image>   ImageFolder (ImageNet-val prepared with class folders): labels known
   DIR/<image>           a flat folder of images: no labels, agreement with the unreduced model only
+
+Fine-tuning reads a directory through `FolderStream`: batch `step` is a fixed slice of a seeded
+per-epoch permutation, decoded with timm's training transforms seeded per image, so a resumed
+job sees exactly the batches (augmentations included) it would have seen.
 """
 
 from __future__ import annotations
 
 import os
+import random
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import count
 from pathlib import Path
 
 import torch
@@ -152,3 +159,101 @@ def load_eval_set(data: str | None, data_config: dict, *, num_images: int = 2000
     if data is None:
         return embedded_set(num_images, seed=seed)
     return folder_set(data, data_config, num_images=num_images, seed=seed)
+
+
+class _SeededFiles(Dataset):
+    """Training items keyed by (index, seed): the augmentation is a function of the key alone.
+
+    An unreadable file is replaced by the next one in the list (and counted), so batches keep
+    their size; only ``max_tries`` unreadable files in a row are an error.
+    """
+
+    def __init__(self, items: list[tuple[str, int]], transform, max_tries: int = 16) -> None:  # type: ignore[no-untyped-def]
+        self.items, self.transform, self.max_tries = items, transform, max_tries
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int, int]:
+        from PIL import Image
+
+        index, seed = key
+        for skipped in range(min(self.max_tries, len(self.items))):
+            path, label = self.items[(index + skipped) % len(self.items)]
+            try:
+                with Image.open(path) as img:
+                    img = img.convert("RGB")
+            except (OSError, ValueError, SyntaxError):
+                continue
+            random.seed(seed)  # timm's RandomResizedCrop draws from `random`, flips and jitter from torch
+            torch.manual_seed(seed)
+            return self.transform(img), label, skipped
+        raise ValueError(f"{self.max_tries} unreadable images in a row from {self.items[index][0]}")
+
+
+def _collate_train(batch: list) -> tuple[Tensor, Tensor, int]:  # type: ignore[type-arg]
+    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch]), sum(b[2] for b in batch)
+
+
+class _Steps:
+    """The batch sampler of a FolderStream from step ``start`` on: lists of (index, seed) keys."""
+
+    def __init__(self, stream: FolderStream, start: int) -> None:
+        self.stream, self.start = stream, start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return (self.stream.keys(step) for step in count(self.start))
+
+
+class FolderStream:
+    """Step-indexed training batches from an ImageFolder or flat directory (labels NO_LABEL).
+
+    ``stream(step)`` -> (normalised float images [B, 3, H, W], labels [B]). Image position
+    ``p = step * B + j`` is item ``perm_e[p % n]`` of epoch ``e = p // n``, with a permutation
+    seeded per epoch. Consecutive steps are decoded ahead by a DataLoader's workers; asking for
+    any other step restarts the loader there.
+    """
+
+    def __init__(self, root: str | Path, data_config: dict, *, batch_size: int, seed: int = 0,
+                 workers: int | None = None) -> None:
+        from timm.data import create_transform
+
+        root = Path(root)
+        if not root.is_dir():
+            raise ValueError(f"data directory not found: {root}")
+        items, _ = list_images(root)
+        if not items:
+            raise ValueError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS[:5])}...)")
+        self.files = _SeededFiles(items, create_transform(**data_config, is_training=True))
+        self.batch_size, self.seed = batch_size, seed
+        self.workers = min(8, os.cpu_count() or 1) if workers is None else workers
+        self.skipped = 0  # unreadable files replaced so far
+        self._perms: dict[int, Tensor] = {}
+        self._batches: Iterator | None = None
+        self._next = -1
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            self._perms = {k: v for k, v in self._perms.items() if k >= epoch - 1}  # keep two epochs at most
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(len(self.files), generator=g)
+        return self._perms[epoch]
+
+    def keys(self, step: int) -> list[tuple[int, int]]:
+        """The (item index, augmentation seed) of every image of batch ``step``."""
+        n, b = len(self.files), self.batch_size
+        return [(int(self._perm(p // n)[p % n]), ((self.seed * 1_000_003 + step) * 65_537 + p % b) % 2**62)
+                for p in range(step * b, (step + 1) * b)]
+
+    def __call__(self, step: int) -> tuple[Tensor, Tensor]:
+        if self._batches is None or step != self._next:
+            loader = DataLoader(self.files, batch_sampler=_Steps(self, step), num_workers=self.workers,
+                                collate_fn=_collate_train, pin_memory=torch.cuda.is_available())
+            self._batches = iter(loader)
+        images, labels, skipped = next(self._batches)
+        self.skipped += skipped
+        self._next = step + 1
+        return images, labels
