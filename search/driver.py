@@ -17,12 +17,12 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from search import pareto, report, run_dir
-from search.worker import FAULT_KEY, WorkerSetup
+from search.worker import FAULT_KEY, FinetuneJob, WorkerSetup
 from spaces import Schedule, gmacs
 from spaces.presets import paper_presets
 from spaces.search_space import SearchSpace, cheapest_gmacs, preset_params
@@ -48,6 +48,8 @@ class SearchConfig:
     seed: int = 0
     command: str = ""
     fault_trials: dict[int, str] = field(default_factory=dict)  # test hook: suggestion index -> "raise" | "nan"
+    finetune_top: int = 0  # promote this many screened candidates to a short fine-tune
+    finetune: FinetuneJob | None = None  # how (steps, data, batch); needed when finetune_top > 0
 
 
 @dataclass
@@ -274,18 +276,118 @@ def run(cfg: SearchConfig) -> SearchOutcome:
     print(f"Optuna study: {run['storage']} (optuna-dashboard {run['storage']})", file=sys.stderr)
     tic = time.perf_counter()
     _run_tune(cfg, run, storage)
-    run.setdefault("timing_s", []).append({"ray_init_and_setup": round(tic - start, 3),
-                                           "tune": round(time.perf_counter() - tic, 3)})
+    toc = time.perf_counter()
+    if cfg.finetune_top > 0:
+        _run_finetunes(cfg, run)
+    run.setdefault("timing_s", []).append({"ray_init_and_setup": round(tic - start, 3), "tune": round(toc - tic, 3),
+                                           "finetune": round(time.perf_counter() - toc, 3)})
     return finish(cfg, run)
+
+
+def fidelity_name(steps: int) -> str:
+    return f"finetune:{steps}"
+
+
+def promoted(cfg: SearchConfig, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``finetune_top`` most promising screened candidates not fine-tuned yet: feasible
+    screen records ordered by non-dominated rank, then hypervolume contribution."""
+    import numpy as np
+
+    objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
+    screened = [r for r in records if r.get("fidelity") == "screen"]
+    points, ok = _points(screened, objectives)
+    if not ok:
+        return []
+    reference = pareto.reference_point(objectives, baseline_gmacs=gmacs(Schedule.empty(cfg.setup.space.spec)))
+    order = pareto.promotion_order(points, [o.direction for o in objectives], reference)
+    chosen = [ok[i] for i in np.asarray(order)[: cfg.finetune_top]]
+    done = {r.get("trial") for r in records if r.get("fidelity", "").startswith("finetune") and r.get("state") == "COMPLETE"}
+    return [r for r in chosen if r.get("trial") not in done]
+
+
+def _run_finetunes(cfg: SearchConfig, run: dict[str, Any]) -> None:
+    """Short fine-tunes of the promoted candidates as Ray trials; each result is appended to
+    trials.jsonl with a fidelity tag (the speed objectives carry over: the schedule is unchanged)."""
+    from ray import tune
+    from tqdm import tqdm
+
+    from search.worker import finetune_trainable
+
+    assert cfg.finetune is not None
+    job = replace(cfg.finetune, out_root=str((cfg.out / "finetune").resolve()))
+    records = _latest(run_dir.read_records(cfg.out))
+    candidates = promoted(cfg, records)
+    if not candidates:
+        return
+    by_trial = {r["trial"]: r for r in candidates}
+    fidelity = fidelity_name(cfg.finetune.steps)
+    progress = tqdm(total=len(candidates), desc="fine-tunes", unit="trial", file=sys.stderr)
+
+    class FinetuneRecorder(tune.Callback):
+        def _record(self, trial, state: str, result: dict[str, Any] | None) -> None:  # type: ignore[no-untyped-def]
+            screen = by_trial[trial.config["candidate"]["trial"]]
+            record = {k: screen.get(k) for k in ("trial", "preset", "params", "summary", "schedule", "feasible",
+                                                  "speedup", "images_per_s", "gmacs")}
+            record.update({"ray_trial": trial.trial_id, "state": state, "fidelity": fidelity})
+            if result is not None:
+                record.update({k: result.get(k) for k in ("accuracy", "agreement", "top1", "top5", "kl", "weights",
+                                                          "finetune_seconds", "trial_seconds")})
+            else:
+                record["accuracy"] = None
+            run_dir.append_record(cfg.out, record)
+            progress.update(1)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):  # type: ignore[no-untyped-def]
+            self._record(trial, "COMPLETE" if _finite(result.get("accuracy")) else "FAIL", result)
+
+        def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
+            self._record(trial, "FAIL", None)
+
+    space = [{"trial": r["trial"], "params": r["params"]} for r in candidates]
+    resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(finetune_trainable, setup=cfg.setup, job=job), resources),
+        param_space={"candidate": tune.grid_search(space)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.concurrency, reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str((cfg.out / "ray").resolve()),
+                                  name=f"finetune-{len(run.get('resumed', [])) + 1}", verbose=0,
+                                  callbacks=[FinetuneRecorder()]),
+    )
+    tuner.fit()
+    progress.close()
+
+
+_FIDELITY_RANK = {"screen": 0}
+
+
+def _fidelity_rank(record: dict[str, Any]) -> tuple[int, int]:
+    """screen < finetune:S (more steps higher)."""
+    f = str(record.get("fidelity") or "screen")
+    if f.startswith("finetune:"):
+        return 1, int(f.split(":", 1)[1])
+    return 0, 0
+
+
+def highest_fidelity(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per candidate: its completed record of the highest fidelity (screen otherwise)."""
+    best: dict[Any, dict[str, Any]] = {}
+    for r in records:
+        key = r.get("trial") if r.get("trial") is not None else r.get("ray_trial")
+        if key not in best or (r.get("state") == "COMPLETE" and _fidelity_rank(r) > _fidelity_rank(best[key])):
+            best[key] = r
+    return list(best.values())
 
 
 def finish(cfg: SearchConfig, run: dict[str, Any]) -> SearchOutcome:
     """Front, plots, configs and the closing table from trials.jsonl."""
     objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
     directions = [o.direction for o in objectives]
-    records = _latest(run_dir.read_records(cfg.out))
-    report.write_trials_csv(cfg.out / "trials.csv", records)
-    front = report.front_records(records, objectives, search_only=False)
+    every = _latest(run_dir.read_records(cfg.out))
+    report.write_trials_csv(cfg.out / "trials.csv", every)
+    records = [r for r in every if r.get("fidelity", "screen") == "screen"]  # the screening, in trial order
+    best = highest_fidelity(every)
+    finetuned = any(r.get("fidelity", "screen") != "screen" for r in every)
+    front = report.front_records(best, objectives, search_only=False)
     baseline = gmacs(Schedule.empty(cfg.setup.space.spec))
     reference = pareto.reference_point(objectives, baseline_gmacs=baseline)
     import numpy as np
@@ -293,14 +395,17 @@ def finish(cfg: SearchConfig, run: dict[str, Any]) -> SearchOutcome:
     points, ok = _points(records, objectives)  # feasible, complete, in the order they finished
     history = pareto.hypervolume_history(points, np.ones(len(ok), dtype=bool), directions, reference)
     report.plot_hypervolume(cfg.out, {cfg.sampler: history})
-    presets = [r for r in records if r.get("preset") and r.get("state") == "COMPLETE"]
+    presets = [r for r in best if r.get("preset") and r.get("state") == "COMPLETE"]
     if not front:
         print("no feasible trial completed: the front is empty (see trials.csv)", file=sys.stderr)
         return SearchOutcome(cfg.out, records, front, EXIT_EMPTY_FRONT)
     report.write_front(cfg.out, front, objectives)
     title = f"{cfg.setup.space.spec.name}: {cfg.setup.space.name} space, budget {cfg.budget}"
-    report.plot_front(cfg.out, records, front, objectives, title=title, budget_gmacs=cfg.setup.space.budget_gmacs)
+    screen_front = report.front_records(records, objectives, search_only=False) if finetuned else None
+    report.plot_front(cfg.out, best, front, objectives, title=title, budget_gmacs=cfg.setup.space.budget_gmacs,
+                      screen_front=screen_front)
     src = {"model": run["model"], "checkpoint": run["checkpoint"], "data": run["data"],
+           "finetune_data": cfg.finetune.data if cfg.finetune else None,
            "budget_gmacs": run["budget_gmacs"], "run_dir": str(cfg.out)}
     if not (cfg.out / "configs").exists():
         report.export_configs(cfg.out, front, run=src)

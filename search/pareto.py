@@ -194,3 +194,14 @@ def reference_point(objectives: Sequence[Objective], *, baseline_gmacs: float) -
         else:
             raise ValueError(f"no fixed reference for objective {obj.name!r}; known: {sorted(OBJECTIVES)}")
     return ref
+
+
+def promotion_order(points: np.ndarray, directions: Sequence[str], reference: Sequence[float]) -> np.ndarray:
+    """Indices of ``points``, most promising first: by non-dominated rank, then, within a rank,
+    by exclusive hypervolume contribution among that rank's points (largest first)."""
+    ranks = nondominated_ranks(points, directions)
+    score = np.zeros(len(points))
+    for rank in np.unique(ranks):
+        members = np.flatnonzero(ranks == rank)
+        score[members] = hv_contributions(points[members], directions, reference)
+    return np.lexsort((np.arange(len(points)), -score, ranks))

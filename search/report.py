@@ -183,9 +183,13 @@ def plot_front(
     *,
     title: str,
     budget_gmacs: float | None,
+    screen_front: Sequence[dict] | None = None,
 ) -> tuple[Path, Path]:
     """front.png (matplotlib) and front.html (plotly, self-contained): GMACs against the first
-    non-GMACs objective; trials, infeasible/failed, the front, presets and the budget."""
+    non-GMACs objective; trials, infeasible/failed, the front, presets and the budget.
+
+    With ``screen_front`` (the off-the-shelf front of a run whose best candidates were
+    fine-tuned), that front is drawn too, dashed, under the final one."""
     import plotly.graph_objects as go
 
     plt = _pyplot()
@@ -198,6 +202,11 @@ def plot_front(
     better = "higher" if y.direction == "max" else "lower"
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    if screen_front:
+        ox, oy = _staircase(screen_front, y)
+        ax.step(ox, oy, where="post", color="tab:purple", lw=1.2, ls="--")
+        ax.scatter([_value(r, "gmacs") for r in screen_front], [_value(r, y.name) for r in screen_front],
+                   s=30, facecolors="none", edgecolors="tab:purple", label=f"off-the-shelf front ({len(screen_front)})")
     ax.step(sx, sy, where="post", color="tab:red", lw=1.5)
     for rs, label, kw, _ in layers:
         ax.scatter([_value(r, "gmacs") for r in rs], [_value(r, y.name) for r in rs], label=label, **kw)
@@ -214,6 +223,10 @@ def plot_front(
     pfig = go.Figure()
     pfig.add_trace(go.Scatter(x=sx, y=sy, mode="lines", line={"shape": "hv", "color": "crimson"},
                               name="front (2-D attainment)", hoverinfo="skip"))  # fmt: skip
+    if screen_front:
+        ox, oy = _staircase(screen_front, y)
+        pfig.add_trace(go.Scatter(x=ox, y=oy, mode="lines+markers", line={"shape": "hv", "color": "purple", "dash": "dash"},
+                                  name="off-the-shelf front", hovertext=[_hover(r, objectives) for r in screen_front]))
     for rs, label, _, marker in layers:
         pfig.add_trace(go.Scatter(
             x=[_value(r, "gmacs") for r in rs], y=[_value(r, y.name) for r in rs], name=label, marker=marker,
@@ -258,16 +271,19 @@ def export_configs(out_dir: str | Path, front: Sequence[dict], *, run: dict) -> 
         if p.exists():
             raise FileExistsError(f"refusing to overwrite {p}")
     cfg_dir.mkdir(parents=True, exist_ok=True)
-    source = {k: run.get(k) for k in ("model", "checkpoint", "data", "budget_gmacs", "run_dir")}
+    source = {k: run.get(k) for k in ("model", "checkpoint", "data", "finetune_data", "budget_gmacs", "run_dir")}
     objective_keys = ("accuracy", "agreement", "top1", "top5", "gmacs", "speedup", "images_per_s")
     for r, p in zip(front, paths, strict=True):
         cmd = ["python", "run_search.py", "finetune", "--config", str(p)]
-        if run.get("data"):
-            cmd += ["--data", str(run["data"])]
+        if run.get("finetune_data"):  # training images; the search's --data is the held-out screening set
+            cmd += ["--data", str(run["finetune_data"])]
+        elif run.get("data"):
+            cmd += ["--data", "TRAIN_DIR"]
         doc = {
             "trial": r["trial"], "preset": r.get("preset"), "fidelity": r.get("fidelity"),
             "objectives": {k: r.get(k) for k in objective_keys if k in r},
-            "source": source, "finetune_command": shlex.join(cmd), "schedule": r.get("schedule"),
+            "source": source, "finetuned_weights": r.get("weights"), "finetune_command": shlex.join(cmd),
+            "schedule": r.get("schedule"),
         }  # fmt: skip
         with open(p, "x") as f:
             yaml.safe_dump(_plain(doc), f, sort_keys=False)

@@ -8,9 +8,11 @@ here imports Optuna's study machinery: a trial's parameters are replayed through
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,5 +117,49 @@ def trainable(config: dict[str, Any], setup: WorkerSetup) -> None:
 
     start = time.perf_counter()
     metrics = evaluate_params(setup, config)
+    metrics["trial_seconds"] = time.perf_counter() - start
+    tune.report(metrics)
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """A short fine-tune of one screened candidate inside the search (small and picklable)."""
+
+    steps: int
+    out_root: str  # the candidate's weights go to <out_root>/<trial>/
+    data: str | None = None  # training images; None: the embedded default's training stream
+    batch_size: int = 64
+    lr: float | None = None  # None: FinetuneSettings' default
+
+
+def finetune_params(setup: WorkerSetup, job: FinetuneJob, trial: int, params: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune a copy of the worker's model on one candidate's schedule, then re-screen it."""
+    from search import finetune
+
+    ctx = context(setup)
+    schedule = schedule_from_params(setup.space, params)
+    student = copy.deepcopy(ctx.model)  # the cached model stays the unreduced reference
+    extra = {"lr": job.lr} if job.lr is not None else {}
+    settings = finetune.FinetuneSettings(steps=job.steps, batch_size=job.batch_size, seed=setup.seed, **extra)
+    batches = finetune.train_stream(job.data, data_config(student), job.batch_size, setup.seed)
+    out_dir = Path(job.out_root) / f"{trial:04d}"
+    start = time.perf_counter()
+    finetune.finetune(student, schedule, batches, settings, out_dir=out_dir, device=setup.device, log=lambda *a: None)
+    train_seconds = time.perf_counter() - start
+    result = evaluate(student, schedule, ctx.data, ctx.reference, batch_size=setup.batch_size, timing=None)
+    accuracy = result["top1"] if result["top1"] is not None else result["agreement"]
+    return {"accuracy": accuracy, "agreement": result["agreement"], "top1": result["top1"], "top5": result["top5"],
+            "kl": result["kl"], "gmacs": result["gmacs"], "finetune_seconds": train_seconds,
+            "weights": str(out_dir / "model.safetensors")}
+
+
+def finetune_trainable(config: dict[str, Any], setup: WorkerSetup, job: FinetuneJob) -> None:
+    """Ray Tune function trainable for one promoted candidate: ``config["candidate"]`` holds
+    its Optuna trial number and parameters."""
+    from ray import tune
+
+    candidate = config["candidate"]
+    start = time.perf_counter()
+    metrics = finetune_params(setup, job, int(candidate["trial"]), candidate["params"])
     metrics["trial_seconds"] = time.perf_counter() - start
     tune.report(metrics)

@@ -208,7 +208,8 @@ def test_export_configs(tmp_path, records):
     assert cfg["schedule"] == records[2]["schedule"]
     assert cfg["objectives"]["accuracy"] == pytest.approx(0.785) and cfg["trial"] == 2
     assert cfg["source"]["model"] == "deit_small_patch16_224"
-    assert cfg["finetune_command"] == f"python run_search.py finetune --config {paths[0]} --data /data/val"
+    # The search's --data is the held-out screening set: never trained on; a placeholder asks for training images.
+    assert cfg["finetune_command"] == f"python run_search.py finetune --config {paths[0]} --data TRAIN_DIR"
     before = paths[0].read_text()
     with pytest.raises(FileExistsError, match="0002.yaml"):
         export_configs(tmp_path, front, run=run)

@@ -30,7 +30,7 @@ OUTPUTS = ["trials.csv", "front.csv", "front.json", "front.png", "front.html", "
            "run.json", "study.db", "trials.jsonl"]
 
 
-def search(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def search(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "run_search.py", *args], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -155,6 +155,10 @@ BAD = {
     "unknown method": (["--budget", "65%", "--methods", "prune,shrink"], "unknown method"),
     "unknown objective": (["--budget", "65%", "--objectives", "accuracy,latency"], "unknown objective"),
     "unreachable ray": (["--budget", "65%", "--ray-address", "127.0.0.1:1"], "cannot reach Ray"),
+    "negative finetune-top": (["--budget", "65%", "--finetune-top=-1"], "must be >= 0"),
+    "zero finetune-steps": (["--budget", "65%", "--finetune-top", "2", "--finetune-steps", "0"], "must be positive"),
+    "finetune on screening data": (["--budget", "65%", "--finetune-top", "2", "--data", str(ROOT / "tests")],
+                                   "needs --finetune-data"),
 }
 
 
@@ -181,3 +185,34 @@ def test_existing_run_is_never_overwritten(smoke) -> None:
         proc = search(*args, "--trials", "2", "--out", str(out), timeout=120)
         assert proc.returncode == 2 and match in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert tree_digest(out) == before
+
+
+def test_promoted_candidates_are_fine_tuned_and_carry_a_fidelity(tmp_path: Path) -> None:
+    """--finetune-top: the best screened candidates get a short fine-tune as Ray trials; the
+    final front and configs use the highest fidelity reached; resuming does not repeat them."""
+    out = tmp_path / "ft"
+    args = ["--budget", "65%", *FAST, "--trials", "6", "--out", str(out), "--finetune-top", "2",
+            "--finetune-steps", "3", "--finetune-batch", "8"]
+    proc = search(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    tuned = [r for r in records if r["fidelity"] == "finetune:3"]
+    assert len(tuned) == 2 and all(r["state"] == "COMPLETE" for r in tuned)
+    screened = {r["trial"]: r for r in records if r["fidelity"] == "screen"}
+    for r in tuned:  # same schedule and cost, new accuracy, weights on disk
+        assert r["trial"] in screened and r["gmacs"] == screened[r["trial"]]["gmacs"]
+        assert Path(r["weights"]).is_file() and Path(r["weights"]).parent.parent == (out / "finetune").resolve()
+    assert set(pd.read_csv(out / "trials.csv")["fidelity"]) == {"screen", "finetune:3"}
+    front = json.loads((out / "front.json").read_text())["front"]
+    tuned_ids = {r["trial"] for r in tuned}
+    for r in front:  # a fine-tuned candidate appears with its fine-tuned accuracy, never its screen one
+        assert r["fidelity"] == ("finetune:3" if r["trial"] in tuned_ids else "screen")
+    for path in (out / "configs").glob("*.yaml"):
+        cfg = yaml.safe_load(path.read_text())
+        assert (cfg["finetuned_weights"] is not None) == (cfg["trial"] in tuned_ids)
+    again = search(*args[:-6], "--trials", "7", "--resume", "--finetune-top", "2", "--finetune-steps", "3",
+                   "--finetune-batch", "8")
+    assert again.returncode == 0, again.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    tuned_after = [r for r in records if r["fidelity"] == "finetune:3"]
+    assert len({r["trial"] for r in tuned_after}) == len(tuned_after)  # none fine-tuned twice
