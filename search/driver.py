@@ -12,6 +12,7 @@ driver (the single writer), which is what the reports and resume read.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
@@ -184,6 +185,8 @@ def _callback(cfg: SearchConfig, searcher, presets: dict[tuple, str], progress):
                     "accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup", "images_per_s", "feasible",
                     "summary", "schedule", "eval_seconds", "load_seconds", "trial_seconds")})
                 record["seconds"] = result.get("eval_seconds")
+                if isinstance(record.get("schedule"), str):  # reported as JSON text (Tune's loggers want scalars)
+                    record["schedule"] = json.loads(record["schedule"])
             run_dir.append_record(cfg.out, record)
             self.records.append(record)
             front = report.front_records(self.records, objectives)

@@ -9,6 +9,7 @@ here imports Optuna's study machinery: a trial's parameters are replayed through
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ def trainable(config: dict[str, Any], setup: WorkerSetup) -> None:
     start = time.perf_counter()
     metrics = evaluate_params(setup, config)
     metrics["trial_seconds"] = time.perf_counter() - start
+    metrics["schedule"] = json.dumps(metrics["schedule"])  # text: Tune's TensorBoard logger rejects nested lists
     tune.report(metrics)
 
 
