@@ -114,6 +114,21 @@ def list_images(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
     return [(str(f), NO_LABEL) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS], []
 
 
+def _required_images(root: Path) -> list[tuple[str, int]]:
+    """``list_images`` of a directory that must exist and hold images (ValueError otherwise)."""
+    if not root.is_dir():
+        raise ValueError(f"data directory not found: {root}")
+    items, _ = list_images(root)
+    if not items:
+        raise ValueError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS[:5])}...)")
+    return items
+
+
+def _default_workers(workers: int | None) -> int:
+    """DataLoader workers: as given, else one per core up to 8."""
+    return min(8, os.cpu_count() or 1) if workers is None else workers
+
+
 def balanced_subset(labels: list[int], num: int, *, seed: int) -> list[int]:
     """A fixed, seeded, class-balanced subset: round-robin over classes in a seeded order."""
     g = torch.Generator().manual_seed(seed)
@@ -133,14 +148,10 @@ def folder_set(root: str | Path, data_config: dict, *, num_images: int = 2000, s
                workers: int | None = None) -> TensorSet:
     """Decode a class-balanced subset of an image directory once, with timm's eval transforms."""
     root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"data directory not found: {root}")
-    items, _ = list_images(root)
-    if not items:
-        raise ValueError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS[:5])}...)")
+    items = _required_images(root)
     chosen = [items[i] for i in balanced_subset([label for _, label in items], num_images, seed=seed)]
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    loader = DataLoader(_Files(chosen, _uint8_eval_transform(data_config)), batch_size=64, num_workers=workers,
+    loader = DataLoader(_Files(chosen, _uint8_eval_transform(data_config)), batch_size=64,
+                        num_workers=_default_workers(workers),
                         collate_fn=_collate, pin_memory=torch.cuda.is_available())
     images, labels, skipped = [], [], 0
     for x, y, bad in loader:
@@ -218,15 +229,10 @@ class FolderStream:
                  workers: int | None = None) -> None:
         from timm.data import create_transform
 
-        root = Path(root)
-        if not root.is_dir():
-            raise ValueError(f"data directory not found: {root}")
-        items, _ = list_images(root)
-        if not items:
-            raise ValueError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS[:5])}...)")
+        items = _required_images(Path(root))
         self.files = _SeededFiles(items, create_transform(**data_config, is_training=True))
         self.batch_size, self.seed = batch_size, seed
-        self.workers = min(8, os.cpu_count() or 1) if workers is None else workers
+        self.workers = _default_workers(workers)
         self.skipped = 0  # unreadable files replaced so far
         self._perms: dict[int, Tensor] = {}
         self._batches: Iterator | None = None

@@ -360,9 +360,6 @@ def _run_finetunes(cfg: SearchConfig, run: dict[str, Any]) -> None:
     progress.close()
 
 
-_FIDELITY_RANK = {"screen": 0}
-
-
 def _fidelity_rank(record: dict[str, Any]) -> tuple[int, int]:
     """screen < finetune:S (more steps higher)."""
     f = str(record.get("fidelity") or "screen")

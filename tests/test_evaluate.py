@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from run_search import main
@@ -17,6 +15,7 @@ from search.data import balanced_subset, folder_set
 from search.evaluate import accuracy, evaluate, predict, throughput
 from search.models import data_config, load_checkpoint
 from spaces import ModelSpec, Schedule
+from tests.images import write_image_folder
 
 TINY = "deit_tiny_patch16_224"
 
@@ -30,15 +29,7 @@ def tiny() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three classes of random images (sizes vary) and one corrupt file."""
-    root = tmp_path_factory.mktemp("imagefolder")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / f"class{c}").mkdir()
-        for i in range(5):
-            img = (rng.random((40 + 7 * i, 50, 3)) * 255).astype("uint8")
-            Image.fromarray(img).save(root / f"class{c}" / f"{i}.png")
-    (root / "class1" / "broken.jpg").write_bytes(b"not an image")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("imagefolder"), classes=3, per_class=5, height_step=7, width=50)
 
 
 def test_folder_set_decodes_balanced_subset_and_skips_corrupt(tiny, folder: Path) -> None:

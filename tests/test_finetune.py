@@ -12,11 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from reducers import apply_schedule, last_forward_state
@@ -28,6 +26,7 @@ from search.finetune import CHECKPOINT, FinetuneSettings, finetune, load_job, lr
 from search.models import DEFAULT_MODEL, data_config, load_model
 from search.report import export_configs
 from spaces import LayerPlan, ModelSpec, Schedule, gmacs
+from tests.images import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,14 +231,7 @@ def test_outputs_load_back_with_timm_keys(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two classes of 6 random images (sizes vary) and one corrupt file."""
-    root = tmp_path_factory.mktemp("train")
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        (root / f"class{c}").mkdir()
-        for i in range(6):
-            Image.fromarray((rng.random((40 + 5 * i, 48, 3)) * 255).astype("uint8")).save(root / f"class{c}" / f"{i}.png")
-    (root / "class1" / "broken.jpg").write_bytes(b"not an image")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("train"), classes=2, per_class=6, height_step=5, width=48)
 
 
 def test_folder_stream_is_step_indexed_and_skips_unreadable(folder: Path) -> None:
