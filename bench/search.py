@@ -2,6 +2,7 @@
 
     python bench/search.py [--trials 40] [--reference-trials 120] [--budget 65%] [--num-images 1000]
                            [--samplers nsga2,tpe,random] [--out runs/bench_search]
+    python bench/search.py --cost runs/<run>     # the cost split of one finished search
 
 Runs the real search (`run_search.py`, local Ray) once per sampler on the embedded default,
 same seed, same budget, same fixed reference point (PITFALLS 18), plus one long random
@@ -60,9 +61,23 @@ def overhead(out: Path, run: dict) -> dict[str, float]:
     loading = sum(r.get("load_seconds") or 0.0 for r in records)
     tune = sum(t["tune"] for t in run.get("timing_s", []))
     busy = tune * run["concurrency"]  # worker-seconds the search held
+    in_trial = sum(r.get("trial_seconds") or 0.0 for r in records)
+    nan = float("nan")
     return {"trials": len(records), "tune_s": tune, "eval_s": evaluating, "load_s": loading,
-            "overhead_fraction": (busy - evaluating - loading) / evaluating if evaluating else float("nan"),
+            "outside_s": busy - evaluating - loading,
+            "overhead_fraction": (busy - evaluating - loading) / evaluating if evaluating else nan,
+            "in_trial_fraction": (in_trial - evaluating - loading) / evaluating if evaluating else nan,
             "seconds_per_trial": tune / max(1, len(records))}
+
+
+def print_cost(out: Path) -> None:
+    """The cost of a trial in one finished run directory (``--cost DIR``)."""
+    run = json.loads((out / "run.json").read_text())
+    c = overhead(out, run)
+    print(f"{out}: {c['trials']} trials, tune {c['tune_s']:.1f} s x {run['concurrency']} workers; evaluation "
+          f"{c['eval_s']:.1f} s, one-off load {c['load_s']:.1f} s, outside evaluation {c['outside_s']:.1f} s "
+          f"= {100 * c['overhead_fraction']:.1f} % of evaluation (inside the trainable: "
+          f"{100 * c['in_trial_fraction']:.1f} %)")
 
 
 def main() -> int:
@@ -75,7 +90,14 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench_search")
+    p.add_argument("--cost", type=Path, default=None, help="only print the cost split of this finished run")
     args = p.parse_args()
+    if args.cost is not None:
+        if not (args.cost / "run.json").is_file():
+            print(f"error: no finished run in {args.cost} (run.json missing)", file=sys.stderr)
+            return 2
+        print_cost(args.cost)
+        return 0
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     runs = {s: (out / s, s, args.trials) for s in args.samplers.split(",")}

@@ -159,6 +159,9 @@ BAD = {
     "zero finetune-steps": (["--budget", "65%", "--finetune-top", "2", "--finetune-steps", "0"], "must be positive"),
     "finetune on screening data": (["--budget", "65%", "--finetune-top", "2", "--data", str(ROOT / "tests")],
                                    "needs --finetune-data"),
+    "missing finetune-data": (["--budget", "65%", "--finetune-top", "2", "--finetune-data", "/no/such/dir"],
+                              "--finetune-data directory not found"),
+    "zero finetune-lr": (["--budget", "65%", "--finetune-top", "2", "--finetune-lr", "0"], "--finetune-lr must be positive"),
 }
 
 
