@@ -5,6 +5,7 @@
     python run_search.py eval --preset tome:13            one schedule: accuracy, agreement, GMACs, speed
     python run_search.py gmacs --model deit_small_patch16_224 --preset evit:0.7 [--json]
     python run_search.py finetune --config runs/<run>/configs/0007.yaml [--data DIR] [--steps S | --epochs E]
+    python run_search.py make-data data/shapes-val [--split heldout|train] [--num-images N]
 
 Errors at the boundary print one line and exit with code 2; a search whose front is empty
 exits with code 3.
@@ -60,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("finetune", help="fine-tune an exported config: distillation + token cut loss (IdleViT recipe)")
     _add_finetune_args(f)
+
+    d = sub.add_parser("make-data", help="write the embedded data set as an ImageFolder of PNGs (to try --data)")
+    d.add_argument("out", help="directory to create (must not exist or be empty)")
+    d.add_argument("--split", choices=("heldout", "train"), default="heldout", help="which split (default heldout)")
+    d.add_argument("--num-images", type=_positive_int, default=2000, help="images to write (default 2000)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     return parser
 
 
@@ -218,7 +225,8 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.model is not None and not args.pretrained and args.checkpoint is None:
         print(f"warning: {args.model} has random weights (add --pretrained or --checkpoint)", file=sys.stderr)
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, device=args.device)
-    data = load_eval_set(args.data, data_config(model), num_images=args.num_images, seed=args.seed)
+    data = load_eval_set(args.data, data_config(model), num_images=args.num_images, seed=args.seed,
+                         num_classes=model.num_classes)
     if data.skipped:
         print(f"warning: skipped {data.skipped} unreadable image(s)", file=sys.stderr)
     return model, ModelSpec.from_model(model, name=args.model or model.pretrained_cfg.get("architecture")), data
@@ -352,7 +360,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if (out / ft.WEIGHTS).exists():
         raise ValueError(f"{out} holds a finished fine-tune ({ft.WEIGHTS}); nothing is overwritten (choose another --out)")
     model = _finetune_model(args, schedule, source)
-    stream = ft.train_stream(args.data, data_config(model), args.batch_size, ft.rank_seed(args.seed))
+    stream = ft.train_stream(args.data, data_config(model), args.batch_size, ft.rank_seed(args.seed),
+                             num_classes=model.num_classes)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_epoch = max(1, (ft.EMBEDDED_EPOCH if args.data is None else len(stream)) // (args.batch_size * world))
     steps = args.steps or (args.epochs or 30) * per_epoch
@@ -365,7 +374,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     eval_data = args.eval_data or source.get("data")
     if eval_data is not None and args.data is not None and Path(eval_data).resolve() == Path(args.data).resolve():
         print(f"warning: training and held-out images are the same directory ({eval_data})", file=sys.stderr)
-    eval_set = load_eval_set(eval_data, data_config(model), num_images=args.num_images, seed=args.seed)
+    eval_set = load_eval_set(eval_data, data_config(model), num_images=args.num_images, seed=args.seed,
+                             num_classes=model.num_classes)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     log(f"fine-tuning {schedule.name} ({schedule.summary()}) for {steps} steps of {args.batch_size} -> {out}")
     metrics = ft.finetune(model, schedule, stream, settings, out_dir=out, eval_set=eval_set, device=args.device, log=log)
@@ -391,7 +401,17 @@ def _print_finetune(args: argparse.Namespace, out, m: dict) -> int:  # type: ign
     return 0
 
 
-COMMANDS = {"gmacs": cmd_gmacs, "eval": cmd_eval, "search": cmd_search, "finetune": cmd_finetune}
+def cmd_make_data(args: argparse.Namespace) -> int:
+    from search.synthetic import CLASS_NAMES, write_folder
+
+    root = write_folder(args.out, args.split, args.num_images, args.seed)
+    print(f"wrote {args.num_images} {args.split} images of the embedded default to {root}/ "
+          f"({len(CLASS_NAMES)} class folders, 64x64 PNG)")
+    return 0
+
+
+COMMANDS = {"gmacs": cmd_gmacs, "eval": cmd_eval, "search": cmd_search, "finetune": cmd_finetune,
+            "make-data": cmd_make_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

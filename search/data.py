@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count
@@ -114,13 +115,22 @@ def list_images(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
     return [(str(f), NO_LABEL) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS], []
 
 
-def _required_images(root: Path) -> list[tuple[str, int]]:
-    """``list_images`` of a directory that must exist and hold images (ValueError otherwise)."""
+def _required_images(root: Path, num_classes: int | None = None) -> list[tuple[str, int]]:
+    """``list_images`` of a directory that must exist and hold images (ValueError otherwise).
+
+    With ``num_classes`` (the model's), class folders whose count differs are not the model's
+    classes (a 10-folder set under an ImageNet head, say): their labels are dropped with a
+    warning, so the directory is used like a flat one (agreement and distillation only).
+    """
     if not root.is_dir():
         raise ValueError(f"data directory not found: {root}")
-    items, _ = list_images(root)
+    items, classes = list_images(root)
     if not items:
         raise ValueError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS[:5])}...)")
+    if classes and num_classes is not None and len(classes) != num_classes:
+        print(f"warning: {root} has {len(classes)} class folders but the model has {num_classes} classes; "
+              "its labels are ignored (agreement and distillation only)", file=sys.stderr)
+        items = [(path, NO_LABEL) for path, _ in items]
     return items
 
 
@@ -145,10 +155,10 @@ def balanced_subset(labels: list[int], num: int, *, seed: int) -> list[int]:
 
 
 def folder_set(root: str | Path, data_config: dict, *, num_images: int = 2000, seed: int = 0,
-               workers: int | None = None) -> TensorSet:
+               workers: int | None = None, num_classes: int | None = None) -> TensorSet:
     """Decode a class-balanced subset of an image directory once, with timm's eval transforms."""
     root = Path(root)
-    items = _required_images(root)
+    items = _required_images(root, num_classes)
     chosen = [items[i] for i in balanced_subset([label for _, label in items], num_images, seed=seed)]
     loader = DataLoader(_Files(chosen, _uint8_eval_transform(data_config)), batch_size=64,
                         num_workers=_default_workers(workers),
@@ -165,11 +175,12 @@ def folder_set(root: str | Path, data_config: dict, *, num_images: int = 2000, s
                      source=str(root), skipped=skipped)
 
 
-def load_eval_set(data: str | None, data_config: dict, *, num_images: int = 2000, seed: int = 0) -> TensorSet:
+def load_eval_set(data: str | None, data_config: dict, *, num_images: int = 2000, seed: int = 0,
+                  num_classes: int | None = None) -> TensorSet:
     """`--data DIR`, or the embedded default when no directory is given."""
     if data is None:
         return embedded_set(num_images, seed=seed)
-    return folder_set(data, data_config, num_images=num_images, seed=seed)
+    return folder_set(data, data_config, num_images=num_images, seed=seed, num_classes=num_classes)
 
 
 class _SeededFiles(Dataset):
@@ -226,10 +237,10 @@ class FolderStream:
     """
 
     def __init__(self, root: str | Path, data_config: dict, *, batch_size: int, seed: int = 0,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, num_classes: int | None = None) -> None:
         from timm.data import create_transform
 
-        items = _required_images(Path(root))
+        items = _required_images(Path(root), num_classes)
         self.files = _SeededFiles(items, create_transform(**data_config, is_training=True))
         self.batch_size, self.seed = batch_size, seed
         self.workers = _default_workers(workers)

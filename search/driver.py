@@ -165,6 +165,20 @@ def _optuna_number(searcher, trial_id: str) -> int | None:  # type: ignore[no-un
     return getattr(ot, "number", None)
 
 
+# Shown by optuna-dashboard beside each trial's params and objective values.
+DASHBOARD_ATTRS = ("preset", "summary", "top1", "agreement", "gmacs", "eval_seconds")
+
+
+def _label_optuna_trial(searcher, trial_id: str, record: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+    """Copy the record's preset name, schedule summary and scores into the Optuna trial's user attrs."""
+    ot = getattr(searcher, "_ot_trials", {}).get(trial_id)
+    if ot is None:
+        return
+    for key in DASHBOARD_ATTRS:
+        if record.get(key) is not None:
+            ot.set_user_attr(key, record[key])
+
+
 def _callback(cfg: SearchConfig, searcher, presets: dict[tuple, str], progress):  # type: ignore[no-untyped-def]
     from ray import tune
 
@@ -187,6 +201,7 @@ def _callback(cfg: SearchConfig, searcher, presets: dict[tuple, str], progress):
                 record["seconds"] = result.get("eval_seconds")
                 if isinstance(record.get("schedule"), str):  # reported as JSON text (Tune's loggers want scalars)
                     record["schedule"] = json.loads(record["schedule"])
+                _label_optuna_trial(searcher, trial.trial_id, record)  # before Tune tells Optuna the result
             run_dir.append_record(cfg.out, record)
             self.records.append(record)
             front = report.front_records(self.records, objectives)

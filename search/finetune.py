@@ -106,13 +106,14 @@ def rank_seed(seed: int) -> int:
     return seed + int(os.environ.get("RANK", "0")) * 7919
 
 
-def train_stream(data: str | None, data_config: dict, batch_size: int, seed: int) -> Batches:
+def train_stream(data: str | None, data_config: dict, batch_size: int, seed: int, *,
+                 num_classes: int | None = None) -> Batches:
     """Training batches by step: the embedded default's stream, or a directory (`search.data.FolderStream`).
 
     The embedded stream uses seed 1000 + seed, so it never repeats the stream the default was trained on.
     """
     if data is not None:
-        return FolderStream(data, data_config, batch_size=batch_size, seed=seed)
+        return FolderStream(data, data_config, batch_size=batch_size, seed=seed, num_classes=num_classes)
     from search import synthetic
 
     def embedded(step: int) -> tuple[Tensor, Tensor]:

@@ -37,12 +37,16 @@ Public API:
 - ``to_float(images)`` / ``normalize(images)``: ``uint8`` -> float in ``[0, 1]`` ->
   normalised with ``MEAN``/``STD`` (the values declared in the model's pretrained_cfg).
 - ``SyntheticShapes``: a map-style ``torch.utils.data.Dataset`` over one split.
+- ``write_folder(root, split, num_images)``: a split as an ImageFolder of PNGs (class folders
+  named by ``CLASS_NAMES``), to try the ``--data DIR`` path offline
+  (``python run_search.py make-data``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,6 +69,7 @@ __all__ = [
     "split_generator",
     "stream_batch",
     "to_float",
+    "write_folder",
 ]
 
 IMAGE_SIZE = 64
@@ -330,6 +335,33 @@ def stream_batch(step: int, batch_size: int, seed: int = 0, *, clutter: float = 
     if step < 0 or batch_size < 1:
         raise ValueError(f"need step >= 0 and batch_size >= 1, got step={step}, batch_size={batch_size}")
     return make_images(batch_size, _generator(STREAM_KEY, seed, step), clutter=clutter)
+
+
+def write_folder(root: str | Path, split: str, num_images: int, seed: int = 0) -> Path:
+    """Write split ``(split, num_images, seed)`` as an ImageFolder of PNGs: ``root/<k>_<class name>/<i>.png``.
+
+    Folder names start with the class index (``00_hstripes_solid``), so ImageFolder's sorted
+    order is the model's class order, as ImageNet's sorted synsets are.
+
+    The same images as ``make_split`` (PNG is lossless), so a model evaluated on the folder
+    through timm's transforms scores what it scores on the tensors. ``root`` must not exist or
+    be empty: nothing is overwritten (ValueError otherwise).
+    """
+    from PIL import Image
+
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise ValueError(f"{root} exists and is not an empty directory; nothing is overwritten")
+    if num_images < 1:
+        raise ValueError(f"need at least one image, got {num_images}")
+    images, labels = make_split(split, num_images, seed)
+    folders = [root / f"{k:02d}_{name}" for k, name in enumerate(CLASS_NAMES)]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    width = len(str(num_images - 1))
+    for i, (image, label) in enumerate(zip(images.permute(0, 2, 3, 1).numpy(), labels.tolist(), strict=True)):
+        Image.fromarray(image).save(folders[label] / f"{split}_{i:0{width}d}.png")
+    return root
 
 
 def to_float(images: Tensor) -> Tensor:

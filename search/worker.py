@@ -70,7 +70,8 @@ def context(setup: WorkerSetup) -> Context:
         start = time.perf_counter()
         torch.set_num_threads(max(1, setup.threads))
         model = load_model(setup.model, pretrained=setup.pretrained, checkpoint=setup.checkpoint, device=setup.device)
-        data = load_eval_set(setup.data, data_config(model), num_images=setup.num_images, seed=setup.seed)
+        data = load_eval_set(setup.data, data_config(model), num_images=setup.num_images, seed=setup.seed,
+                             num_classes=model.num_classes)
         reference = predict(model, data, batch_size=setup.batch_size)
         _CONTEXTS[key] = Context(model, data, reference, time.perf_counter() - start)
     return _CONTEXTS[key]
@@ -143,7 +144,8 @@ def finetune_params(setup: WorkerSetup, job: FinetuneJob, trial: int, params: di
     student = copy.deepcopy(ctx.model)  # the cached model stays the unreduced reference
     extra = {"lr": job.lr} if job.lr is not None else {}
     settings = finetune.FinetuneSettings(steps=job.steps, batch_size=job.batch_size, seed=setup.seed, **extra)
-    batches = finetune.train_stream(job.data, data_config(student), job.batch_size, setup.seed)
+    batches = finetune.train_stream(job.data, data_config(student), job.batch_size, setup.seed,
+                                    num_classes=student.num_classes)
     out_dir = Path(job.out_root) / f"{trial:04d}"
     start = time.perf_counter()
     finetune.finetune(student, schedule, batches, settings, out_dir=out_dir, device=setup.device, log=lambda *a: None)

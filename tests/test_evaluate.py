@@ -134,3 +134,27 @@ def test_eval_bad_input(case: str, tmp_path: Path, capsys) -> None:
     code, out, err = _run(argv, capsys)
     lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], err
+
+
+def test_class_folders_that_are_not_the_models_classes_are_unlabelled(tiny, folder: Path, capsys) -> None:
+    data = folder_set(folder, data_config(tiny), num_images=16, seed=0, workers=0, num_classes=1000)
+    assert not data.has_labels and len(data) == 15 and data.skipped == 1
+    assert "3 class folders but the model has 1000 classes" in capsys.readouterr().err
+
+
+def test_make_data_folder_scores_like_the_embedded_tensors(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "val"
+    code, out, err = _run(["make-data", str(root), "--num-images", "60"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in root.iterdir())[:2] == ["00_hstripes_solid", "01_hstripes_outlined"]
+    assert sum(1 for _ in root.rglob("*.png")) == 60
+    scores = []
+    for data in ([], ["--data", str(root)]):
+        code, out, err = _run(["eval", "--preset", "none", "--no-timing", "--num-images", "60", "--json", *data], capsys)
+        assert code == 0, err
+        scores.append(json.loads(out)["top1"])
+    assert scores[0] == scores[1] > 0.8  # PNG is lossless and the folder order is the class order
+    before = sorted(root.rglob("*.png"))
+    code, out, err = _run(["make-data", str(root)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "nothing is overwritten" in err
+    assert sorted(root.rglob("*.png")) == before

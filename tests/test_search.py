@@ -99,6 +99,11 @@ def test_presets_first_and_marked(smoke) -> None:
     records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     presets = [r for r in records if r.get("preset")]
     assert {r["preset"] for r in presets} >= {"ppt", "evit:0.5"}
+    # optuna-dashboard shows the preset name, schedule and scores beside each trial
+    by_number = {t.number: t.user_attrs for t in study(out).trials}
+    for r in presets:
+        assert by_number[r["trial"]]["preset"] == r["preset"] and by_number[r["trial"]]["summary"] == r["summary"]
+    assert all("top1" in by_number[r["trial"]] for r in records if r["state"] == "COMPLETE")
     assert all(r["gmacs"] <= json.loads((out / "run.json").read_text())["budget_gmacs"] + 1e-9 for r in presets)
 
 
