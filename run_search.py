@@ -266,6 +266,27 @@ def _split(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def _check_search_inputs(args: argparse.Namespace) -> None:
+    """Make the search's paths absolute and check them (and --pretrained) before Ray starts.
+
+    Ray Tune runs every trial in a working directory of its own, so a relative path would
+    fail in each trial instead of once, here.
+    """
+    from pathlib import Path
+
+    from search.data import required_images
+    from search.models import DEFAULT_MODEL, create, read_checkpoint
+
+    args.checkpoint, args.data, args.finetune_data = (str(Path(p).resolve()) if p else None
+                                                      for p in (args.checkpoint, args.data, args.finetune_data))
+    if args.checkpoint:
+        read_checkpoint(args.checkpoint)
+    if args.data:
+        required_images(Path(args.data))
+    if args.pretrained and not args.checkpoint:
+        create(args.model or DEFAULT_MODEL, pretrained=True)  # offline: one error now, not one per trial
+
+
 def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignore[no-untyped-def]
     """Validate the search flags into a SearchConfig (ValueError on bad input)."""
     from pathlib import Path
@@ -287,21 +308,11 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
         raise ValueError(f"unknown objective(s) {bad or '(none)'}; valid: {', '.join(OBJECTIVES)}")
     _check_device(args.device)
     spec = model_spec(args.model or DEFAULT_MODEL)
-    if args.checkpoint:
-        from search.models import read_checkpoint
-
-        read_checkpoint(args.checkpoint)  # fail before starting Ray
     budget = parse_budget(args.budget, gmacs(Schedule.empty(spec)))
     space = SearchSpace(args.space, spec, methods=_split(args.methods), budget_gmacs=budget)
     timing = None
     if {"speedup", "images_per_s"} & set(objectives):
         timing = (("batch_size", args.timing_batch), ("repeats", 3), ("warmup", 1))
-    setup = WorkerSetup(space=space, model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                        data=args.data, num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
-                        device=args.device, threads=max(1, int(args.cpus_per_trial)), timing=timing,
-                        objectives=objectives)
-    faults = {int(k): v for k, v in (item.split(":") for item in _split(args.fail_trials))}
-    job = None
     if args.finetune_top:
         if args.data and not args.finetune_data:
             raise ValueError("--finetune-top with --data needs --finetune-data (training images; --data is the "
@@ -310,6 +321,14 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
             raise ValueError(f"--finetune-data directory not found: {args.finetune_data}")
         if not args.finetune_lr > 0:
             raise ValueError(f"--finetune-lr must be positive, got {args.finetune_lr}")
+    _check_search_inputs(args)
+    setup = WorkerSetup(space=space, model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                        data=args.data, num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
+                        device=args.device, threads=max(1, int(args.cpus_per_trial)), timing=timing,
+                        objectives=objectives)
+    faults = {int(k): v for k, v in (item.split(":") for item in _split(args.fail_trials))}
+    job = None
+    if args.finetune_top:
         job = FinetuneJob(steps=args.finetune_steps, out_root="", data=args.finetune_data,
                           batch_size=args.finetune_batch, lr=args.finetune_lr)
     return SearchConfig(setup=setup, budget=args.budget, out=Path(args.out) if args.out else default_out(),

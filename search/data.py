@@ -115,7 +115,7 @@ def list_images(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
     return [(str(f), NO_LABEL) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS], []
 
 
-def _required_images(root: Path, num_classes: int | None = None) -> list[tuple[str, int]]:
+def required_images(root: Path, num_classes: int | None = None) -> list[tuple[str, int]]:
     """``list_images`` of a directory that must exist and hold images (ValueError otherwise).
 
     With ``num_classes`` (the model's), class folders whose count differs are not the model's
@@ -158,7 +158,7 @@ def folder_set(root: str | Path, data_config: dict, *, num_images: int = 2000, s
                workers: int | None = None, num_classes: int | None = None) -> TensorSet:
     """Decode a class-balanced subset of an image directory once, with timm's eval transforms."""
     root = Path(root)
-    items = _required_images(root, num_classes)
+    items = required_images(root, num_classes)
     chosen = [items[i] for i in balanced_subset([label for _, label in items], num_images, seed=seed)]
     loader = DataLoader(_Files(chosen, _uint8_eval_transform(data_config)), batch_size=64,
                         num_workers=_default_workers(workers),
@@ -240,7 +240,7 @@ class FolderStream:
                  workers: int | None = None, num_classes: int | None = None) -> None:
         from timm.data import create_transform
 
-        items = _required_images(Path(root), num_classes)
+        items = required_images(Path(root), num_classes)
         self.files = _SeededFiles(items, create_transform(**data_config, is_training=True))
         self.batch_size, self.seed = batch_size, seed
         self.workers = _default_workers(workers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,6 +168,11 @@ BAD = {
     "missing finetune-data": (["--budget", "65%", "--finetune-top", "2", "--finetune-data", "/no/such/dir"],
                               "--finetune-data directory not found"),
     "zero finetune-lr": (["--budget", "65%", "--finetune-top", "2", "--finetune-lr", "0"], "--finetune-lr must be positive"),
+    "missing data": (["--budget", "65%", "--data", "/no/such/dir"], "data directory not found"),
+    "data without images": (["--budget", "65%", "--data", str(ROOT / "tests")], "no images in"),
+    "missing checkpoint": (["--budget", "65%", "--checkpoint", "no/such.safetensors"], "checkpoint not found"),
+    "pretrained offline": (["--budget", "65%", "--model", "deit_tiny_patch16_224", "--pretrained"],
+                           "could not load pretrained weights"),
 }
 
 
@@ -174,11 +180,28 @@ BAD = {
 def test_bad_input_exit_2_and_nothing_written(case: str, tmp_path: Path) -> None:
     args, match = BAD[case]
     out = tmp_path / "new"
-    proc = search(*args, *FAST, "--trials", "2", "--out", str(out), timeout=120)
+    proc = search(*FAST, *args, "--trials", "2", "--out", str(out), timeout=120)  # args last: theirs win
     lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("warning:")]
     assert proc.returncode == 2 and lines and lines[-1].startswith("error:") and match in lines[-1], proc.stderr
     assert len([line for line in lines if line.startswith("error:")]) == 1
     assert not out.exists()
+
+
+def test_relative_checkpoint_and_data_paths_reach_the_workers(tmp_path: Path) -> None:
+    """Ray Tune runs trials in their own directories; relative paths given on the command line still work."""
+    from search.embedded import WEIGHTS
+    from search.synthetic import write_folder
+
+    write_folder(tmp_path / "val", "heldout", 40)
+    shutil.copy(WEIGHTS, tmp_path / "weights.safetensors")
+    rel = Path(os.path.relpath(tmp_path, ROOT))
+    out = tmp_path / "run"
+    proc = search("--budget", "65%", *FAST, "--checkpoint", str(rel / "weights.safetensors"), "--data", str(rel / "val"),
+                  "--trials", "3", "--no-presets", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = pd.read_csv(out / "trials.csv")
+    assert (trials["state"] == "COMPLETE").all() and len(trials) == 3
+    assert trials["top1"].min() > 0.3  # the trained weights were loaded, on the folder's labels
 
 
 def test_existing_run_is_never_overwritten(smoke) -> None:
