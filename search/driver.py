@@ -332,7 +332,8 @@ def _run_finetunes(cfg: SearchConfig, run: dict[str, Any]) -> None:
     from search.worker import finetune_trainable
 
     assert cfg.finetune is not None
-    job = replace(cfg.finetune, out_root=str((cfg.out / "finetune").resolve()))
+    # Not finetune/: that is where `run_search.py finetune --config` writes the full fine-tune by default.
+    job = replace(cfg.finetune, out_root=str((cfg.out / "promoted").resolve()))
     records = _latest(run_dir.read_records(cfg.out))
     candidates = promoted(cfg, records)
     if not candidates:
