@@ -86,6 +86,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                         help="passes over --data (the embedded stream: 10,000 images per epoch); default 30 "
                              "(IdleViT's recipe) when neither --steps nor --epochs is given")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per step and process (default 64)")
+    p.add_argument("--crop-scale", type=_crop_scale, default=0.08,
+                   help="smallest image area of the random-resized crop on --data (default 0.08, timm's; 1.0 for "
+                        "the embedded set, whose label sits in small objects)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, cosine to 1%% of it (default 1e-4)")
     p.add_argument("--alpha", type=float, default=5.0, help="weight of the distillation KL (default 5)")
     p.add_argument("--beta", type=float, default=500.0, help="weight of the feature MSE (default 500)")
@@ -128,6 +131,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-steps", type=_positive_int, default=100, help="steps of each short fine-tune (default 100)")
     p.add_argument("--finetune-batch", type=_positive_int, default=32, help="batch of the short fine-tunes (default 32)")
     p.add_argument("--finetune-lr", type=float, default=3e-4, help="peak learning rate of the short fine-tunes (default 3e-4)")
+    p.add_argument("--finetune-crop-scale", type=_crop_scale, default=0.08,
+                   help="smallest image area of the random-resized crop on --finetune-data (default 0.08, timm's)")
     p.add_argument("--finetune-data", default=None,
                    help="training images for the short fine-tunes (needed with --data; default: the embedded training stream)")
     p.add_argument("--fail-trials", default="", help=argparse.SUPPRESS)  # test hook: "3:raise,5:nan"
@@ -150,6 +155,17 @@ def _int_at_least(minimum: int):  # type: ignore[no-untyped-def]
 
 
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _crop_scale(text: str) -> float:
+    """argparse type: a share of the image area in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -330,7 +346,7 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
     job = None
     if args.finetune_top:
         job = FinetuneJob(steps=args.finetune_steps, out_root="", data=args.finetune_data,
-                          batch_size=args.finetune_batch, lr=args.finetune_lr)
+                          batch_size=args.finetune_batch, lr=args.finetune_lr, crop_scale=args.finetune_crop_scale)
     return SearchConfig(setup=setup, budget=args.budget, out=Path(args.out) if args.out else default_out(),
                         trials=args.trials, sampler=args.sampler, resume=args.resume, storage=args.storage,
                         ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,
@@ -380,7 +396,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ValueError(f"{out} holds a finished fine-tune ({ft.WEIGHTS}); nothing is overwritten (choose another --out)")
     model = _finetune_model(args, schedule, source)
     stream = ft.train_stream(args.data, data_config(model), args.batch_size, ft.rank_seed(args.seed),
-                             num_classes=model.num_classes)
+                             num_classes=model.num_classes, crop_scale=args.crop_scale)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_epoch = max(1, (ft.EMBEDDED_EPOCH if args.data is None else len(stream)) // (args.batch_size * world))
     steps = args.steps or (args.epochs or 30) * per_epoch

@@ -237,11 +237,16 @@ class FolderStream:
     """
 
     def __init__(self, root: str | Path, data_config: dict, *, batch_size: int, seed: int = 0,
-                 workers: int | None = None, num_classes: int | None = None) -> None:
+                 workers: int | None = None, num_classes: int | None = None, crop_scale: float = 0.08) -> None:
         from timm.data import create_transform
 
+        if not 0.0 < crop_scale <= 1.0:
+            raise ValueError(f"crop scale must be in (0, 1], got {crop_scale}")
         items = required_images(Path(root), num_classes)
-        self.files = _SeededFiles(items, create_transform(**data_config, is_training=True))
+        # crop_scale: smallest image area a random-resized crop keeps (timm's default 0.08; 1.0 keeps
+        # the whole image, for data whose label sits in a small object anywhere, like the embedded set's).
+        transform = create_transform(**data_config, is_training=True, scale=(crop_scale, 1.0))
+        self.files = _SeededFiles(items, transform)
         self.batch_size, self.seed = batch_size, seed
         self.workers = _default_workers(workers)
         self.skipped = 0  # unreadable files replaced so far

@@ -107,13 +107,14 @@ def rank_seed(seed: int) -> int:
 
 
 def train_stream(data: str | None, data_config: dict, batch_size: int, seed: int, *,
-                 num_classes: int | None = None) -> Batches:
+                 num_classes: int | None = None, crop_scale: float = 0.08) -> Batches:
     """Training batches by step: the embedded default's stream, or a directory (`search.data.FolderStream`).
 
     The embedded stream uses seed 1000 + seed, so it never repeats the stream the default was trained on.
     """
     if data is not None:
-        return FolderStream(data, data_config, batch_size=batch_size, seed=seed, num_classes=num_classes)
+        return FolderStream(data, data_config, batch_size=batch_size, seed=seed, num_classes=num_classes,
+                            crop_scale=crop_scale)
     from search import synthetic
 
     def embedded(step: int) -> tuple[Tensor, Tensor]:

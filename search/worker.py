@@ -133,6 +133,7 @@ class FinetuneJob:
     data: str | None = None  # training images; None: the embedded default's training stream
     batch_size: int = 64
     lr: float | None = None  # None: FinetuneSettings' default
+    crop_scale: float = 0.08  # smallest area of the random-resized crop on `data`
 
 
 def finetune_params(setup: WorkerSetup, job: FinetuneJob, trial: int, params: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +146,7 @@ def finetune_params(setup: WorkerSetup, job: FinetuneJob, trial: int, params: di
     extra = {"lr": job.lr} if job.lr is not None else {}
     settings = finetune.FinetuneSettings(steps=job.steps, batch_size=job.batch_size, seed=setup.seed, **extra)
     batches = finetune.train_stream(job.data, data_config(student), job.batch_size, setup.seed,
-                                    num_classes=student.num_classes)
+                                    num_classes=student.num_classes, crop_scale=job.crop_scale)
     out_dir = Path(job.out_root) / f"{trial:04d}"
     start = time.perf_counter()
     finetune.finetune(student, schedule, batches, settings, out_dir=out_dir, device=setup.device, log=lambda *a: None)

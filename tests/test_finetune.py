@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -251,6 +252,22 @@ def test_folder_stream_is_step_indexed_and_skips_unreadable(folder: Path) -> Non
     assert torch.equal(workers(1)[0], x1) and torch.equal(workers(2)[0], all_steps[2][0])
 
 
+def test_full_crop_scale_keeps_the_whole_image(tmp_path: Path) -> None:
+    """crop_scale=1.0: the random-resized crop keeps the whole image (only flips and colour change it)."""
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    image[:, :16] = 255  # left half white: a crop shows it as a different share of the image
+    Image.fromarray(image).save(tmp_path / "a" / "0.png")
+    cfg = dict(data_config(tiny()), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    whole = FolderStream(tmp_path, cfg, batch_size=16, seed=0, workers=0, crop_scale=1.0)(0)[0]
+    cropped = FolderStream(tmp_path, cfg, batch_size=16, seed=0, workers=0)(0)[0]
+    white = lambda x: (x.mean(dim=(1, 2)) > x.mean(dim=(1, 2, 3))[:, None]).float().mean(1)  # noqa: E731 - bright columns
+    assert torch.allclose(white(whole), torch.full((16,), 0.5), atol=0.07)
+    assert (white(cropped) - 0.5).abs().max() > 0.2
+
+
 def test_embedded_stream_is_fixed_and_not_the_training_stream() -> None:
     stream = train_stream(None, {}, 8, 0)
     x, y = stream(3)
@@ -332,6 +349,8 @@ def _bad_cli(tmp_path: Path, case: str) -> list[str]:
     good = str(export(tmp_path, embedded_schedule()))
     if case == "steps 0":
         return ["--config", good, "--steps", "0"]
+    if case == "crop scale 0":
+        return ["--config", good, "--steps", "1", "--crop-scale", "0"]
     if case == "model mismatch":
         return ["--config", good, "--model", "deit_tiny_patch16_224", "--steps", "1"]
     shutil.rmtree(tmp_path / "run")  # "does not fit": a schedule for another shape, searched on the embedded model
@@ -339,8 +358,8 @@ def _bad_cli(tmp_path: Path, case: str) -> list[str]:
             "--steps", "1"]
 
 
-@pytest.mark.parametrize("case", ["missing config", "malformed config", "no schedule", "steps 0", "model mismatch",
-                                  "does not fit"])
+@pytest.mark.parametrize("case", ["missing config", "malformed config", "no schedule", "steps 0", "crop scale 0",
+                                  "model mismatch", "does not fit"])
 def test_cli_bad_input_is_one_line_and_exit_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["finetune", *_bad_cli(tmp_path, case)]) == 2
     err = capsys.readouterr().err.strip()
