@@ -113,11 +113,29 @@ def check_ray_address(address: str | None, timeout: float = 3.0) -> None:
         raise ValueError(f"cannot reach Ray at {address}: {err.strerror or err}") from None
 
 
+def ray_auth_mode(address: str | None) -> str | None:
+    """The RAY_AUTH_MODE this driver runs with, when the user has not set one.
+
+    Ray 2.60 checks a token when the cluster was started with ``~/.ray/auth_token`` present
+    (``ray start --head`` then turns token auth on by itself): a cluster driver sends the token
+    if one is there. The local Ray this driver starts runs without (it binds to localhost).
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return os.environ["RAY_AUTH_MODE"]
+    if address is None:
+        return "disabled"
+    if os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file():
+        return "token"
+    return None
+
+
 def _init_ray(cfg: SearchConfig) -> str | None:
     """Connect to `--ray-address`, or start a local Ray with its dashboard; returns the dashboard URL."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    mode = ray_auth_mode(cfg.ray_address)
+    if mode is not None:
+        os.environ["RAY_AUTH_MODE"] = mode
     if ray.is_initialized():
         return None
     try:

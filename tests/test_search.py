@@ -248,3 +248,18 @@ def test_promoted_candidates_are_fine_tuned_and_carry_a_fidelity(tmp_path: Path)
     records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     tuned_after = [r for r in records if r["fidelity"] == "finetune:3"]
     assert len({r["trial"] for r in tuned_after}) == len(tuned_after)  # none fine-tuned twice
+
+
+def test_ray_auth_mode_follows_the_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.driver import ray_auth_mode
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert ray_auth_mode(None) == "disabled"  # the local Ray the driver starts
+    assert ray_auth_mode("10.0.0.1:6379") is None  # no token anywhere: Ray's own default
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("x" * 64)
+    assert ray_auth_mode("10.0.0.1:6379") == "token"  # `ray start --head` turned token auth on
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert ray_auth_mode("10.0.0.1:6379") == "disabled"  # the user's choice wins
