@@ -131,11 +131,11 @@ def ray_auth_mode(address: str | None) -> str | None:
 
 def _init_ray(cfg: SearchConfig) -> str | None:
     """Connect to `--ray-address`, or start a local Ray with its dashboard; returns the dashboard URL."""
-    import ray
-
     mode = ray_auth_mode(cfg.ray_address)
     if mode is not None:
-        os.environ["RAY_AUTH_MODE"] = mode
+        os.environ["RAY_AUTH_MODE"] = mode  # before Ray is imported: it reads its config then
+    import ray
+
     if ray.is_initialized():
         return None
     try:
