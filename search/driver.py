@@ -131,9 +131,6 @@ def ray_auth_mode(address: str | None) -> str | None:
 
 def _init_ray(cfg: SearchConfig) -> str | None:
     """Connect to `--ray-address`, or start a local Ray with its dashboard; returns the dashboard URL."""
-    mode = ray_auth_mode(cfg.ray_address)
-    if mode is not None:
-        os.environ["RAY_AUTH_MODE"] = mode  # before Ray is imported: it reads its config then
     import ray
 
     if ray.is_initialized():
@@ -297,6 +294,9 @@ def _run_tune(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type:
 def run(cfg: SearchConfig) -> SearchOutcome:
     """The whole search: prepare the run directory, run the trials, write every output."""
     start = time.perf_counter()
+    mode = ray_auth_mode(cfg.ray_address)
+    if mode is not None:  # before anything imports Ray: it reads RAY_AUTH_MODE once, at import
+        os.environ["RAY_AUTH_MODE"] = mode
     space = cfg.setup.space
     check_budget(space)
     settings = _settings(cfg)
