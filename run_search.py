@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    from search.data import TIMM_CROP_SCALE
+
     p.add_argument("--config", required=True, help="an exported config: runs/<run>/configs/<id>.yaml")
     p.add_argument("--model", default=None, help="timm model name (default: the model the config was searched on)")
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs network or cache)")
@@ -86,9 +88,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                         help="passes over --data (the embedded stream: 10,000 images per epoch); default 30 "
                              "(IdleViT's recipe) when neither --steps nor --epochs is given")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per step and process (default 64)")
-    p.add_argument("--crop-scale", type=_crop_scale, default=0.08,
-                   help="smallest image area of the random-resized crop on --data (default 0.08, timm's; 1.0 for "
-                        "the embedded set, whose label sits in small objects)")
+    p.add_argument("--crop-scale", type=_crop_scale, default=TIMM_CROP_SCALE,
+                   help=f"smallest image area of the random-resized crop on --data (default {TIMM_CROP_SCALE}, "
+                        "timm's; 1.0 for the embedded set, whose label sits in small objects)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, cosine to 1%% of it (default 1e-4)")
     p.add_argument("--alpha", type=float, default=5.0, help="weight of the distillation KL (default 5)")
     p.add_argument("--beta", type=float, default=500.0, help="weight of the feature MSE (default 500)")
@@ -103,6 +105,7 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
+    from search.data import TIMM_CROP_SCALE
     from search.pareto import OBJECTIVES
     from search.run_dir import SAMPLERS
     from spaces.search_space import REDUCING, SPACES
@@ -131,8 +134,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-steps", type=_positive_int, default=100, help="steps of each short fine-tune (default 100)")
     p.add_argument("--finetune-batch", type=_positive_int, default=32, help="batch of the short fine-tunes (default 32)")
     p.add_argument("--finetune-lr", type=float, default=3e-4, help="peak learning rate of the short fine-tunes (default 3e-4)")
-    p.add_argument("--finetune-crop-scale", type=_crop_scale, default=0.08,
-                   help="smallest image area of the random-resized crop on --finetune-data (default 0.08, timm's)")
+    p.add_argument("--finetune-crop-scale", type=_crop_scale, default=TIMM_CROP_SCALE,
+                   help=f"smallest image area of the random-resized crop on --finetune-data (default {TIMM_CROP_SCALE}, timm's)")
     p.add_argument("--finetune-data", default=None,
                    help="training images for the short fine-tunes (needed with --data; default: the embedded training stream)")
     p.add_argument("--fail-trials", default="", help=argparse.SUPPRESS)  # test hook: "3:raise,5:nan"
@@ -299,6 +302,10 @@ def _check_search_inputs(args: argparse.Namespace) -> None:
         read_checkpoint(args.checkpoint)
     if args.data:
         required_images(Path(args.data))
+    if args.finetune_data:
+        if not Path(args.finetune_data).is_dir():
+            raise ValueError(f"--finetune-data directory not found: {args.finetune_data}")
+        required_images(Path(args.finetune_data))
     if args.pretrained and not args.checkpoint:
         create(args.model or DEFAULT_MODEL, pretrained=True)  # offline: one error now, not one per trial
 
@@ -333,8 +340,6 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
         if args.data and not args.finetune_data:
             raise ValueError("--finetune-top with --data needs --finetune-data (training images; --data is the "
                              "screening set and must not be trained on)")
-        if args.finetune_data and not Path(args.finetune_data).is_dir():
-            raise ValueError(f"--finetune-data directory not found: {args.finetune_data}")
         if not args.finetune_lr > 0:
             raise ValueError(f"--finetune-lr must be positive, got {args.finetune_lr}")
     _check_search_inputs(args)

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".jpeg")
 NO_LABEL = -1
+TIMM_CROP_SCALE = 0.08  # timm's smallest random-resized-crop area (its training default)
 
 
 @dataclass
@@ -237,7 +238,7 @@ class FolderStream:
     """
 
     def __init__(self, root: str | Path, data_config: dict, *, batch_size: int, seed: int = 0,
-                 workers: int | None = None, num_classes: int | None = None, crop_scale: float = 0.08) -> None:
+                 workers: int | None = None, num_classes: int | None = None, crop_scale: float = TIMM_CROP_SCALE) -> None:
         from timm.data import create_transform
 
         if not 0.0 < crop_scale <= 1.0:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from reducers import ForwardState, apply_schedule, last_forward_state, remove_schedule
 from reducers.losses import cut_loss_of, distillation_kl, feature_mse
-from search.data import NO_LABEL, FolderStream, TensorSet
+from search.data import NO_LABEL, TIMM_CROP_SCALE, FolderStream, TensorSet
 from search.evaluate import accuracy, predict
 from spaces import Schedule, gmacs
 
@@ -107,7 +107,7 @@ def rank_seed(seed: int) -> int:
 
 
 def train_stream(data: str | None, data_config: dict, batch_size: int, seed: int, *,
-                 num_classes: int | None = None, crop_scale: float = 0.08) -> Batches:
+                 num_classes: int | None = None, crop_scale: float = TIMM_CROP_SCALE) -> Batches:
     """Training batches by step: the embedded default's stream, or a directory (`search.data.FolderStream`).
 
     The embedded stream uses seed 1000 + seed, so it never repeats the stream the default was trained on.

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from search.data import TensorSet, load_eval_set
+from search.data import TIMM_CROP_SCALE, TensorSet, load_eval_set
 from search.evaluate import evaluate, predict
 from search.models import data_config, load_model
 from spaces import Schedule
@@ -133,7 +133,7 @@ class FinetuneJob:
     data: str | None = None  # training images; None: the embedded default's training stream
     batch_size: int = 64
     lr: float | None = None  # None: FinetuneSettings' default
-    crop_scale: float = 0.08  # smallest area of the random-resized crop on `data`
+    crop_scale: float = TIMM_CROP_SCALE  # smallest area of the random-resized crop on `data`
 
 
 def finetune_params(setup: WorkerSetup, job: FinetuneJob, trial: int, params: dict[str, Any]) -> dict[str, Any]:

@@ -157,4 +157,6 @@ def test_make_data_folder_scores_like_the_embedded_tensors(tmp_path: Path, capsy
     before = sorted(root.rglob("*.png"))
     code, out, err = _run(["make-data", str(root)], capsys)
     assert code == 2 and err.count("\n") == 1 and "nothing is overwritten" in err
+    code, out, err = _run(["make-data", str(tmp_path / "none"), "--num-images", "0"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "must be positive" in err and not (tmp_path / "none").exists()
     assert sorted(root.rglob("*.png")) == before
