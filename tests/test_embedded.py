@@ -16,6 +16,7 @@ from search.data import embedded_set
 from search.evaluate import evaluate, predict
 from search.models import load_model
 from search.train_embedded import lr_at
+from search.train_embedded import main as train_main
 from spaces import ModelSpec, Schedule
 from spaces.presets import paper_presets
 
@@ -101,6 +102,28 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     lrs = [lr_at(s, total=100, warmup=10, peak=1.0, final=0.01) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False)) and lrs[-1] < 0.02
+
+
+def test_training_command_repeats_exactly_and_keeps_existing_weights(tmp_path, capsys) -> None:
+    """The shipped weights are reproducible because a run is a pure function of its arguments."""
+    from safetensors.torch import load_file
+
+    argv = ["--steps", "3", "--batch-size", "8", "--warmup-steps", "1", "--eval-images", "20", "--threads", "1"]
+    weights = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert train_main(["--out", str(out), "--run-dir", str(out), *argv]) == 0
+        weights.append(load_file(str(out / embedded.WEIGHTS.name)))
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["steps"] == 3 and 0.0 <= summary["heldout_top1"] <= 1.0
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+    first = tmp_path / "a" / embedded.WEIGHTS.name
+    before = first.read_bytes()
+    capsys.readouterr()
+    assert train_main(["--out", str(tmp_path / "a"), "--run-dir", str(tmp_path / "a"), *argv]) == 2
+    assert "--overwrite" in capsys.readouterr().err and first.read_bytes() == before
 
 
 def test_architecture_is_a_plain_12_block_vit() -> None:
