@@ -180,13 +180,40 @@ BAD = {
 }
 
 
+# Runs every BAD case through run_search.main in one fresh interpreter (importing torch, timm and
+# Ray once, not once per case); each case's exit code is main's return value, which is what
+# `python run_search.py` exits with.
+_BAD_RUNNER = """
+import contextlib, io, json, sys
+import run_search
+results = {}
+for case, argv in json.load(sys.stdin).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run_search.main(argv)
+    results[case] = [code, err.getvalue()]
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, Path]]:
+    root = tmp_path_factory.mktemp("bad")
+    argvs = {case: [*FAST, *args, "--trials", "2", "--out", str(root / str(i) / "new")]  # args last: theirs win
+             for i, (case, (args, _)) in enumerate(BAD.items())}
+    proc = subprocess.run([sys.executable, "-c", _BAD_RUNNER], input=json.dumps(argvs), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {case: (code, err, Path(argvs[case][-1])) for case, (code, err) in results.items()}
+
+
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_exit_2_and_nothing_written(case: str, tmp_path: Path) -> None:
-    args, match = BAD[case]
-    out = tmp_path / "new"
-    proc = search(*FAST, *args, "--trials", "2", "--out", str(out), timeout=120)  # args last: theirs win
-    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("warning:")]
-    assert proc.returncode == 2 and lines and lines[-1].startswith("error:") and match in lines[-1], proc.stderr
+def test_bad_input_exit_2_and_nothing_written(case: str, bad_runs) -> None:
+    code, stderr, out = bad_runs[case]
+    match = BAD[case][1]
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("warning:")]
+    assert code == 2 and lines and lines[-1].startswith("error:") and match in lines[-1], stderr
     assert len([line for line in lines if line.startswith("error:")]) == 1
     assert not out.exists()
 
