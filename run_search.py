@@ -303,9 +303,7 @@ def _check_search_inputs(args: argparse.Namespace) -> None:
     if args.data:
         required_images(Path(args.data))
     if args.finetune_data:
-        if not Path(args.finetune_data).is_dir():
-            raise ValueError(f"--finetune-data directory not found: {args.finetune_data}")
-        required_images(Path(args.finetune_data))
+        required_images(Path(args.finetune_data), what="--finetune-data directory")
     if args.pretrained and not args.checkpoint:
         create(args.model or DEFAULT_MODEL, pretrained=True)  # offline: one error now, not one per trial
 

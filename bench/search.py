@@ -62,10 +62,10 @@ def overhead(out: Path, run: dict) -> dict[str, float]:
     tune = sum(t["tune"] for t in run.get("timing_s", []))
     busy = tune * run["concurrency"]  # worker-seconds the search held
     in_trial = sum(r.get("trial_seconds") or 0.0 for r in records)
+    outside = busy - evaluating - loading
     nan = float("nan")
-    return {"trials": len(records), "tune_s": tune, "eval_s": evaluating, "load_s": loading,
-            "outside_s": busy - evaluating - loading,
-            "overhead_fraction": (busy - evaluating - loading) / evaluating if evaluating else nan,
+    return {"trials": len(records), "tune_s": tune, "eval_s": evaluating, "load_s": loading, "outside_s": outside,
+            "overhead_fraction": outside / evaluating if evaluating else nan,
             "in_trial_fraction": (in_trial - evaluating - loading) / evaluating if evaluating else nan,
             "seconds_per_trial": tune / max(1, len(records))}
 

@@ -116,15 +116,16 @@ def list_images(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
     return [(str(f), NO_LABEL) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS], []
 
 
-def required_images(root: Path, num_classes: int | None = None) -> list[tuple[str, int]]:
-    """``list_images`` of a directory that must exist and hold images (ValueError otherwise).
+def required_images(root: Path, num_classes: int | None = None, *, what: str = "data directory") -> list[tuple[str, int]]:
+    """``list_images`` of a directory that must exist and hold images (ValueError otherwise;
+    ``what`` names the directory in the message, e.g. the flag that gave it).
 
     With ``num_classes`` (the model's), class folders whose count differs are not the model's
     classes (a 10-folder set under an ImageNet head, say): their labels are dropped with a
     warning, so the directory is used like a flat one (agreement and distillation only).
     """
     if not root.is_dir():
-        raise ValueError(f"data directory not found: {root}")
+        raise ValueError(f"{what} not found: {root}")
     items, classes = list_images(root)
     if not items:
         raise ValueError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS[:5])}...)")
