@@ -1,30 +1,41 @@
-"""The embedded default data set: patterned objects on clutter, generated on the fly from a seed.
+"""The embedded default data set: a patterned body and a few tiles on clutter, generated from a seed.
 
 Each 64x64 RGB image holds two labelled things on a cluttered background:
 
 - a *body*, 16-24 px across (a disc, square or diamond: a nuisance, not part of the label),
   filled in two colours with one of five patterns: horizontal, vertical, diagonal or
   anti-diagonal stripes, or a checkerboard (period 3.5-5 px, random phase);
-- a *marker*, a square 9-13 px across, either solid or outlined, placed beside the body
-  (2 px apart or more, on any side).
+- *tiles*: framed squares 5.6-6.8 px across, each inside a cell of its own of the 8 px
+  patch grid, away from the body: *few* (1 to 3) or *many* (4 to 6).
 
-The label is ``pattern * 2 + style``: 10 classes (``CLASS_NAMES``). The two halves of the
-label live in different tokens: together body and marker touch 8-25 (mean ~15) of the 64
-patches of an 8x8 patch grid, the marker alone only 4-9 (mean ~5.5), so a model must keep
-(or merge correctly) tokens of both, in different places. Everything else is clutter that carries no label
-information: a smooth coloured texture, short strokes, small discs and rings, all drawn in
-the same colour distribution as the objects. Most tokens are therefore redundant, yet
-dropping or merging the few object tokens early costs accuracy.
+The label is ``pattern * 2 + many``: 10 classes (``CLASS_NAMES``). The two halves of the
+label live in different tokens and ask different things of them. The pattern is a texture
+that every body patch shows (4-25 patches): redundant, any of them will do. The count is
+spread over the tile tokens, one tile per patch, and no single token tells it: the model
+must weigh how many of the tokens are tiles, and tell 3 from 4. Everything else is clutter
+that carries no label information: a smooth coloured texture, short strokes, small discs and
+rings, all drawn in the same colour distribution as the objects. Object tokens are a minority
+(5-31 of 64, mean ~16).
+
+Why a count, and why with no gap at the class boundary: on earlier versions of this set (a
+solid or outlined marker beside the body; then few = 1-2 and many = 4-6 tiles) every paper
+preset at about half the GMACs lost under a point once the model had converged, because the
+tokens the label needs were the salient ones that every reducer keeps and the margin between
+the classes was wide. Pruning does shift a count: dropping tokens changes the share of tiles
+among the tokens that attention averages over (EViT's fused token and IdleViT's idle tokens do
+not stand for the tokens they replace; ToMe-style merging keeps the share through token sizes
+and proportional attention). With 3 tiles still "few" and 4 already "many", a shift of half a
+tile changes the class, so the trade-off shows. RESULTS.md section 3 measures it.
 
 A first version used five outline shapes (circle, square, triangle, diamond, cross, then
 3x3-cell pentominoes) as the 5-way half of the label; a from-scratch 12-block ViT on 2 CPU
-cores stayed near chance on the shape after 30k images, so the 5-way half is now a texture
-that each body patch shows, while the 2-way half still needs the separate marker.
+cores stayed near chance on the shape after 30k images, so the 5-way half is a texture
+that each body patch shows.
 
 Drawing is vectorised over the batch: every mark is a signed distance function evaluated
 in a small window around it, blended into the canvas with one gather/scatter; the only
-Python loops run over the (few) distractors, never over pixels. 2,000 images take about
-0.7 s on 2 CPU cores.
+Python loops run over the (few) distractors and tiles, never over pixels. 2,000 images take about
+1.2 s on 2 CPU cores.
 
 Public API:
 
@@ -55,13 +66,13 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "CLASS_NAMES",
+    "COUNTS",
     "IMAGE_SIZE",
     "MEAN",
     "NUM_CLASSES",
     "PATTERNS",
     "SPLITS",
     "STD",
-    "STYLES",
     "SyntheticShapes",
     "make_images",
     "make_split",
@@ -74,9 +85,9 @@ __all__ = [
 
 IMAGE_SIZE = 64
 PATTERNS = ("hstripes", "vstripes", "diagonal", "antidiagonal", "checker")  # fill of the big object
-STYLES = ("solid", "outlined")  # style of the small square marker
-NUM_CLASSES = len(PATTERNS) * len(STYLES)
-CLASS_NAMES = tuple(f"{pattern}_{style}" for pattern in PATTERNS for style in STYLES)
+COUNTS = ("few", "many")  # how many small framed tiles: 1-2 or 4-6
+NUM_CLASSES = len(PATTERNS) * len(COUNTS)
+CLASS_NAMES = tuple(f"{pattern}_{count}" for pattern in PATTERNS for count in COUNTS)
 # Per-channel statistics of the generated images as float in [0, 1] (measured on 20,000
 # training images: mean 0.50, std 0.19; rounded); declared in the model's pretrained_cfg.
 MEAN = (0.5, 0.5, 0.5)
@@ -86,15 +97,20 @@ SPLITS = {"train": 0, "heldout": 1}
 STREAM_KEY = 2  # seed-sequence key of the training stream (disjoint from both splits)
 
 _BODY_HALF = (8.0, 12.0)  # half-size of the patterned body in px: 16-24 px across
-_MARKER_HALF = (4.5, 6.5)  # half-side of the square marker in px: 9-13 px across
+_TILE_HALF = (2.8, 3.4)  # half-side of a tile in px: 5.6-6.8 px across, inside its 8 px cell
+_TILE_JITTER = 0.5  # a tile's centre moves up to this many px from its cell's centre
+_FRAME_PX = 1.5  # width of a tile's frame
+_FEW, _MANY = (1, 3), (4, 6)  # tiles per image (inclusive ranges) for "few" and "many"
+_MAX_TILES = _MANY[1]
+_CELL = 8  # px: tiles sit in the cells of the model's 8 px patch grid
+_GRID = 64 // _CELL
 _PERIOD = (3.5, 5.0)  # period of the fill pattern in px
-_OUTLINE_PX = 2.0  # line width of an outlined marker
 _NUM_STROKES = (6, 12)  # distractor strokes per image (inclusive range)
 _NUM_BLOBS = (4, 9)  # distractor blobs per image (inclusive range)
 # Every mark is drawn inside a square window of its own (px): only the window's pixels are
 # computed, which is what makes generation fast. The canvas has a margin of _PAD px each
 # side so distractors can be cut by the image border.
-_STROKE_WINDOW, _BLOB_WINDOW, _BODY_WINDOW, _MARKER_WINDOW = 16, 10, 28, 20
+_STROKE_WINDOW, _BLOB_WINDOW, _BODY_WINDOW, _TILE_WINDOW = 16, 10, 28, 10
 _PAD = 8
 _CANVAS = IMAGE_SIZE + 2 * _PAD
 
@@ -209,26 +225,17 @@ def _distractors(generator: torch.Generator, canvas: Tensor, base: Tensor, count
         _blend_window(canvas, ox, oy, alpha, _contrasting_colour(generator, base))
 
 
-def _place(generator: torch.Generator, body_half: Tensor, marker_half: Tensor) -> tuple[Tensor, ...]:
-    """Centres (image px, each ``[N, 1, 1]``) of body and marker, inside the image, apart.
-
-    Along one axis the marker follows the body with a gap of at least 2 px; along the other
-    both are free. A random mirror and a random swap of the axes then put the marker to any
-    side of the body.
-    """
-    n = body_half.shape[0]
-    u = torch.rand((n, 4, 1, 1), generator=generator)
-    flip, swap = (torch.rand((n, 2, 1, 1), generator=generator) < 0.5).unbind(1)
-    lo_b = body_half + 1.0
-    hi_b = IMAGE_SIZE - 2 * marker_half - body_half - 3.0
-    bx = lo_b + u[:, 0] * (hi_b - lo_b)
-    lo_m = bx + body_half + marker_half + 2.0
-    mx = lo_m + u[:, 1] * (IMAGE_SIZE - marker_half - 1.0 - lo_m)
-    by = lo_b + u[:, 2] * (IMAGE_SIZE - 2 * lo_b)
-    my = marker_half + 1.0 + u[:, 3] * (IMAGE_SIZE - 2 * marker_half - 2.0)
-    bx, mx = torch.where(flip, IMAGE_SIZE - bx, bx), torch.where(flip, IMAGE_SIZE - mx, mx)
-    return (torch.where(swap, by, bx), torch.where(swap, bx, by),
-            torch.where(swap, my, mx), torch.where(swap, mx, my))
+def _tile_cells(generator: torch.Generator, bx: Tensor, by: Tensor, body_half: Tensor) -> Tensor:
+    """``_MAX_TILES`` distinct cells ``long [N, _MAX_TILES]`` of the patch grid, in random order,
+    none touching the body's bounding box (grown by 1 px): the first ``count`` hold the tiles."""
+    n = bx.shape[0]
+    lo = torch.arange(_GRID, dtype=torch.float32) * _CELL  # cell edges along one axis
+    hi = lo + _CELL
+    def clear(c: Tensor) -> Tensor:  # [N, _GRID]: the cell column (row) is off the body's extent
+        return (hi <= (c - body_half - 1.0).view(n, 1)) | (lo >= (c + body_half + 1.0).view(n, 1))
+    free = clear(bx)[:, None, :] | clear(by)[:, :, None]  # [N, rows, cols]
+    keys = torch.rand((n, _GRID * _GRID), generator=generator) + (~free).view(n, -1).float() * 2.0
+    return keys.argsort(dim=1)[:, :_MAX_TILES]
 
 
 def _window_at(cx: Tensor, cy: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -241,16 +248,20 @@ def _window_at(cx: Tensor, cy: Tensor, size: int) -> tuple[Tensor, Tensor, Tenso
     return ox, oy, x + (ox - _PAD)[:, :, None], y + (oy - _PAD)[:, :, None]
 
 
-def _objects(generator: torch.Generator, canvas: Tensor, base: Tensor, labels: Tensor) -> list[tuple[Tensor, ...]]:
-    """Paint each image's patterned body and square marker into ``canvas`` in place.
+def _objects(generator: torch.Generator, canvas: Tensor, base: Tensor, labels: Tensor,
+             boundary: bool = True) -> list[tuple[Tensor, ...]]:
+    """Paint each image's patterned body and its framed tiles into ``canvas`` in place.
 
-    Returns ``(ox, oy, coverage [N, W, W])`` of both windows (for ``return_mask``).
+    ``boundary=False`` leaves out the count next to the class boundary (a "few" image holds at
+    most ``_FEW[1] - 1`` tiles), the count curriculum of training.
+
+    Returns ``(ox, oy, coverage [N, W, W])`` of every window, body first (for ``return_mask``).
     """
     n = canvas.shape[0]
-    pattern, outlined = labels // len(STYLES), labels % len(STYLES)
+    pattern, many = labels // len(COUNTS), labels % len(COUNTS)
     body_half = _uniform(generator, (n, 1, 1), *_BODY_HALF)
-    marker_half = _uniform(generator, (n, 1, 1), *_MARKER_HALF)
-    bx, by, mx, my = _place(generator, body_half, marker_half)
+    bx, by = (body_half + 1.0 + torch.rand((n, 1, 1), generator=generator) * (IMAGE_SIZE - 2 * body_half - 2.0)
+              for _ in range(2))
     # Body: a disc, square or diamond filled with two colours in the label's pattern.
     ox, oy, x, y = _window_at(bx, by, _BODY_WINDOW)
     kind = torch.randint(0, 3, (n,), generator=generator)
@@ -260,23 +271,39 @@ def _objects(generator: torch.Generator, canvas: Tensor, base: Tensor, labels: T
     paper = torch.where(ink > 0.5, ink - 0.45, ink + 0.45)
     colour = paper[:, :, None, None] + fill * (ink - paper)[:, :, None, None]  # [N, 3, W, W]
     _blend_window(canvas, ox, oy, body, colour)
-    # Marker: a solid or outlined square.
-    mox, moy, x, y = _window_at(mx, my, _MARKER_WINDOW)
-    dist = torch.maximum((x - mx).abs(), (y - my).abs()) - marker_half
-    hollow = (dist.abs() - _OUTLINE_PX / 2).clamp(min=-0.5)
-    marker = _coverage(torch.where(outlined.bool()[:, None, None], hollow, dist))
-    _blend_window(canvas, mox, moy, marker, _contrasting_colour(generator, base))
-    return [(ox, oy, body), (mox, moy, marker)]
+    windows = [(ox, oy, body)]
+    # Tiles: framed squares, each inside a grid cell of its own, away from the body.
+    few, lots = _FEW[0], _FEW[1] if boundary else _FEW[1] - 1
+    count = torch.where(many.bool(), torch.randint(_MANY[0], _MANY[1] + 1, (n,), generator=generator),
+                        torch.randint(few, lots + 1, (n,), generator=generator))
+    cells = _tile_cells(generator, bx, by, body_half)
+    tile_half = _uniform(generator, (n, _MAX_TILES, 1, 1), *_TILE_HALF)
+    jitter = _uniform(generator, (n, _MAX_TILES, 2, 1, 1), -_TILE_JITTER, _TILE_JITTER)
+    ink = _contrasting_colour(generator, base)
+    paper = torch.where(ink > 0.5, ink - 0.45, ink + 0.45)
+    for k in range(_MAX_TILES):
+        cx = ((cells[:, k] % _GRID).float() * _CELL + _CELL / 2).view(n, 1, 1) + jitter[:, k, 0]
+        cy = ((cells[:, k] // _GRID).float() * _CELL + _CELL / 2).view(n, 1, 1) + jitter[:, k, 1]
+        tox, toy, x, y = _window_at(cx, cy, _TILE_WINDOW)
+        dist = torch.maximum((x - cx).abs(), (y - cy).abs()) - tile_half[:, k]  # square, negative inside
+        tile = _coverage(dist) * (k < count).float()[:, None, None]
+        frame = _coverage(-(dist + _FRAME_PX))  # 1 on the frame, 0 inside it
+        colour = paper[:, :, None, None] + frame[:, None] * (ink - paper)[:, :, None, None]
+        _blend_window(canvas, tox, toy, tile, colour)
+        windows.append((tox, toy, tile))
+    return windows
 
 
 def make_images(num_images: int, generator: torch.Generator, *, return_mask: bool = False,
-                clutter: float = 1.0) -> tuple[Tensor, ...]:
+                clutter: float = 1.0, boundary: bool = True) -> tuple[Tensor, ...]:
     """Generate ``num_images`` images and labels from ``generator`` (consumed in a fixed order).
 
     Returns ``(images uint8 [N, 3, 64, 64], labels long [N])``, plus the objects' masks
-    ``bool [N, 2, 64, 64]`` (body, marker; coverage >= 0.5) with ``return_mask=True`` (the
+    ``bool [N, 2, 64, 64]`` (body, all tiles; coverage >= 0.5) with ``return_mask=True`` (the
     images are the same either way). ``clutter`` in ``[0, 1]`` scales the number of distractors (a
-    training curriculum; the splits always use 1). Labels are a random permutation of ``arange(N) % NUM_CLASSES``, so
+    training curriculum; the splits always use 1). ``boundary=False`` draws no "few" image with
+    3 tiles, so the two count classes are two tiles apart (the count curriculum; the splits always
+    use True). Labels are a random permutation of ``arange(N) % NUM_CLASSES``, so
     classes are balanced to within one.
     """
     if num_images < 0 or not 0.0 <= clutter <= 1.0:
@@ -287,7 +314,7 @@ def make_images(num_images: int, generator: torch.Generator, *, return_mask: boo
     for mark, (low, high), window in ((_stroke, _NUM_STROKES, _STROKE_WINDOW), (_blob, _NUM_BLOBS, _BLOB_WINDOW)):
         count = (torch.randint(low, high + 1, (n,), generator=generator) * clutter).round().long()
         _distractors(generator, canvas, base, count, mark, window)
-    windows = _objects(generator, canvas, base, labels)  # on top of the clutter
+    windows = _objects(generator, canvas, base, labels, boundary)  # on top of the clutter
     crop = (slice(None), slice(None), slice(_PAD, _PAD + IMAGE_SIZE), slice(_PAD, _PAD + IMAGE_SIZE))
     image = canvas[crop]
     image = image + torch.randn(image.shape, generator=generator).mul_(0.02)  # sensor noise
@@ -295,9 +322,10 @@ def make_images(num_images: int, generator: torch.Generator, *, return_mask: boo
     if not return_mask:
         return out
     masks = []
-    for ox, oy, alpha in windows:  # body, then marker
+    for group in (windows[:1], windows[1:]):  # the body, then all tiles
         mask = torch.zeros(n, 1, _CANVAS, _CANVAS)
-        _blend_window(mask, ox, oy, alpha, torch.ones(n, 1))
+        for ox, oy, alpha in group:
+            _blend_window(mask, ox, oy, alpha, torch.ones(n, 1))
         masks.append(mask[crop][:, 0] >= 0.5)
     return (*out, torch.stack(masks, dim=1))
 
@@ -326,7 +354,8 @@ def make_split(split: str, num_images: int, seed: int | None = None) -> tuple[Te
     return make_images(num_images, split_generator(split, 0 if seed is None else seed))
 
 
-def stream_batch(step: int, batch_size: int, seed: int = 0, *, clutter: float = 1.0) -> tuple[Tensor, Tensor]:
+def stream_batch(step: int, batch_size: int, seed: int = 0, *, clutter: float = 1.0,
+                 boundary: bool = True) -> tuple[Tensor, Tensor]:
     """Batch ``step`` of the endless training stream: fresh images for every step.
 
     Deterministic in ``(step, batch_size, seed)`` and independent of the order in which steps
@@ -334,13 +363,13 @@ def stream_batch(step: int, batch_size: int, seed: int = 0, *, clutter: float = 
     """
     if step < 0 or batch_size < 1:
         raise ValueError(f"need step >= 0 and batch_size >= 1, got step={step}, batch_size={batch_size}")
-    return make_images(batch_size, _generator(STREAM_KEY, seed, step), clutter=clutter)
+    return make_images(batch_size, _generator(STREAM_KEY, seed, step), clutter=clutter, boundary=boundary)
 
 
 def write_folder(root: str | Path, split: str, num_images: int, seed: int = 0) -> Path:
     """Write split ``(split, num_images, seed)`` as an ImageFolder of PNGs: ``root/<k>_<class name>/<i>.png``.
 
-    Folder names start with the class index (``00_hstripes_solid``), so ImageFolder's sorted
+    Folder names start with the class index (``00_hstripes_few``), so ImageFolder's sorted
     order is the model's class order, as ImageNet's sorted synsets are.
 
     The same images as ``make_split`` (PNG is lossless), so a model evaluated on the folder

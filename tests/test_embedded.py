@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
@@ -15,7 +16,7 @@ from search import synthetic
 from search.data import embedded_set
 from search.evaluate import evaluate, predict
 from search.models import load_model
-from search.train_embedded import lr_at
+from search.train_embedded import boundary_at, lr_at
 from search.train_embedded import main as train_main
 from spaces import ModelSpec, Schedule
 from spaces.presets import paper_presets
@@ -88,14 +89,31 @@ def test_objects_cover_a_minority_of_patches() -> None:
     grid = embedded.ARCH["img_size"] // embedded.ARCH["patch_size"]
     assert grid == 8
     touched = masks.view(-1, 2, grid, 8, grid, 8).any(dim=5).any(dim=3)  # [N, 2, 8, 8] patches hit
+    assert not (touched[:, 0] & touched[:, 1]).any()  # no patch shows both the body and a tile
     union = touched.any(dim=1).sum(dim=(1, 2)).float()
-    assert union.min() >= 6 and union.max() < 32  # always a minority of the 64 patches
+    assert union.min() >= 5 and union.max() < 32  # always a minority of the 64 patches
     assert 10 <= union.mean() <= 20
-    # Both halves of the label need tokens of their own: the body's and the marker's.
-    body, marker = touched.sum(dim=(2, 3)).float().unbind(1)
-    assert body.min() >= 4 and marker.min() >= 4 and marker.max() <= 9
-    for c in range(synthetic.NUM_CLASSES):
-        assert 4 <= marker[labels == c].mean() <= 7 and body[labels == c].mean() >= 6
+    # The count half of the label is the number of tile tokens: one patch per tile.
+    body, tiles = touched.sum(dim=(2, 3)).unbind(1)
+    assert body.min() >= 4
+    many = labels % len(synthetic.COUNTS) == synthetic.COUNTS.index("many")
+    assert set(tiles[~many].tolist()) == {1, 2, 3} and set(tiles[many].tolist()) == {4, 5, 6}
+    cells = masks[:, 1].view(-1, grid, 8, grid, 8).sum(dim=(2, 4))  # tile pixels per patch
+    assert (cells[cells > 0] >= 20).all()  # each tile sits whole inside its patch (5.6 px or more across)
+
+
+def test_count_curriculum_leaves_out_three_tiles_only_when_asked() -> None:
+    def tiles_per_class(**kw):  # tile patches per image, for "few" and "many" images
+        _, labels, masks = synthetic.make_images(400, synthetic.split_generator("train", 5), return_mask=True, **kw)
+        tiles = masks[:, 1].view(-1, 8, 8, 8, 8).any(dim=4).any(dim=2).sum(dim=(1, 2))
+        many = labels % 2 == synthetic.COUNTS.index("many")
+        return set(tiles[~many].tolist()), set(tiles[many].tolist())
+
+    assert tiles_per_class() == ({1, 2, 3}, {4, 5, 6})
+    assert tiles_per_class(boundary=False) == ({1, 2}, {4, 5, 6})
+    args = argparse.Namespace(count_gap=0.4)
+    assert [boundary_at(s, 100, args) for s in (0, 39, 40, 99)] == [False, False, True, True]
+    assert boundary_at(0, 100, argparse.Namespace(count_gap=0.0))
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:

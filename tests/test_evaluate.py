@@ -146,7 +146,7 @@ def test_make_data_folder_scores_like_the_embedded_tensors(tmp_path: Path, capsy
     root = tmp_path / "val"
     code, out, err = _run(["make-data", str(root), "--num-images", "60"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in root.iterdir())[:2] == ["00_hstripes_solid", "01_hstripes_outlined"]
+    assert sorted(p.name for p in root.iterdir())[:2] == ["00_hstripes_few", "01_hstripes_many"]
     assert sum(1 for _ in root.rglob("*.png")) == 60
     scores = []
     for data in ([], ["--data", str(root)]):
