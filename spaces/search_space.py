@@ -6,7 +6,8 @@ so the same function serves Optuna, Ray Tune's OptunaSearch and `optuna.trial.Fi
 The budget is met by construction (`fit_budget` rescales the keep ratios) and also recorded
 with `trial.set_constraint` (<= 0 is feasible).
 
-    per-layer  every block: method, keep, and the method's own parameters
+    per-layer  every block: method, keep, and the method's own parameters, after a first
+               block that may reduce (`layers.first`; the blocks before it keep every token)
     staged     three reduction stages (first block, spacing), a method per stage, one keep
                ratio applied geometrically, as the papers do
     tome, evit, idlevit, ppt, tcvit   the single-method families of the papers
@@ -17,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from spaces.budget import fit_target
+from spaces.budget import MAX_GAMMA, fit_target, rescale
 from spaces.cost import gmacs
 from spaces.model_spec import ModelSpec
 from spaces.schedule import METHODS, LayerPlan, Schedule
@@ -95,37 +96,74 @@ def _prop_attn(trial: TrialLike) -> bool:
     return bool(trial.suggest_categorical("prop_attn", [True, False]))
 
 
+def _first_reducing_max(depth: int) -> int:
+    return depth // 2
+
+
+def most_reduced_gmacs(schedule: Schedule) -> float:
+    """The fewest GMACs rescaling can bring this schedule's shape to."""
+    return gmacs(rescale(schedule, MAX_GAMMA))
+
+
 def per_layer(trial: TrialLike, space: SearchSpace) -> Schedule:
+    """A method and keep ratio per block; blocks before `layers.first` keep every token.
+
+    Every paper starts reducing after a few intact blocks (EViT, IdleViT, PPT and TC-ViT at the
+    fourth); one integer for where reduction may begin lets the sampler learn that at once
+    instead of through a `none` drawn in each early block. `layers.first = 0` is the free space.
+    Under a budget, a start too late to meet it moves earlier until it can (still feasible by
+    construction; the trial's parameter stays what the sampler drew).
+    """
     choices = ["none", *space.methods]
-    layers = []
+    first = trial.suggest_int("layers.first", 0, _first_reducing_max(space.spec.depth))
+    methods, params = [], []
     for i in range(space.spec.depth):
-        method = trial.suggest_categorical(f"layer{i:02d}.method", choices)
-        layers.append(_plan(method, _layer_params(trial, f"layer{i:02d}", space.methods)))
-    return Schedule(space.spec, tuple(layers), prop_attn=_prop_attn(trial), name="per-layer")
+        methods.append(trial.suggest_categorical(f"layer{i:02d}.method", choices))
+        params.append(_layer_params(trial, f"layer{i:02d}", space.methods))
+    prop_attn = _prop_attn(trial)
 
+    def build(start: int) -> Schedule:
+        layers = tuple(_plan(m if i >= start else "none", p) for i, (m, p) in enumerate(zip(methods, params, strict=True)))
+        return Schedule(space.spec, layers, prop_attn=prop_attn, name="per-layer")
 
-def _stage_blocks(trial: TrialLike, depth: int) -> list[int]:
-    first = trial.suggest_int("stages.first", 1, max(1, depth // 2))
-    gap = trial.suggest_int("stages.gap", 1, max(1, depth // STAGES))
-    return [b for b in (first + s * gap for s in range(STAGES)) if b < depth]
+    schedule = build(first)
+    while first > 0 and space.budget_gmacs is not None and most_reduced_gmacs(schedule) > space.budget_gmacs:
+        first -= 1
+        schedule = build(first)
+    return schedule
 
 
 def staged(trial: TrialLike, space: SearchSpace, *, methods: tuple[str, ...] | None = None) -> Schedule:
-    """Stage s reduces at one block to `keep` of its input (idle: k^(s+1) active until the next stage)."""
+    """Stage s reduces at one block to `keep` of its input (idle: k^(s+1) active until the next stage).
+
+    Under a budget, stages too late or too far apart to meet it move earlier (first block, then
+    spacing) until they can, as in the per-layer space.
+    """
     methods = methods or space.methods
-    blocks = _stage_blocks(trial, space.spec.depth)
+    depth = space.spec.depth
+    first = trial.suggest_int("stages.first", 1, max(1, depth // 2))
+    gap = trial.suggest_int("stages.gap", 1, max(1, depth // STAGES))
     stage_methods = [trial.suggest_categorical(f"stage{s}.method", list(methods)) for s in range(STAGES)]
     params = _layer_params(trial, "stages", methods)
-    layers = [LayerPlan()] * space.spec.depth
-    for s, start in enumerate(blocks):
-        method = stage_methods[s]
-        if method == "idle":
-            end = blocks[s + 1] if s + 1 < len(blocks) else space.spec.depth
-            for b in range(start, end):
-                layers[b] = _plan("idle", params, keep=params["keep"] ** (s + 1))
-        else:
-            layers[start] = _plan(method, params)
-    return Schedule(space.spec, tuple(layers), prop_attn=_prop_attn(trial), name=space.name)
+    prop_attn = _prop_attn(trial)
+
+    def build(first: int, gap: int) -> Schedule:
+        blocks = [b for b in (first + s * gap for s in range(STAGES)) if b < depth]
+        layers = [LayerPlan()] * depth
+        for s, start in enumerate(blocks):
+            if stage_methods[s] == "idle":
+                end = blocks[s + 1] if s + 1 < len(blocks) else depth
+                for b in range(start, end):
+                    layers[b] = _plan("idle", params, keep=params["keep"] ** (s + 1))
+            else:
+                layers[start] = _plan(stage_methods[s], params)
+        return Schedule(space.spec, tuple(layers), prop_attn=prop_attn, name=space.name)
+
+    schedule = build(first, gap)
+    while (first > 1 or gap > 1) and space.budget_gmacs is not None and most_reduced_gmacs(schedule) > space.budget_gmacs:
+        first, gap = (first - 1, gap) if first > 1 else (first, gap - 1)
+        schedule = build(first, gap)
+    return schedule
 
 
 def tome(trial: TrialLike, space: SearchSpace) -> Schedule:
@@ -160,7 +198,9 @@ def preset_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any] | No
     if space.name != "per-layer":
         return None
     entering = schedule.patch_tokens_entering()
-    params: dict[str, Any] = {"prop_attn": schedule.prop_attn}
+    reducing = [i for i, plan in enumerate(schedule.layers) if plan.method != "none"]
+    first = min(reducing[0] if reducing else 0, _first_reducing_max(space.spec.depth))
+    params: dict[str, Any] = {"prop_attn": schedule.prop_attn, "layers.first": first}
     if space.budget_gmacs is not None:
         params["budget.fraction"] = gmacs(schedule) / space.budget_gmacs
         if not FRACTION_RANGE[0] <= params["budget.fraction"] <= FRACTION_RANGE[1]:

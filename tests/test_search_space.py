@@ -1,0 +1,108 @@
+"""Search spaces: feasible by construction, stable parameters, presets rebuilt exactly."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from search.models import DEFAULT_MODEL, model_spec
+from spaces import Schedule, gmacs
+from spaces.budget import parse_budget
+from spaces.search_space import REDUCING, SPACES, SearchSpace, cheapest_gmacs, preset_params
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return model_spec(DEFAULT_MODEL)
+
+
+def _space(spec, name: str = "per-layer", budget: str = "65%") -> SearchSpace:
+    return SearchSpace(name, spec, budget_gmacs=parse_budget(budget, gmacs(Schedule.empty(spec))))
+
+
+def _free_params(depth: int, method: str, first: int) -> dict:
+    """Every per-layer parameter: `method` at keep 0.5 in every block, reduction from `first` on."""
+    params: dict = {"layers.first": first, "prop_attn": False, "budget.fraction": 1.0}
+    for i in range(depth):
+        params.update({f"layer{i:02d}.method": method, f"layer{i:02d}.keep": 0.5, f"layer{i:02d}.order": 2,
+                       f"layer{i:02d}.alpha": 0.5, f"layer{i:02d}.fuse": True})
+    return params
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_every_sampled_schedule_meets_the_budget(spec, name: str) -> None:
+    space = _space(spec, name)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(40):
+        trial = study.ask()
+        schedule = space(trial)
+        assert gmacs(schedule) <= space.budget_gmacs + 1e-12, schedule.summary()
+        study.tell(trial, [0.0, gmacs(schedule)])
+        recorded = study.trials[-1].system_attrs["constraints:budget_gmacs"]
+        assert recorded == pytest.approx(gmacs(schedule) - space.budget_gmacs) and recorded <= 1e-12
+
+
+def test_blocks_before_layers_first_keep_every_token(spec) -> None:
+    space = SearchSpace("per-layer", spec)  # no budget: the keep ratios stay as given
+    for first in (0, 3, spec.depth // 2):
+        schedule = space(optuna.trial.FixedTrial(_free_params(spec.depth, "prune", first)))
+        assert [plan.method for plan in schedule.layers] == ["none"] * first + ["prune"] * (spec.depth - first)
+        assert all(plan.keep == 0.5 for plan in schedule.layers[first:])
+
+
+@pytest.mark.parametrize("name", ["per-layer", "staged"])
+def test_a_start_too_late_for_the_budget_moves_earlier(spec, name: str) -> None:
+    """Reducing only from the middle on cannot reach 40 %: the space starts earlier (where the
+    sampler drew a method) instead of returning an infeasible schedule."""
+    space = _space(spec, name, budget="40%")
+    if name == "per-layer":
+        params = _free_params(spec.depth, "prune", spec.depth // 2)
+    else:
+        params = {"stages.first": spec.depth // 2, "stages.gap": 4, "stages.keep": 0.5, "stages.order": 2,
+                  "stages.alpha": 0.5, "stages.fuse": True, "prop_attn": False, "budget.fraction": 1.0,
+                  **{f"stage{s}.method": "prune" for s in range(3)}}
+    late = SearchSpace(name, spec)(optuna.trial.FixedTrial(params))  # no budget: as drawn
+    assert gmacs(late) > space.budget_gmacs  # even at its smallest keep ratios (checked next)
+    fitted = space(optuna.trial.FixedTrial(params))
+    assert gmacs(fitted) <= space.budget_gmacs
+    first_reducing = min(i for i, plan in enumerate(fitted.layers) if plan.method != "none")
+    assert first_reducing < min(i for i, plan in enumerate(late.layers) if plan.method != "none")
+
+
+@pytest.mark.parametrize("preset", ["evit:0.5", "evit:0.6", "ppt", "idlevit:0.5", "idlevit:0.6", "tcvit:0.5"])
+def test_presets_that_fit_are_rebuilt_exactly_by_the_per_layer_space(spec, preset: str) -> None:
+    space = _space(spec)
+    schedule = Schedule.from_preset(preset, spec)
+    params = preset_params(schedule, space)
+    assert params is not None, preset
+    assert params["layers.first"] == 3  # every one of these papers starts at the fourth block
+    rebuilt = space(optuna.trial.FixedTrial(params))
+    assert rebuilt.tokens_entering() == schedule.tokens_entering()
+    assert gmacs(rebuilt) == pytest.approx(gmacs(schedule), abs=1e-12)
+
+
+def test_presets_over_the_budget_or_outside_the_methods_are_not_enqueued(spec) -> None:
+    assert preset_params(Schedule.from_preset("evit:0.9", spec), _space(spec)) is None  # above 65 %
+    prune_only = SearchSpace("per-layer", spec, methods=("prune",), budget_gmacs=_space(spec).budget_gmacs)
+    assert preset_params(Schedule.from_preset("ppt", spec), prune_only) is None
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_cheapest_gmacs_is_a_floor_of_what_the_space_samples(spec, name: str) -> None:
+    space = SearchSpace(name, spec, budget_gmacs=1e-9)  # asks for less than anything can reach
+    floor = cheapest_gmacs(space)
+    assert 0 < floor < gmacs(Schedule.empty(spec))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(20):
+        assert gmacs(space(study.ask())) >= floor - 1e-12
+
+
+def test_unknown_space_and_methods_are_refused(spec) -> None:
+    with pytest.raises(ValueError, match="unknown space"):
+        SearchSpace("zigzag", spec)
+    with pytest.raises(ValueError, match="unknown method"):
+        SearchSpace("per-layer", spec, methods=("prune", "shuffle"))
+    with pytest.raises(ValueError, match="--methods excludes"):
+        SearchSpace("evit", spec, methods=tuple(m for m in REDUCING if m != "prune"))
