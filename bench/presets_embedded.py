@@ -50,9 +50,9 @@ def cls_readiness(model: torch.nn.Module, data: TensorSet, batch_size: int = 256
 
 
 def tiles_per_image(num_images: int) -> torch.Tensor:
-    """Number of tiles (patches they touch: one each) in every image of ``embedded_set(num_images)``."""
+    """Number of tiles in every image of ``embedded_set(num_images)`` (the same generator, seed 0)."""
     _, _, masks = synthetic.make_images(num_images, synthetic.split_generator("heldout", 0), return_mask=True)
-    return masks[:, 1].view(num_images, 8, 8, 8, 8).any(dim=4).any(dim=2).sum(dim=(1, 2))
+    return synthetic.tiles_per_image(masks)
 
 
 def count_accuracy_by_tiles(model: torch.nn.Module, schedule: Schedule, data: TensorSet,

@@ -39,12 +39,13 @@ Python loops run over the (few) distractors and tiles, never over pixels. 2,000 
 
 Public API:
 
-- ``make_images(num_images, generator, *, return_mask=False, clutter=1.0)``: images
+- ``make_images(num_images, generator, *, return_mask=False, clutter=1.0, boundary=True)``: images
   ``uint8 [N, 3, 64, 64]`` and labels ``long [N]`` (and the objects' pixel mask) drawn
   from a ``torch.Generator`` (the primitive the others build on).
 - ``make_split(split, num_images, seed=None)``: a fixed split, ``"train"`` or ``"heldout"``;
   the two splits use different generator seeds for the same ``seed``.
 - ``stream_batch(step, batch_size, seed=0)``: the training stream, a fresh batch per step.
+- ``tiles_per_image(masks)``: the tile count of every image, from ``make_images``' masks.
 - ``to_float(images)`` / ``normalize(images)``: ``uint8`` -> float in ``[0, 1]`` ->
   normalised with ``MEAN``/``STD`` (the values declared in the model's pretrained_cfg).
 - ``SyntheticShapes``: a map-style ``torch.utils.data.Dataset`` over one split.
@@ -79,13 +80,14 @@ __all__ = [
     "normalize",
     "split_generator",
     "stream_batch",
+    "tiles_per_image",
     "to_float",
     "write_folder",
 ]
 
 IMAGE_SIZE = 64
 PATTERNS = ("hstripes", "vstripes", "diagonal", "antidiagonal", "checker")  # fill of the big object
-COUNTS = ("few", "many")  # how many small framed tiles: 1-2 or 4-6
+COUNTS = ("few", "many")  # how many small framed tiles: 1-3 or 4-6
 NUM_CLASSES = len(PATTERNS) * len(COUNTS)
 CLASS_NAMES = tuple(f"{pattern}_{count}" for pattern in PATTERNS for count in COUNTS)
 # Per-channel statistics of the generated images as float in [0, 1] (measured on 20,000
@@ -328,6 +330,13 @@ def make_images(num_images: int, generator: torch.Generator, *, return_mask: boo
             _blend_window(mask, ox, oy, alpha, torch.ones(n, 1))
         masks.append(mask[crop][:, 0] >= 0.5)
     return (*out, torch.stack(masks, dim=1))
+
+
+def tiles_per_image(masks: Tensor) -> Tensor:
+    """``long [N]``: how many tiles each image holds, from ``make_images(..., return_mask=True)``'s
+    masks; the patches the tile mask touches, since every tile sits in a cell of its own."""
+    cells = masks[:, 1].view(-1, _GRID, _CELL, _GRID, _CELL)
+    return cells.any(dim=4).any(dim=2).sum(dim=(1, 2))
 
 
 def split_generator(split: str, seed: int = 0) -> torch.Generator:

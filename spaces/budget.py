@@ -41,6 +41,11 @@ def rescale(schedule: Schedule, gamma: float) -> Schedule:
     return replace(schedule, layers=tuple(_scaled(p, gamma) for p in schedule.layers))
 
 
+def most_reduced(schedule: Schedule) -> Schedule:
+    """The schedule's shape rescaled as far as it goes (the fewest GMACs `fit_target` can reach)."""
+    return rescale(schedule, MAX_GAMMA)
+
+
 def fit_target(schedule: Schedule, target_gmacs: float, *, tolerance: float = 0.01, iterations: int = 40) -> Schedule:
     """Rescale the keep ratios so GMACs come as close to `target_gmacs` as possible without exceeding it.
 
@@ -54,8 +59,9 @@ def fit_target(schedule: Schedule, target_gmacs: float, *, tolerance: float = 0.
     if target_gmacs * (1 - tolerance) <= now <= target_gmacs:
         return schedule
     lo, hi = 1.0 / MAX_GAMMA, MAX_GAMMA  # gmacs falls as gamma grows
-    if gmacs(rescale(schedule, hi)) > target_gmacs:
-        return rescale(schedule, hi)
+    smallest = most_reduced(schedule)
+    if gmacs(smallest) > target_gmacs:
+        return smallest
     if gmacs(rescale(schedule, lo)) <= target_gmacs:
         return rescale(schedule, lo)
     for _ in range(iterations):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from spaces.budget import MAX_GAMMA, fit_target, rescale
+from spaces.budget import fit_target, most_reduced
 from spaces.cost import gmacs
 from spaces.model_spec import ModelSpec
 from spaces.schedule import METHODS, LayerPlan, Schedule
@@ -100,11 +100,6 @@ def _first_reducing_max(depth: int) -> int:
     return depth // 2
 
 
-def most_reduced_gmacs(schedule: Schedule) -> float:
-    """The fewest GMACs rescaling can bring this schedule's shape to."""
-    return gmacs(rescale(schedule, MAX_GAMMA))
-
-
 def per_layer(trial: TrialLike, space: SearchSpace) -> Schedule:
     """A method and keep ratio per block; blocks before `layers.first` keep every token.
 
@@ -127,7 +122,7 @@ def per_layer(trial: TrialLike, space: SearchSpace) -> Schedule:
         return Schedule(space.spec, layers, prop_attn=prop_attn, name="per-layer")
 
     schedule = build(first)
-    while first > 0 and space.budget_gmacs is not None and most_reduced_gmacs(schedule) > space.budget_gmacs:
+    while first > 0 and space.budget_gmacs is not None and gmacs(most_reduced(schedule)) > space.budget_gmacs:
         first -= 1
         schedule = build(first)
     return schedule
@@ -160,7 +155,7 @@ def staged(trial: TrialLike, space: SearchSpace, *, methods: tuple[str, ...] | N
         return Schedule(space.spec, tuple(layers), prop_attn=prop_attn, name=space.name)
 
     schedule = build(first, gap)
-    while (first > 1 or gap > 1) and space.budget_gmacs is not None and most_reduced_gmacs(schedule) > space.budget_gmacs:
+    while (first > 1 or gap > 1) and space.budget_gmacs is not None and gmacs(most_reduced(schedule)) > space.budget_gmacs:
         first, gap = (first - 1, gap) if first > 1 else (first, gap - 1)
         schedule = build(first, gap)
     return schedule

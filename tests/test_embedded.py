@@ -98,6 +98,7 @@ def test_objects_cover_a_minority_of_patches() -> None:
     assert body.min() >= 4
     many = labels % len(synthetic.COUNTS) == synthetic.COUNTS.index("many")
     assert set(tiles[~many].tolist()) == {1, 2, 3} and set(tiles[many].tolist()) == {4, 5, 6}
+    assert torch.equal(synthetic.tiles_per_image(masks), tiles)
     cells = masks[:, 1].view(-1, grid, 8, grid, 8).sum(dim=(2, 4))  # tile pixels per patch
     assert (cells[cells > 0] >= 20).all()  # each tile sits whole inside its patch (5.6 px or more across)
 
@@ -105,8 +106,8 @@ def test_objects_cover_a_minority_of_patches() -> None:
 def test_count_curriculum_leaves_out_three_tiles_only_when_asked() -> None:
     def tiles_per_class(**kw):  # tile patches per image, for "few" and "many" images
         _, labels, masks = synthetic.make_images(400, synthetic.split_generator("train", 5), return_mask=True, **kw)
-        tiles = masks[:, 1].view(-1, 8, 8, 8, 8).any(dim=4).any(dim=2).sum(dim=(1, 2))
-        many = labels % 2 == synthetic.COUNTS.index("many")
+        tiles = synthetic.tiles_per_image(masks)
+        many = labels % len(synthetic.COUNTS) == synthetic.COUNTS.index("many")
         return set(tiles[~many].tolist()), set(tiles[many].tolist())
 
     assert tiles_per_class() == ({1, 2, 3}, {4, 5, 6})
