@@ -245,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     if (args.steps is not None and args.steps < 1) or (args.minutes is not None and args.minutes <= 0):
         print("error: --steps and --minutes must be positive", file=sys.stderr)
         return 2
+    for flag in ("count_gap", "clutter_start"):  # fractions of the run / of the distractors
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            print(f"error: --{flag.replace('_', '-')} must be between 0 and 1, got {getattr(args, flag)}", file=sys.stderr)
+            return 2
     if out_file.exists() and not args.overwrite:
         print(f"error: {out_file} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2

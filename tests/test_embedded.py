@@ -145,6 +145,17 @@ def test_training_command_repeats_exactly_and_keeps_existing_weights(tmp_path, c
     assert "--overwrite" in capsys.readouterr().err and first.read_bytes() == before
 
 
+@pytest.mark.parametrize("argv,flag", [(["--steps", "3", "--count-gap", "1.5"], "--count-gap"),
+                                       (["--steps", "3", "--count-gap", "-0.1"], "--count-gap"),
+                                       (["--steps", "3", "--clutter-start", "2"], "--clutter-start"),
+                                       (["--steps", "0"], "--steps")])
+def test_training_command_refuses_bad_fractions_and_lengths(tmp_path, capsys, argv, flag) -> None:
+    assert train_main(["--out", str(tmp_path / "w"), "--run-dir", str(tmp_path / "r"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and flag in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "w").exists()  # nothing written
+
+
 def test_architecture_is_a_plain_12_block_vit() -> None:
     model = timm.create_model(embedded.NAME)
     assert type(model) is timm.models.vision_transformer.VisionTransformer
