@@ -8,6 +8,7 @@ candidate so drift cancels. Baseline and candidate always run the same attention
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ class Throughput:
     speedup_max: float
     batch_size: int
     repeats: int
+    calls_per_sample: int  # forwards in one timed sample (so it lasts at least min_time_s)
 
 
 def _sync(device: torch.device) -> None:
@@ -68,18 +70,26 @@ def accuracy(logits: Tensor, labels: Tensor, reference: Tensor) -> Accuracy:
     return Accuracy(top1, top5, agreement, max(kl, 0.0), logits.shape[0])
 
 
-def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+def _time_once(fn: Callable[[], object], device: torch.device, calls: int = 1) -> float:
+    """Seconds per call of `fn`, averaged over `calls` back-to-back calls."""
     _sync(device)
     start = time.perf_counter()
-    fn()
+    for _ in range(calls):
+        fn()
     _sync(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / calls
 
 
 @torch.inference_mode()
 def throughput(model: nn.Module, schedule: Schedule, *, batch_size: int = 64, image_size: tuple[int, int] | None = None,
-               warmup: int = 2, repeats: int = 5, dtype: torch.dtype = torch.float32) -> Throughput:
-    """Images/s of `schedule` and of the unreduced model, timed alternately in this process."""
+               warmup: int = 2, repeats: int = 5, min_time_s: float = 0.05,
+               dtype: torch.dtype = torch.float32) -> Throughput:
+    """Images/s of `schedule` and of the unreduced model, timed alternately in this process.
+
+    Each repeat times the pair in alternating order (base-candidate, then candidate-base), so a
+    linear drift cancels in the ratio. A timed sample repeats the forward until it lasts at least
+    `min_time_s` (counted once, on the unreduced model), so fast forwards are not timer noise.
+    """
     device = next(model.parameters()).device
     size = image_size or tuple(model.patch_embed.img_size)
     x = torch.randn(batch_size, 3, *size, device=device)
@@ -90,22 +100,27 @@ def throughput(model: nn.Module, schedule: Schedule, *, batch_size: int = 64, im
         with autocast:
             model(x)
 
+    def timed(which: str, calls: int) -> float:
+        if which == "base":
+            remove_schedule(model)
+        else:
+            apply_schedule(model, schedule)
+        return _time_once(run, device, calls)
+
+    for _ in range(warmup):
+        timed("base", 1)
+        timed("cand", 1)
+    calls = max(1, math.ceil(min_time_s / max(timed("base", 1), 1e-9)))
     times: dict[str, list[float]] = {"base": [], "cand": []}
-    for i in range(warmup + repeats):
-        for which in ("base", "cand"):
-            if which == "base":
-                remove_schedule(model)
-            else:
-                apply_schedule(model, schedule)
-            elapsed = _time_once(run, device)
-            if i >= warmup:
-                times[which].append(elapsed)
+    for i in range(repeats):
+        for which in ("base", "cand") if i % 2 == 0 else ("cand", "base"):
+            times[which].append(timed(which, calls))
     ratios = [b / c for b, c in zip(times["base"], times["cand"], strict=True)]
     return Throughput(
         images_per_s=batch_size / statistics.median(times["cand"]),
         baseline_images_per_s=batch_size / statistics.median(times["base"]),
         speedup=statistics.median(ratios), speedup_min=min(ratios), speedup_max=max(ratios),
-        batch_size=batch_size, repeats=repeats,
+        batch_size=batch_size, repeats=repeats, calls_per_sample=calls,
     )
 
 

@@ -72,10 +72,12 @@ def test_accuracy_known_answer() -> None:
 
 def test_throughput_positive_and_repeatable(tiny) -> None:
     schedule = Schedule.from_preset("tome:4", tiny)
-    runs = [throughput(tiny, schedule, batch_size=8, warmup=1, repeats=5) for _ in range(2)]
+    # One forward of this model takes a few ms, so a sample must repeat it to outlast timer noise.
+    runs = [throughput(tiny, schedule, batch_size=8, warmup=2, repeats=7, min_time_s=0.2) for _ in range(2)]
     for run in runs:
         assert run.images_per_s > 0 and run.baseline_images_per_s > 0
         assert run.speedup_min <= run.speedup <= run.speedup_max
+        assert run.calls_per_sample > 1
     # Two measurements of the same thing overlap within their reported spreads.
     assert runs[0].speedup_min <= runs[1].speedup_max and runs[1].speedup_min <= runs[0].speedup_max
 
