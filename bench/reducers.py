@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from reducers import apply_schedule  # noqa: E402
+from search.evaluate import time_call, timed_pairs  # noqa: E402
 from spaces import ModelSpec, Schedule, gmacs  # noqa: E402
 
 # method -> (preset family, kind of its numeric argument)
@@ -76,34 +76,6 @@ def closest_preset(family: str, kind: str, spec: ModelSpec, target: float) -> tu
     return best.name, best
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_forward(model: nn.Module, images: torch.Tensor, device: torch.device) -> float:
-    """Seconds for one forward pass, synchronised on both ends."""
-    synchronize(device)
-    start = time.perf_counter()
-    model(images)
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def timed_pairs(base: nn.Module, cand: nn.Module, images: torch.Tensor, *, repeats: int,
-                device: torch.device) -> tuple[list[float], list[float]]:
-    """`repeats` (baseline, candidate) timings in ABBA order: linear drift cancels in pairs."""
-    base_t, cand_t = [], []
-    for i in range(repeats):
-        if i % 2 == 0:
-            base_t.append(time_forward(base, images, device))
-            cand_t.append(time_forward(cand, images, device))
-        else:
-            cand_t.append(time_forward(cand, images, device))
-            base_t.append(time_forward(base, images, device))
-    return base_t, cand_t
-
-
 def attention_backend(device: torch.device) -> str:
     text = "fused F.scaled_dot_product_attention (fused_attn=True) in baseline and reduced blocks alike"
     if device.type == "cuda":
@@ -117,8 +89,9 @@ def measure(method: str, preset: str, schedule: Schedule, base: nn.Module, cand:
             images: torch.Tensor, args: argparse.Namespace, device: torch.device, base_gmacs: float) -> Row:
     apply_schedule(cand, schedule)
     for _ in range(args.warmup):
-        time_forward(cand, images, device)
-    base_t, cand_t = timed_pairs(base, cand, images, repeats=args.repeats, device=device)
+        time_call(lambda: cand(images), device)
+    base_t, cand_t = timed_pairs(lambda: time_call(lambda: base(images), device),
+                                 lambda: time_call(lambda: cand(images), device), args.repeats)
     pair_speedups = [b / c for b, c in zip(base_t, cand_t, strict=True)]
     g = gmacs(schedule)
     measured = statistics.median(base_t) / statistics.median(cand_t)
@@ -194,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with torch.inference_mode():
         for _ in range(args.warmup):
-            time_forward(base, images, device)
+            time_call(lambda: base(images), device)
         for method, (family, kind) in METHODS.items():
             preset, schedule = closest_preset(family, kind, spec, args.target * base_gmacs)
             rows.append(measure(method, preset, schedule, base, cand, images, args, device, base_gmacs))

@@ -70,8 +70,8 @@ def accuracy(logits: Tensor, labels: Tensor, reference: Tensor) -> Accuracy:
     return Accuracy(top1, top5, agreement, max(kl, 0.0), logits.shape[0])
 
 
-def _time_once(fn: Callable[[], object], device: torch.device, calls: int = 1) -> float:
-    """Seconds per call of `fn`, averaged over `calls` back-to-back calls."""
+def time_call(fn: Callable[[], object], device: torch.device, calls: int = 1) -> float:
+    """Seconds per call of `fn`, averaged over `calls` back-to-back calls, synchronised on both ends."""
     _sync(device)
     start = time.perf_counter()
     for _ in range(calls):
@@ -80,15 +80,29 @@ def _time_once(fn: Callable[[], object], device: torch.device, calls: int = 1) -
     return (time.perf_counter() - start) / calls
 
 
+def timed_pairs(time_base: Callable[[], float], time_cand: Callable[[], float],
+                repeats: int) -> tuple[list[float], list[float]]:
+    """`repeats` (baseline, candidate) timings in ABBA order, so a linear drift cancels in each pair."""
+    base, cand = [], []
+    for i in range(repeats):
+        if i % 2 == 0:
+            base.append(time_base())
+            cand.append(time_cand())
+        else:
+            cand.append(time_cand())
+            base.append(time_base())
+    return base, cand
+
+
 @torch.inference_mode()
 def throughput(model: nn.Module, schedule: Schedule, *, batch_size: int = 64, image_size: tuple[int, int] | None = None,
                warmup: int = 2, repeats: int = 5, min_time_s: float = 0.05,
                dtype: torch.dtype = torch.float32) -> Throughput:
     """Images/s of `schedule` and of the unreduced model, timed alternately in this process.
 
-    Each repeat times the pair in alternating order (base-candidate, then candidate-base), so a
-    linear drift cancels in the ratio. A timed sample repeats the forward until it lasts at least
-    `min_time_s` (counted once, on the unreduced model), so fast forwards are not timer noise.
+    The pairs are timed in ABBA order (`timed_pairs`). A timed sample repeats the forward until it
+    lasts at least `min_time_s` (counted once, on the unreduced model), so fast forwards are not
+    timer noise.
     """
     device = next(model.parameters()).device
     size = image_size or tuple(model.patch_embed.img_size)
@@ -100,25 +114,23 @@ def throughput(model: nn.Module, schedule: Schedule, *, batch_size: int = 64, im
         with autocast:
             model(x)
 
-    def timed(which: str, calls: int) -> float:
-        if which == "base":
-            remove_schedule(model)
-        else:
-            apply_schedule(model, schedule)
-        return _time_once(run, device, calls)
+    def time_base(calls: int = 1) -> float:
+        remove_schedule(model)
+        return time_call(run, device, calls)
+
+    def time_cand(calls: int = 1) -> float:
+        apply_schedule(model, schedule)
+        return time_call(run, device, calls)
 
     for _ in range(warmup):
-        timed("base", 1)
-        timed("cand", 1)
-    calls = max(1, math.ceil(min_time_s / max(timed("base", 1), 1e-9)))
-    times: dict[str, list[float]] = {"base": [], "cand": []}
-    for i in range(repeats):
-        for which in ("base", "cand") if i % 2 == 0 else ("cand", "base"):
-            times[which].append(timed(which, calls))
-    ratios = [b / c for b, c in zip(times["base"], times["cand"], strict=True)]
+        time_base()
+        time_cand()
+    calls = max(1, math.ceil(min_time_s / max(time_base(), 1e-9)))
+    base_t, cand_t = timed_pairs(lambda: time_base(calls), lambda: time_cand(calls), repeats)
+    ratios = [b / c for b, c in zip(base_t, cand_t, strict=True)]
     return Throughput(
-        images_per_s=batch_size / statistics.median(times["cand"]),
-        baseline_images_per_s=batch_size / statistics.median(times["base"]),
+        images_per_s=batch_size / statistics.median(cand_t),
+        baseline_images_per_s=batch_size / statistics.median(base_t),
         speedup=statistics.median(ratios), speedup_min=min(ratios), speedup_max=max(ratios),
         batch_size=batch_size, repeats=repeats, calls_per_sample=calls,
     )

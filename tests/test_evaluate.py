@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from run_search import main
 from search.data import balanced_subset, folder_set
-from search.evaluate import accuracy, evaluate, predict, throughput
+from search.evaluate import accuracy, evaluate, predict, throughput, timed_pairs
 from search.models import data_config, load_checkpoint
 from spaces import ModelSpec, Schedule
 from tests.images import write_image_folder
@@ -68,6 +68,20 @@ def test_accuracy_known_answer() -> None:
     assert out.top1 == pytest.approx(2 / 3) and out.top5 == 1.0 and out.agreement == pytest.approx(1 / 3)
     unlabeled = accuracy(logits, torch.full((3,), -1), reference=logits)
     assert unlabeled.top1 is None and unlabeled.agreement == 1.0 and unlabeled.kl == pytest.approx(0.0, abs=1e-7)
+
+
+def test_timed_pairs_alternate_abba() -> None:
+    order: list[str] = []
+
+    def timer(name: str, seconds: float):
+        def time_it() -> float:
+            order.append(name)
+            return seconds
+        return time_it
+
+    base, cand = timed_pairs(timer("base", 2.0), timer("cand", 1.0), repeats=3)
+    assert order == ["base", "cand", "cand", "base", "base", "cand"]
+    assert base == [2.0] * 3 and cand == [1.0] * 3
 
 
 def test_throughput_positive_and_repeatable(tiny) -> None:
