@@ -100,6 +100,11 @@ def _first_reducing_max(depth: int) -> int:
     return depth // 2
 
 
+def _out_of_budget(schedule: Schedule, space: SearchSpace) -> bool:
+    """Whether even the most reduced form of `schedule` costs more than the space's budget."""
+    return space.budget_gmacs is not None and gmacs(most_reduced(schedule)) > space.budget_gmacs
+
+
 def per_layer(trial: TrialLike, space: SearchSpace) -> Schedule:
     """A method and keep ratio per block; blocks before `layers.first` keep every token.
 
@@ -122,7 +127,7 @@ def per_layer(trial: TrialLike, space: SearchSpace) -> Schedule:
         return Schedule(space.spec, layers, prop_attn=prop_attn, name="per-layer")
 
     schedule = build(first)
-    while first > 0 and space.budget_gmacs is not None and gmacs(most_reduced(schedule)) > space.budget_gmacs:
+    while first > 0 and _out_of_budget(schedule, space):
         first -= 1
         schedule = build(first)
     return schedule
@@ -155,7 +160,7 @@ def staged(trial: TrialLike, space: SearchSpace, *, methods: tuple[str, ...] | N
         return Schedule(space.spec, tuple(layers), prop_attn=prop_attn, name=space.name)
 
     schedule = build(first, gap)
-    while (first > 1 or gap > 1) and space.budget_gmacs is not None and gmacs(most_reduced(schedule)) > space.budget_gmacs:
+    while (first > 1 or gap > 1) and _out_of_budget(schedule, space):
         first, gap = (first - 1, gap) if first > 1 else (first, gap - 1)
         schedule = build(first, gap)
     return schedule
