@@ -7,10 +7,11 @@ inference mode, batch 256, the process's default threads), the preset table (spe
 preset against the unreduced model timed alternately in this process, batch 64, median of 5)
 and, to explain it, two more tables: the accuracy of the count half of the label (few or many
 tiles) by the number of tiles in the image, for every preset (reduction shifts the model's
-count, which changes the class only next to the boundary, 3 against 4 tiles); and the
+count, which changes the class only next to the boundary, 3 against 4 tiles); the
 *readiness* of the class token: top-1 when every patch token is dropped after block k, so blocks
-k+1.. see the class token alone. Once that is at the full model's accuracy, reducing tokens
-after block k can cost nothing.
+k+1.. see the class token alone (once that is at the full model's accuracy, reducing tokens
+after block k can cost nothing); and, for the ToMe presets, which tokens ToMe merges in every
+block: how many hold a tile, and how many hold a tile mixed with other patches.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reducers import apply_schedule, remove_schedule  # noqa: E402
+from reducers.merge import merge  # noqa: E402
 from search import synthetic  # noqa: E402
 from search.data import TensorSet, embedded_set  # noqa: E402
 from search.evaluate import evaluate, predict  # noqa: E402
@@ -49,10 +53,53 @@ def cls_readiness(model: torch.nn.Module, data: TensorSet, batch_size: int = 256
     return (correct / len(data)).tolist()
 
 
-def tiles_per_image(num_images: int) -> torch.Tensor:
-    """Number of tiles in every image of ``embedded_set(num_images)`` (the same generator, seed 0)."""
+def tile_patches(num_images: int) -> torch.Tensor:
+    """``bool [N, 64]``: the patches holding a tile in every image of ``embedded_set(num_images)``
+    (the same generator, seed 0)."""
     _, _, masks = synthetic.make_images(num_images, synthetic.split_generator("heldout", 0), return_mask=True)
-    return synthetic.tiles_per_image(masks)
+    return synthetic.tile_patches(masks)
+
+
+@torch.inference_mode()
+def merge_trace(model: torch.nn.Module, schedule: Schedule, data: TensorSet, tiles: torch.Tensor,
+                batch_size: int = 250) -> list[tuple[int, float, float, float]]:
+    """What ToMe's merges do to the tile tokens, block by block (a schedule that only merges).
+
+    Every merge the model makes is applied, with the same plan (``reducers.merge.merge`` and the
+    same keys), to a map of each token's share of every original patch, so each token knows
+    which patches it holds. Returns, per merging block: (patch tokens entering it, tokens
+    holding a tile afterwards, of them the tokens that also hold other patches, the share of
+    images with such a mixed token), averaged over the images.
+    """
+    merging = [i for i, plan in enumerate(schedule.layers) if plan.method == "merge"]
+    totals = torch.zeros(len(merging), 4)
+    state: dict[str, Any] = {}
+
+    def traced(x, size, metric, *, num_prefix, r):  # type: ignore[no-untyped-def]
+        state["shares"], _ = merge(state["shares"], size, metric, num_prefix=num_prefix, r=r)
+        held = state["shares"][:, num_prefix:] > 0  # [B, n', 64]: the patches each token holds
+        tile = state["tiles"][:, None, :]
+        has_tile = (held & tile).any(-1)
+        mixed = has_tile & (held & ~tile).any(-1)
+        k = state["calls"]
+        totals[k] += torch.tensor([x.shape[1] - num_prefix, has_tile.sum(1).float().mean(),
+                                   mixed.sum(1).float().mean(), mixed.any(1).float().mean()]) * x.shape[0]
+        state["calls"] = k + 1
+        return merge(x, size, metric, num_prefix=num_prefix, r=r)
+
+    apply_schedule(model, schedule)
+    try:
+        with mock.patch("reducers.patch.merge", traced):
+            for start, (images, _) in zip(range(0, len(data), batch_size), data.batches(batch_size), strict=True):
+                b, n = images.shape[0], tiles.shape[1]
+                prefix = torch.zeros(b, model.num_prefix_tokens, n)
+                state.update(shares=torch.cat([prefix, torch.eye(n).expand(b, n, n)], dim=1),
+                             tiles=tiles[start : start + b], calls=0)
+                model(images)
+    finally:
+        remove_schedule(model)
+    totals /= len(data)
+    return [(block, *row.tolist()) for block, row in zip(merging, totals, strict=False) if row[0] > 0]
 
 
 def count_accuracy_by_tiles(model: torch.nn.Module, schedule: Schedule, data: TensorSet,
@@ -80,22 +127,35 @@ def main() -> int:
     seconds = time.perf_counter() - start
     print(f"unreduced: {len(data)} images evaluated in {seconds:.1f} s ({len(data) / seconds:.0f} images/s, batch 256)")
     print("| preset | GMACs share | top-1 | speed-up (measured) | images/s |\n|---|---|---|---|---|")
-    for name in args.presets.split(","):
+    names = args.presets.split(",")
+    for name in names:
         r = evaluate(model, Schedule.from_preset(name, spec), data, reference,
                      timing={"batch_size": 64, "repeats": args.repeats})
         print(f"| `{name}` | {100 * r['gmacs'] / r['baseline_gmacs']:.0f} % | {100 * r['top1']:.2f} | "
               f"{r['speedup']:.2f} ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {r['images_per_s']:.0f} |")
-    tiles = tiles_per_image(len(data))
-    print("\ncount half right (few = 1-3 tiles, many = 4-6), by tiles in the image (%):")
+    patches = tile_patches(len(data))
+    tiles = patches.sum(dim=1)
+    few, many = synthetic.TILE_COUNTS["few"], synthetic.TILE_COUNTS["many"]
+    print(f"\ncount half right (few = {few[0]}-{few[1]} tiles, many = {many[0]}-{many[1]}), by tiles in the image (%):")
     print("| preset | " + " | ".join(str(k) for k in range(1, int(tiles.max()) + 1)) + " |")
     print("|---" * (int(tiles.max()) + 1) + "|")
-    for name in args.presets.split(","):
+    for name in names:
         row = count_accuracy_by_tiles(model, Schedule.from_preset(name, spec), data, tiles)
         print(f"| `{name}` | " + " | ".join(f"{100 * a:.1f}" for a in row) + " |")
     print("\nclass token alone after block k (top-1):")
     print("| k | " + " | ".join(str(k) for k in range(len(model.blocks))) + " |")
     print("|---" * (len(model.blocks) + 1) + "|")
     print("| top-1 | " + " | ".join(f"{100 * a:.1f}" for a in cls_readiness(model, data)) + " |")
+    for name in names:
+        schedule = Schedule.from_preset(name, spec)
+        if {plan.method for plan in schedule.layers} - {"none"} != {"merge"}:
+            continue  # the trace follows ToMe's merges only
+        print(f"\n`{name}`: what the merges do to the tile tokens (per image, mean of {len(data)}; "
+              f"{tiles.float().mean():.2f} tiles):")
+        print("| block | patch tokens in | tokens holding a tile | of them mixed with other patches | "
+              "images with a mixed tile token |\n|---|---|---|---|---|")
+        for block, tokens_in, holding, mixed, images in merge_trace(model, schedule, data, patches):
+            print(f"| {block} | {tokens_in:.0f} | {holding:.2f} | {mixed:.2f} | {100 * images:.0f} % |")
     return 0
 
 

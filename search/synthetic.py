@@ -45,7 +45,8 @@ Public API:
 - ``make_split(split, num_images, seed=None)``: a fixed split, ``"train"`` or ``"heldout"``;
   the two splits use different generator seeds for the same ``seed``.
 - ``stream_batch(step, batch_size, seed=0)``: the training stream, a fresh batch per step.
-- ``tiles_per_image(masks)``: the tile count of every image, from ``make_images``' masks.
+- ``tiles_per_image(masks)`` / ``tile_patches(masks)``: the tile count of every image and the
+  patches that hold the tiles, from ``make_images``' masks.
 - ``to_float(images)`` / ``normalize(images)``: ``uint8`` -> float in ``[0, 1]`` ->
   normalised with ``MEAN``/``STD`` (the values declared in the model's pretrained_cfg).
 - ``SyntheticShapes``: a map-style ``torch.utils.data.Dataset`` over one split.
@@ -73,6 +74,7 @@ __all__ = [
     "NUM_CLASSES",
     "PATTERNS",
     "SPLITS",
+    "TILE_COUNTS",
     "STD",
     "SyntheticShapes",
     "make_images",
@@ -80,6 +82,7 @@ __all__ = [
     "normalize",
     "split_generator",
     "stream_batch",
+    "tile_patches",
     "tiles_per_image",
     "to_float",
     "write_folder",
@@ -103,6 +106,7 @@ _TILE_HALF = (2.8, 3.4)  # half-side of a tile in px: 5.6-6.8 px across, inside 
 _TILE_JITTER = 0.5  # a tile's centre moves up to this many px from its cell's centre
 _FRAME_PX = 1.5  # width of a tile's frame
 _FEW, _MANY = (1, 3), (4, 6)  # tiles per image (inclusive ranges) for "few" and "many"
+TILE_COUNTS = {"few": _FEW, "many": _MANY}  # the same ranges by name, for reports
 _MAX_TILES = _MANY[1]
 _CELL = 8  # px: tiles sit in the cells of the model's 8 px patch grid
 _GRID = 64 // _CELL
@@ -332,11 +336,17 @@ def make_images(num_images: int, generator: torch.Generator, *, return_mask: boo
     return (*out, torch.stack(masks, dim=1))
 
 
+def tile_patches(masks: Tensor) -> Tensor:
+    """``bool [N, 64]``: the patches (raster order, the model's token order) that hold a tile,
+    from ``make_images(..., return_mask=True)``'s masks."""
+    cells = masks[:, 1].view(-1, _GRID, _CELL, _GRID, _CELL)
+    return cells.any(dim=4).any(dim=2).view(-1, _GRID * _GRID)
+
+
 def tiles_per_image(masks: Tensor) -> Tensor:
     """``long [N]``: how many tiles each image holds, from ``make_images(..., return_mask=True)``'s
     masks; the patches the tile mask touches, since every tile sits in a cell of its own."""
-    cells = masks[:, 1].view(-1, _GRID, _CELL, _GRID, _CELL)
-    return cells.any(dim=4).any(dim=2).sum(dim=(1, 2))
+    return tile_patches(masks).sum(dim=1)
 
 
 def split_generator(split: str, seed: int = 0) -> torch.Generator:

@@ -101,6 +101,8 @@ def test_objects_cover_a_minority_of_patches() -> None:
     assert torch.equal(synthetic.tiles_per_image(masks), tiles)
     cells = masks[:, 1].view(-1, grid, 8, grid, 8).sum(dim=(2, 4))  # tile pixels per patch
     assert (cells[cells > 0] >= 20).all()  # each tile sits whole inside its patch (5.6 px or more across)
+    assert torch.equal(synthetic.tile_patches(masks), (cells > 0).flatten(1))  # raster order, as the tokens
+    assert synthetic.TILE_COUNTS == {"few": (1, 3), "many": (4, 6)}
 
 
 def test_count_curriculum_leaves_out_three_tiles_only_when_asked() -> None:
