@@ -71,6 +71,8 @@ def merge_trace(model: torch.nn.Module, schedule: Schedule, data: TensorSet, til
     holding a tile afterwards, of them the tokens that also hold other patches, the share of
     images with such a mixed token), averaged over the images.
     """
+    # The k-th merge call is the k-th merging block: ToMe presets merge in every block until too
+    # few tokens are left, so the blocks that end up merging nothing come last.
     merging = [i for i, plan in enumerate(schedule.layers) if plan.method == "merge"]
     totals = torch.zeros(len(merging), 4)
     state: dict[str, Any] = {}
