@@ -61,9 +61,11 @@ def tile_patches(num_images: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def merge_trace(model: torch.nn.Module, schedule: Schedule, data: TensorSet, tiles: torch.Tensor,
+def merge_trace(model: torch.nn.Module, schedule: Schedule, data: TensorSet, patches: torch.Tensor,
                 batch_size: int = 250) -> list[tuple[int, float, float, float]]:
     """What ToMe's merges do to the tile tokens, block by block (a schedule that only merges).
+
+    ``patches``: ``bool [N, 64]``, the patches of each image that hold a tile (``tile_patches``).
 
     Every merge the model makes is applied, with the same plan (``reducers.merge.merge`` and the
     same keys), to a map of each token's share of every original patch, so each token knows
@@ -93,10 +95,10 @@ def merge_trace(model: torch.nn.Module, schedule: Schedule, data: TensorSet, til
     try:
         with mock.patch("reducers.patch.merge", traced):
             for start, (images, _) in zip(range(0, len(data), batch_size), data.batches(batch_size), strict=True):
-                b, n = images.shape[0], tiles.shape[1]
+                b, n = images.shape[0], patches.shape[1]
                 prefix = torch.zeros(b, model.num_prefix_tokens, n)
                 state.update(shares=torch.cat([prefix, torch.eye(n).expand(b, n, n)], dim=1),
-                             tiles=tiles[start : start + b], calls=0)
+                             tiles=patches[start : start + b], calls=0)
                 model(images)
     finally:
         remove_schedule(model)
