@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import timm
@@ -156,6 +159,14 @@ def test_training_command_refuses_bad_fractions_and_lengths(tmp_path, capsys, ar
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and flag in err and len(err.splitlines()) == 1
     assert not (tmp_path / "w").exists()  # nothing written
+
+
+@pytest.mark.parametrize("argv", [["--steps", "-1"], ["--num-images", "0"]])
+def test_variant_screen_refuses_bad_lengths(argv) -> None:
+    script = Path(__file__).resolve().parents[1] / "bench" / "screen_variant.py"
+    done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error:") and len(done.stderr.strip().splitlines()) == 1
 
 
 def test_architecture_is_a_plain_12_block_vit() -> None:
