@@ -8,9 +8,10 @@ so the data are effectively infinite and their order is fixed by ``--seed``: the
 command with the same ``--steps`` and thread count reproduces the same weights. AdamW,
 linear warm-up then cosine decay, label smoothing, gradient clipping, a clutter curriculum
 (few distractors at first, all of them after ``--clutter-ramp`` of the steps), a count
-curriculum (for the first ``--count-gap`` of the steps no "few" image holds 3 tiles, so the
-classes are two tiles apart while the model learns to count; trained on 1-3 against 4-6 from
-the start, it stayed at chance on the count after 560 steps) and a 2-D
+curriculum (for the first ``--count-gap`` of the steps no "few" image holds 3 tiles and every
+count of a range is drawn uniformly, so the classes are two tiles apart and 5-6 tile images
+common while the model learns to count; trained on 1-3 against 4-6 from the start, or on 1-2
+against mostly 4, it stayed at chance on the count after 560 and 675 steps) and a 2-D
 sin-cos start for the learned position embedding. ``--minutes`` times a few steps at the
 start and converts the budget into a step count (logged; use ``--steps`` for a run that
 repeats exactly), because the LR schedule needs the total.
@@ -228,7 +229,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clutter-start", type=float, default=0.0, help="share of the distractors at step 0")
     p.add_argument("--clutter-ramp", type=float, default=0.2, help="fraction of the steps to reach full clutter")
     p.add_argument("--count-gap", type=float, default=0.4,
-                   help="fraction of the steps in which no 'few' image holds 3 tiles (count curriculum)")
+                   help="fraction of the steps in which no 'few' image holds 3 tiles and counts are uniform "
+                        "(count curriculum)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--eval-images", type=int, default=2000, help="held-out images for the evaluations")
     p.add_argument("--eval-minutes", type=float, default=4.0, help="evaluate and checkpoint this often")

@@ -117,6 +117,20 @@ def test_count_curriculum_leaves_out_three_tiles_only_when_asked() -> None:
 
     assert tiles_per_class() == ({1, 2, 3}, {4, 5, 6})
     assert tiles_per_class(boundary=False) == ({1, 2}, {4, 5, 6})
+
+
+def test_most_images_sit_next_to_the_class_boundary() -> None:
+    def share_at_boundary(**kw):  # share of "few" images with 3 tiles and of "many" images with 4
+        _, labels, masks = synthetic.make_images(4000, synthetic.split_generator("heldout", 3), return_mask=True, **kw)
+        tiles = synthetic.tiles_per_image(masks)
+        many = labels % len(synthetic.COUNTS) == synthetic.COUNTS.index("many")
+        return (tiles[~many] == 3).float().mean().item(), (tiles[many] == 4).float().mean().item()
+
+    few, many = share_at_boundary()
+    assert synthetic.BOUNDARY_SHARE == 0.9
+    assert abs(few - 0.9 - 0.1 / 3) < 0.025 and abs(many - 0.9 - 0.1 / 3) < 0.025  # 90 % plus a third of the rest
+    few, many = share_at_boundary(boundary=False)  # the curriculum: no 3, every other count uniform
+    assert few == 0.0 and abs(many - 1 / 3) < 0.03
     args = argparse.Namespace(count_gap=0.4)
     assert [boundary_at(s, 100, args) for s in (0, 39, 40, 99)] == [False, False, True, True]
     assert boundary_at(0, 100, argparse.Namespace(count_gap=0.0))
@@ -159,6 +173,16 @@ def test_training_command_refuses_bad_fractions_and_lengths(tmp_path, capsys, ar
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and flag in err and len(err.splitlines()) == 1
     assert not (tmp_path / "w").exists()  # nothing written
+
+
+@pytest.mark.parametrize("variant", ["twins", "twins-dense"])
+def test_variant_patches_apply_to_the_generator(variant) -> None:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    patch = root / "bench" / "variants" / f"{variant}.patch"
+    done = subprocess.run(["git", "apply", "--check", str(patch)], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("argv", [["--steps", "-1"], ["--num-images", "0"]])
