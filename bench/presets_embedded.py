@@ -106,15 +106,18 @@ def merge_trace(model: torch.nn.Module, schedule: Schedule, data: TensorSet, pat
     return [(block, *row.tolist()) for block, row in zip(merging, totals, strict=False) if row[0] > 0]
 
 
-def count_accuracy_by_tiles(model: torch.nn.Module, schedule: Schedule, data: TensorSet,
-                            tiles: torch.Tensor) -> list[float]:
-    """Accuracy of the few/many half of the prediction for images with 1, 2, ..., 6 tiles."""
+def predict_under(model: torch.nn.Module, schedule: Schedule, data: TensorSet) -> torch.Tensor:
+    """``long [N]``: the class ``model`` predicts for every image under ``schedule`` (removed after)."""
     apply_schedule(model, schedule)
     try:
-        pred = predict(model, data).argmax(1)
+        return predict(model, data).argmax(1)
     finally:
         remove_schedule(model)
-    right = pred % len(synthetic.COUNTS) == data.labels % len(synthetic.COUNTS)
+
+
+def count_right_by_tiles(pred: torch.Tensor, labels: torch.Tensor, tiles: torch.Tensor) -> list[float]:
+    """Accuracy of the few/many half of ``pred`` for images with 1, 2, ..., ``tiles.max()`` tiles."""
+    right = pred % len(synthetic.COUNTS) == labels % len(synthetic.COUNTS)
     return [right[tiles == k].float().mean().item() for k in range(1, int(tiles.max()) + 1)]
 
 
@@ -144,7 +147,7 @@ def main() -> int:
     print("| preset | " + " | ".join(str(k) for k in range(1, int(tiles.max()) + 1)) + " |")
     print("|---" * (int(tiles.max()) + 1) + "|")
     for name in names:
-        row = count_accuracy_by_tiles(model, Schedule.from_preset(name, spec), data, tiles)
+        row = count_right_by_tiles(predict_under(model, Schedule.from_preset(name, spec), data), data.labels, tiles)
         print(f"| `{name}` | " + " | ".join(f"{100 * a:.1f}" for a in row) + " |")
     print("\nclass token alone after block k (top-1):")
     print("| k | " + " | ".join(str(k) for k in range(len(model.blocks))) + " |")

@@ -24,12 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from presets_embedded import merge_trace  # noqa: E402
+from presets_embedded import count_right_by_tiles, merge_trace, predict_under  # noqa: E402
 
-from reducers import apply_schedule, remove_schedule  # noqa: E402
 from search import synthetic  # noqa: E402
 from search.data import TensorSet  # noqa: E402
-from search.evaluate import predict  # noqa: E402
 from search.models import load_model  # noqa: E402
 from spaces import ModelSpec, Schedule  # noqa: E402
 
@@ -76,13 +74,8 @@ def main() -> int:
     spec = ModelSpec.from_model(model)
     print("| preset | top-1 | pattern half | count half right by tiles 1..6 |\n|---|---|---|---|")
     for name in PRESETS:
-        apply_schedule(model, Schedule.from_preset(name, spec))
-        try:
-            pred = predict(model, data).argmax(1)
-        finally:
-            remove_schedule(model)
-        count = pred % len(synthetic.COUNTS) == labels % len(synthetic.COUNTS)
-        by_tiles = " ".join(f"{100 * count[tiles == k].float().mean():.1f}" for k in range(1, int(tiles.max()) + 1))
+        pred = predict_under(model, Schedule.from_preset(name, spec), data)
+        by_tiles = " ".join(f"{100 * right:.1f}" for right in count_right_by_tiles(pred, labels, tiles))
         pattern = (pred // len(synthetic.COUNTS) == labels // len(synthetic.COUNTS)).float().mean()
         print(f"| `{name}` | {100 * (pred == labels).float().mean():.1f} | {100 * pattern:.1f} | {by_tiles} |")
     print("\n`tome:6` merge trace: | block | patch tokens in | holding a tile | mixed | images with a mixed one |")

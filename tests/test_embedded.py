@@ -117,6 +117,9 @@ def test_count_curriculum_leaves_out_three_tiles_only_when_asked() -> None:
 
     assert tiles_per_class() == ({1, 2, 3}, {4, 5, 6})
     assert tiles_per_class(boundary=False) == ({1, 2}, {4, 5, 6})
+    args = argparse.Namespace(count_gap=0.4)
+    assert [boundary_at(s, 100, args) for s in (0, 39, 40, 99)] == [False, False, True, True]
+    assert boundary_at(0, 100, argparse.Namespace(count_gap=0.0))
 
 
 def test_most_images_sit_next_to_the_class_boundary() -> None:
@@ -131,9 +134,6 @@ def test_most_images_sit_next_to_the_class_boundary() -> None:
     assert abs(few - 0.9 - 0.1 / 3) < 0.025 and abs(many - 0.9 - 0.1 / 3) < 0.025  # 90 % plus a third of the rest
     few, many = share_at_boundary(boundary=False)  # the curriculum: no 3, every other count uniform
     assert few == 0.0 and abs(many - 1 / 3) < 0.03
-    args = argparse.Namespace(count_gap=0.4)
-    assert [boundary_at(s, 100, args) for s in (0, 39, 40, 99)] == [False, False, True, True]
-    assert boundary_at(0, 100, argparse.Namespace(count_gap=0.0))
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
