@@ -6,16 +6,16 @@
 
 A full training takes 45 minutes on 2 CPU cores; this fine-tunes the shipped weights for
 ``--steps`` steps on the stream of whatever generator ``search/synthetic.py`` holds (batch 128,
-AdamW, lr 5e-4 with 20 warm-up steps and a cosine decay, no 3-tile "few" image in the first 20 %
-of the steps), then prints top-1, the pattern half and the count half by tiles for the paper
-presets on held-out images of that generator, and the ToMe merge trace of ``tome:6``. The model is
-not converged after 300 steps, so read the differences between presets, not the levels.
+AdamW, lr 5e-4 with 20 linear warm-up steps and a cosine decay to 0 by ``train_embedded.lr_at``,
+no 3-tile "few" image in the first 20 % of the steps), then prints top-1, the pattern half and the
+count half by tiles for the paper presets on held-out images of that generator, and the ToMe
+merge trace of ``tome:6``. The model is not converged after 300 steps, so read the differences
+between presets, not the levels.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,6 +29,7 @@ from presets_embedded import count_right_by_tiles, merge_trace, predict_under  #
 from search import synthetic  # noqa: E402
 from search.data import TensorSet  # noqa: E402
 from search.models import load_model  # noqa: E402
+from search.train_embedded import lr_at  # noqa: E402
 from spaces import ModelSpec, Schedule  # noqa: E402
 
 PRESETS = ("none", "evit:0.5", "tcvit:0.5", "idlevit:0.5", "tome:6", "ppt", "tome:4")
@@ -40,7 +41,7 @@ def fine_tune(model: torch.nn.Module, steps: int, *, peak_lr: float = 5e-4, warm
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.05)
     start = time.perf_counter()
     for step in range(steps):
-        lr = peak_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        lr = lr_at(step, total=steps, warmup=warmup, peak=peak_lr, final=0.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, labels = synthetic.stream_batch(step, 128, seed=7, boundary=step > steps * 0.2)
