@@ -108,12 +108,18 @@ def test_objects_cover_a_minority_of_patches() -> None:
     assert synthetic.TILE_COUNTS == {"few": (1, 3), "many": (4, 6)}
 
 
+def _tiles_of_few_and_many(num_images: int, split: str, seed: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiles per image of the generated "few" images and of the "many" images."""
+    _, labels, masks = synthetic.make_images(num_images, synthetic.split_generator(split, seed), return_mask=True, **kw)
+    tiles = synthetic.tiles_per_image(masks)
+    many = labels % len(synthetic.COUNTS) == synthetic.COUNTS.index("many")
+    return tiles[~many], tiles[many]
+
+
 def test_count_curriculum_leaves_out_three_tiles_only_when_asked() -> None:
-    def tiles_per_class(**kw):  # tile patches per image, for "few" and "many" images
-        _, labels, masks = synthetic.make_images(400, synthetic.split_generator("train", 5), return_mask=True, **kw)
-        tiles = synthetic.tiles_per_image(masks)
-        many = labels % len(synthetic.COUNTS) == synthetic.COUNTS.index("many")
-        return set(tiles[~many].tolist()), set(tiles[many].tolist())
+    def tiles_per_class(**kw):  # the tile counts that occur, for "few" and "many" images
+        few, many = _tiles_of_few_and_many(400, "train", 5, **kw)
+        return set(few.tolist()), set(many.tolist())
 
     assert tiles_per_class() == ({1, 2, 3}, {4, 5, 6})
     assert tiles_per_class(boundary=False) == ({1, 2}, {4, 5, 6})
@@ -124,10 +130,8 @@ def test_count_curriculum_leaves_out_three_tiles_only_when_asked() -> None:
 
 def test_most_images_sit_next_to_the_class_boundary() -> None:
     def share_at_boundary(**kw):  # share of "few" images with 3 tiles and of "many" images with 4
-        _, labels, masks = synthetic.make_images(4000, synthetic.split_generator("heldout", 3), return_mask=True, **kw)
-        tiles = synthetic.tiles_per_image(masks)
-        many = labels % len(synthetic.COUNTS) == synthetic.COUNTS.index("many")
-        return (tiles[~many] == 3).float().mean().item(), (tiles[many] == 4).float().mean().item()
+        few, many = _tiles_of_few_and_many(4000, "heldout", 3, **kw)
+        return (few == 3).float().mean().item(), (many == 4).float().mean().item()
 
     few, many = share_at_boundary()
     assert synthetic.BOUNDARY_SHARE == 0.9
