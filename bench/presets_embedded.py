@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -27,13 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reducers import apply_schedule, remove_schedule  # noqa: E402
+from reducers import apply_schedule, last_forward_state, remove_schedule  # noqa: E402
 from reducers.merge import merge  # noqa: E402
 from search import synthetic  # noqa: E402
 from search.data import TensorSet, embedded_set  # noqa: E402
 from search.evaluate import evaluate, predict  # noqa: E402
 from search.models import load_model  # noqa: E402
 from spaces import ModelSpec, Schedule  # noqa: E402
+from spaces.schedule import DEFAULT_PPT_THRESHOLD  # noqa: E402
 
 PRESETS = "none,ppt,tome:4,evit:0.5,idlevit:0.5,tcvit:0.5,evit:0.4,tome:6"
 
@@ -106,6 +108,33 @@ def merge_trace(model: torch.nn.Module, schedule: Schedule, data: TensorSet, pat
     return [(block, *row.tolist()) for block, row in zip(merging, totals, strict=False) if row[0] > 0]
 
 
+def our_variant(schedule: Schedule) -> Schedule | None:
+    """The preset with our variant rules in place of the official ones (None if it has none):
+    prune's normalised fused token, idle's softmax ranking (and ceil count), PPT's unscaled
+    threshold (7e-5, set for 196 patches)."""
+    swaps = {"prune": {"fuse_weights": "normalized"}, "idle": {"rank": "softmax"},
+             "adaptive": {"threshold": DEFAULT_PPT_THRESHOLD}}
+    layers = tuple(replace(plan, **swaps.get(plan.method, {})) for plan in schedule.layers)
+    if layers == schedule.layers:
+        return None
+    return replace(schedule, layers=layers, name=f"{schedule.name} (variant)")
+
+
+@torch.inference_mode()
+def pruned_share(model: torch.nn.Module, schedule: Schedule, data: TensorSet, batch_size: int = 256) -> dict[int, float]:
+    """PPT: the share of images that take the pruning path in each adaptive block (the rest pool)."""
+    pruned: dict[int, float] = {}
+    apply_schedule(model, schedule)
+    try:
+        for images, _ in data.batches(batch_size):
+            model(images)
+            for block, mask in last_forward_state(model).pruned_images:
+                pruned[block] = pruned.get(block, 0.0) + float(mask.sum())
+    finally:
+        remove_schedule(model)
+    return {block: count / len(data) for block, count in pruned.items()}
+
+
 def predict_under(model: torch.nn.Module, schedule: Schedule, data: TensorSet) -> torch.Tensor:
     """``long [N]``: the class ``model`` predicts for every image under ``schedule`` (removed after)."""
     apply_schedule(model, schedule)
@@ -140,6 +169,31 @@ def main() -> int:
                      timing={"batch_size": 64, "repeats": args.repeats})
         print(f"| `{name}` | {100 * r['gmacs'] / r['baseline_gmacs']:.0f} % | {100 * r['top1']:.2f} | "
               f"{r['speedup']:.2f} ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {r['images_per_s']:.0f} |")
+    print("\nofficial rule against our variant (prune: normalised fused token; idle: softmax ranking, ceil count;"
+          " ppt: the unscaled threshold 7e-5):")
+    print("| preset | GMACs share (official / variant) | top-1 official | top-1 variant |\n|---|---|---|---|")
+    for name in names:
+        official = Schedule.from_preset(name, spec)
+        variant = our_variant(official)
+        if variant is None:
+            continue
+        a = evaluate(model, official, data, reference)
+        b = evaluate(model, variant, data, reference)
+        print(f"| `{name}` | {100 * a['gmacs'] / a['baseline_gmacs']:.0f} % / {100 * b['gmacs'] / b['baseline_gmacs']:.0f} % "
+              f"| {100 * a['top1']:.2f} | {100 * b['top1']:.2f} |")
+    for name in names:
+        official = Schedule.from_preset(name, spec)
+        if not any(plan.method == "adaptive" for plan in official.layers):
+            continue
+        print(f"\n`{name}`: share of images on PPT's pruning path per block (the rest pool):")
+        print("| threshold | " + " | ".join(f"block {b}" for b, plan in enumerate(official.layers)
+                                           if plan.method == "adaptive") + " |")
+        print("|---" * (1 + sum(plan.method == "adaptive" for plan in official.layers)) + "|")
+        for schedule in (official, our_variant(official)):
+            shares = pruned_share(model, schedule, data)
+            print(f"| {schedule.layers[[p.method for p in schedule.layers].index('adaptive')].threshold:.3g} | "
+                  + " | ".join(f"{100 * shares.get(b, 0.0):.1f} %" for b, plan in enumerate(schedule.layers)
+                               if plan.method == "adaptive") + " |")
     patches = tile_patches(len(data))
     tiles = patches.sum(dim=1)
     few, many = synthetic.TILE_COUNTS["few"], synthetic.TILE_COUNTS["many"]

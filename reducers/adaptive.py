@@ -8,18 +8,18 @@ means duplicative tokens, which are pooled (merged) like ToMe. Both paths remove
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor
 
-from .common import safe_denominator
+from .common import gather_tokens, safe_denominator
 from .merge import merge
-from .prune import prune
 
-__all__ = ["DEFAULT_THRESHOLD", "adaptive", "significance"]
+__all__ = ["DEFAULT_THRESHOLD", "adaptive", "most_significant", "significance"]
 
 # Variance threshold of the official PPT code for DeiT-S (r_tokens 50 at blocks 3, 6, 9):
 # `--threshold 7e-5` in the evaluation command of github.com/xjwu1024/PPT README.md, also the
-# default of their MindSpore ViT; their fine-tuning command uses 6e-5.
+# default of their MindSpore ViT; their fine-tuning command uses 6e-5. It was set for 196 patch
+# tokens; the official code has no rule for other counts (spaces.presets.ppt_threshold scales it).
 DEFAULT_THRESHOLD: float = 7e-5
 
 
@@ -30,6 +30,19 @@ def significance(cls_attn: Tensor, value_norm: Tensor, *, num_prefix: int) -> Te
     """
     score = cls_attn[:, num_prefix:] * value_norm[:, num_prefix:]  # (B, n)
     return score / safe_denominator(score.sum(dim=-1, keepdim=True))
+
+
+def most_significant(x: Tensor, size: Tensor, sig: Tensor, *, num_prefix: int, keep: int) -> tuple[Tensor, Tensor]:
+    """PPT's pruning path: the prefix tokens, then the ``keep`` most significant patch tokens in
+    descending order of significance (the official order, which the next block's A/B split sees).
+
+    x [B, N, C], size [B, N, 1], sig [B, n] -> x' [B, P + keep, C], size' [B, P + keep, 1].
+    """
+    batch = x.shape[0]
+    order = sig.sort(dim=-1, descending=True).indices[:, :keep] + num_prefix  # the official unstable sort
+    prefix = torch.arange(num_prefix, device=x.device).expand(batch, -1)
+    idx = torch.cat([prefix, order], dim=1)
+    return gather_tokens(x, idx), gather_tokens(size, idx)
 
 
 def adaptive(
@@ -46,31 +59,26 @@ def adaptive(
     """Remove r patch tokens per image, by pruning or by merging.
 
     x [B, N, C], size [B, N, 1], cls_attn [B, N], value_norm [B, N], metric [B, N, d].
-    Images whose significance variance exceeds ``threshold`` drop their r least significant
-    patch tokens (no fused token; the kept ones stay in order with their sizes); the others are
-    merged exactly as ``merge(..., r=r)``. Returns x' [B, N - r, C], size' [B, N - r, 1] and
-    pruned_mask [B] bool (True where the image was pruned). Requires 0 <= r <= n // 2.
+    Images whose significance variance is at least ``threshold`` keep their n - r most
+    significant patch tokens (no fused token; kept in descending significance with their
+    sizes, as PPT's code does); the others are merged exactly as ``merge(..., r=r)``. Returns
+    x' [B, N - r, C], size' [B, N - r, 1] and pruned_mask [B] bool (True where the image was
+    pruned). Requires 0 <= r <= n // 2.
     """
     batch, n_total, channels = x.shape
     n = n_total - num_prefix
     if not 0 <= r <= n // 2:
         raise ValueError(f"adaptive: r must be in [0, {n // 2}] (n // 2 for n={n} patch tokens), got {r}")
     sig = significance(cls_attn, value_norm, num_prefix=num_prefix)  # (B, n)
-    # PPT Sec. 3.4 redundancy criterion; torch.var's default (unbiased) sample variance.
-    pruned_mask = sig.var(dim=-1) > threshold  # (B,)
+    # PPT Sec. 3.4 redundancy criterion; torch.var's default (unbiased) sample variance, and the
+    # official code prunes when it is >= the threshold.
+    pruned_mask = sig.var(dim=-1) >= threshold  # (B,)
     if r == 0:
         return x, size, pruned_mask
-    sig_full = F.pad(sig, (num_prefix, 0))  # (B, N) prune() ignores the prefix entries
 
     def prune_path(rows: Tensor) -> tuple[Tensor, Tensor]:
-        return prune(
-            x.index_select(0, rows),
-            size.index_select(0, rows),
-            sig_full.index_select(0, rows),
-            num_prefix=num_prefix,
-            keep=n - r,
-            fuse=False,
-        )
+        return most_significant(x.index_select(0, rows), size.index_select(0, rows), sig.index_select(0, rows),
+                                num_prefix=num_prefix, keep=n - r)
 
     def merge_path(rows: Tensor) -> tuple[Tensor, Tensor]:
         return merge(

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from reducers.adaptive import adaptive
 from reducers.common import gather_tokens, scatter_tokens
 from reducers.condense import condense
-from reducers.idle import select_active
+from reducers.diffrate import diffrate
+from reducers.idle import idle_scores, select_active
 from reducers.merge import merge
 from reducers.prune import prune
 from spaces.model_spec import ModelSpec
@@ -38,8 +39,9 @@ _NEEDS: dict[str, frozenset[str]] = {
     "merge": frozenset({"metric"}),
     "condense": frozenset({"attn"}),
     "adaptive": frozenset({"cls", "metric", "value_norm"}),
+    "diffrate": frozenset({"cls"}),
 }
-_USES_CLS = ("prune", "idle", "condense", "adaptive")
+_USES_CLS = ("prune", "idle", "condense", "adaptive", "diffrate")
 
 
 @dataclass
@@ -50,6 +52,7 @@ class ForwardState:
     size: Tensor | None = None  # [B, N, 1]; None while every token is one patch
     tokens_in: list[int] = field(default_factory=list)  # tokens entering each block (bookkeeping)
     idle_sets: list[tuple[int, Tensor]] = field(default_factory=list)  # (block, active idx) for the cut loss
+    pruned_images: list[tuple[int, Tensor]] = field(default_factory=list)  # (block, [B] bool) adaptive blocks: pruned or pooled
     # Fine-tuning: idle blocks also record their head-mean attention over every token,
     # (block, active idx, attn [B, N, N]), for reducers.losses.cut_loss_of (O(N^2), training only).
     record_idle_attention: bool = False
@@ -59,6 +62,7 @@ class ForwardState:
         self.size = None
         self.tokens_in = []
         self.idle_sets = []
+        self.pruned_images = []
         self.idle_attention = []
 
     def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
@@ -139,17 +143,16 @@ class ReducingAttention(Attention):
         out, sig = self._mix(q, k, v, bias, want)
         return self._project(out, h), sig
 
-    def rank_scores(self, h: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-        """IdleViT ranking before the block: keys of all tokens and the CLS attention row.
+    def rank_scores(self, h: Tensor, bias: Tensor | None, rank: str) -> tuple[Tensor, Tensor]:
+        """IdleViT ranking before the block: keys of all tokens and a score per token.
 
-        Returns (keys [B, H, N, hd], cls attention [B, N]); the active tokens reuse their keys.
+        rank "logits" (IdleViT's code): the head-mean of the raw CLS-query logits q_cls k, no
+        scale, no softmax, no size bias; "softmax": the head-mean CLS attention (size bias
+        included). Returns (keys [B, H, N, hd], scores [B, N]); the active tokens reuse their keys.
         """
         k = self.k_norm(self._split(1, h))
         q_cls = self.q_norm(self._split(0, h[:, :1]))  # [B, H, 1, hd]
-        logits = (q_cls * self.scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
-        if bias is not None:
-            logits = logits + bias
-        return k, logits.softmax(dim=-1).mean(dim=1)[:, 0]
+        return k, idle_scores(q_cls, k, rank=rank, scale=self.scale, bias=bias)
 
     def full_attention(self, h: Tensor, k: Tensor, bias: Tensor | None) -> Tensor:
         """Head-mean attention [B, N, N] of every token of h [B, N, C] over keys k (the cut loss's A)."""
@@ -197,25 +200,30 @@ class ReducingBlock(Block):
             return x  # every kept token is still one patch
         size = state.sizes_for(x)
         if plan.method == "prune":
-            x, size = prune(x, size, sig.cls_attn, num_prefix=p, keep=kept_count(n, plan.keep), fuse=plan.fuse)
+            x, size = prune(x, size, sig.cls_attn, num_prefix=p, keep=kept_count(n, plan.keep), fuse=plan.fuse,
+                            fuse_weights=plan.fuse_weights)
         elif plan.method == "merge":
             x, size = merge(x, size, sig.metric, num_prefix=p, r=plan.removed(n))
         elif plan.method == "condense":
             x, size = condense(x, size, sig.attn, num_prefix=p, keep=kept_count(n, plan.keep),
                                order=plan.order, alpha=plan.alpha, weighting=plan.weighting)
+        elif plan.method == "diffrate":
+            prune_to, merge_to = plan.diffrate_counts(n)
+            x, size = diffrate(x, size, sig.cls_attn, num_prefix=p, prune_to=prune_to, merge_to=merge_to)
         else:
-            x, size, _ = adaptive(x, size, sig.cls_attn, sig.value_norm, sig.metric, num_prefix=p,
-                                  r=plan.removed(n), threshold=plan.threshold)
+            x, size, pruned = adaptive(x, size, sig.cls_attn, sig.value_norm, sig.metric, num_prefix=p,
+                                       r=plan.removed(n), threshold=plan.threshold)
+            state.pruned_images.append((self._ts_index, pruned))
         state.size = size
         return x
 
     def _idle(self, x: Tensor, plan: LayerPlan, state: ForwardState) -> Tensor:
-        """IdleViT: rank by CLS attention, run the block on the active tokens, pass the rest through."""
+        """IdleViT: rank the tokens, run the block on the active ones, pass the rest through."""
         p, n = self._ts_prefix, x.shape[1] - self._ts_prefix
         h = self.norm1(x)
         bias = state.attn_bias(x.dtype)
-        keys, cls_attn = self.attn.rank_scores(h, bias)
-        idx = select_active(cls_attn, num_prefix=p, keep=plan.active(n))  # [B, K]
+        keys, scores = self.attn.rank_scores(h, bias, plan.rank)
+        idx = select_active(scores, num_prefix=p, keep=plan.active(n))  # [B, K]
         state.idle_sets.append((self._ts_index, idx))
         if state.record_idle_attention:
             state.idle_attention.append((self._ts_index, idx, self.attn.full_attention(h, keys, bias)))

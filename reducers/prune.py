@@ -11,11 +11,14 @@ from torch import Tensor
 
 from .common import check_keep, complement_indices, gather_tokens, safe_denominator, topk_sorted
 
-__all__ = ["prune"]
+__all__ = ["FUSE_WEIGHTS", "prune"]
+
+
+FUSE_WEIGHTS = ("raw", "normalized")
 
 
 def prune(
-    x: Tensor, size: Tensor, cls_attn: Tensor, *, num_prefix: int, keep: int, fuse: bool
+    x: Tensor, size: Tensor, cls_attn: Tensor, *, num_prefix: int, keep: int, fuse: bool, fuse_weights: str = "raw"
 ) -> tuple[Tensor, Tensor]:
     """Keep the ``keep`` patch tokens with the largest CLS attention.
 
@@ -23,7 +26,14 @@ def prune(
     entries ignored). Returns x' [B, P + keep (+1), C] and size' [B, P + keep (+1), 1], with
     P = num_prefix: prefix tokens, the kept patch tokens in their original order and, if
     ``fuse`` and something was removed, one fused token for the removed ones.
+
+    ``fuse_weights="raw"`` is EViT's Eq. (2) as its official code computes it: the sum of the
+    removed tokens weighted by their raw CLS attention, so the fused token shrinks with the
+    attention mass it collects. ``"normalized"`` is our variant: the weights are normalised over
+    the removed set, so the fused token is a convex combination at token scale.
     """
+    if fuse_weights not in FUSE_WEIGHTS:
+        raise ValueError(f"prune: fuse_weights must be one of {FUSE_WEIGHTS}, got {fuse_weights!r}")
     n = x.shape[1] - num_prefix
     check_keep(keep, n, "prune")
     if keep == n:
@@ -36,10 +46,8 @@ def prune(
     if fuse:
         dropped = complement_indices(kept, n)  # (B, n - keep)
         w = scores.gather(1, dropped).unsqueeze(-1)  # (B, n - keep, 1)
-        # EViT Eq. (2) weights the inattentive tokens by their raw CLS attention, so the fused
-        # token shrinks with the attention mass it collects. We normalise the weights over
-        # the removed set instead, so the fused token is a convex combination at token scale.
-        w = w / safe_denominator(w.sum(dim=1, keepdim=True))
+        if fuse_weights == "normalized":
+            w = w / safe_denominator(w.sum(dim=1, keepdim=True))
         parts_x.append((gather_tokens(patches, dropped) * w).sum(dim=1, keepdim=True))
         parts_s.append(gather_tokens(psize, dropped).sum(dim=1, keepdim=True))
     return torch.cat(parts_x, dim=1), torch.cat(parts_s, dim=1)

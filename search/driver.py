@@ -87,7 +87,7 @@ def check_budget(space: SearchSpace) -> None:
 def preset_points(space: SearchSpace, done: set[str]) -> list[tuple[str, dict[str, Any]]]:
     """Paper presets that fit the budget and the space, not evaluated yet."""
     points = []
-    for name in paper_presets():
+    for name in paper_presets(space.spec.name):
         schedule = Schedule.from_preset(name, space.spec)
         if name in done or (space.budget_gmacs is not None and gmacs(schedule) > space.budget_gmacs):
             continue

@@ -34,7 +34,15 @@ def _scaled(plan: LayerPlan, gamma: float) -> LayerPlan:
         return plan
     if plan.r is not None:
         return replace(plan, r=int(round(plan.r * gamma)))
-    return replace(plan, keep=min(1.0, max(MIN_KEEP, plan.keep**gamma)))
+    if plan.kept is not None:
+        return plan  # absolute counts (DiffRate's published schedules) are not rescaled
+    if plan.method == "diffrate":
+        return replace(plan, keep=_power(plan.keep, gamma), merge_keep=_power(plan.merge_keep, gamma))
+    return replace(plan, keep=_power(plan.keep, gamma))
+
+
+def _power(keep: float, gamma: float) -> float:
+    return min(1.0, max(MIN_KEEP, keep**gamma))
 
 
 def rescale(schedule: Schedule, gamma: float) -> Schedule:

@@ -12,9 +12,12 @@ What each reducer adds, per image, with N tokens entering (prefix included), n p
 K tokens after, C = width, D = heads * head_dim, d = head_dim:
 
 * prune:    the CLS attention row computed beside fused attention:           N * D
-* merge:    ToMe's similarity of set A against set B on head-mean keys:     ceil(n/2) * floor(n/2) * d
+* merge:    ToMe's similarity of set A against set B on head-mean keys, over the whole
+            sequence as the official code alternates it:                     ceil(N/2) * floor(N/2) * d
 * adaptive: the CLS row and the similarity (counted for every image, the upper bound)
 * condense: the matrix powers A^2..A^K of the head-mean attention:           (K - 1) * N^3
+* diffrate: the CLS row, and the similarity of the S merged tokens against the P + M
+            destinations on the token features:                              N * D + S (P + M) C
 * idle:     LayerNorm and keys of the idle tokens (the active ones reuse theirs), the CLS
             query and its logits against every key:  5 (N-K) C + (N-K) C D + C D + N D
 """
@@ -58,9 +61,9 @@ def mlp_macs(spec: ModelSpec, n: int) -> int:
     return norm_macs(spec, n) + 2 * n * spec.embed_dim * spec.mlp_hidden
 
 
-def similarity_macs(spec: ModelSpec, n_patch: int) -> int:
-    """ToMe's bipartite similarity: set A (ceil(n/2)) against set B (floor(n/2))."""
-    return ((n_patch + 1) // 2) * (n_patch // 2) * spec.head_dim
+def similarity_macs(spec: ModelSpec, n_tokens: int) -> int:
+    """ToMe's bipartite similarity over all N tokens: set A (ceil(N/2)) against set B (floor(N/2))."""
+    return ((n_tokens + 1) // 2) * (n_tokens // 2) * spec.head_dim
 
 
 def block_cost(spec: ModelSpec, plan: LayerPlan, index: int, n_patch: int) -> BlockCost:
@@ -77,10 +80,13 @@ def block_cost(spec: ModelSpec, plan: LayerPlan, index: int, n_patch: int) -> Bl
         return BlockCost(index, plan.method, n_in, k, k, n_in, macs, overhead)
     overhead = 0
     if plan.method != "none" and not plan.is_identity(n_patch):
-        if plan.method in ("prune", "adaptive"):
+        if plan.method in ("prune", "adaptive", "diffrate"):
             overhead += n_in * spec.attn_dim
+        if plan.method == "diffrate":
+            pruned, merged = plan.diffrate_counts(n_patch)
+            overhead += (pruned - merged) * (p + merged) * spec.embed_dim
         if plan.method in ("merge", "adaptive"):
-            overhead += similarity_macs(spec, n_patch)
+            overhead += similarity_macs(spec, n_in)
         if plan.method == "condense":
             overhead += (plan.order - 1) * n_in**3
     macs = attention_macs(spec, n_in) + mlp_macs(spec, n_out) + overhead

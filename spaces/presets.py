@@ -4,10 +4,15 @@
     tome:<r>           ToMe: merge r tokens in every block (Bolya et al. 2023)
     tome:<r>,<inflect> ToMe's schedule shape; inflect -1 decreases linearly from 2r to 0
     evit:<keep>        EViT: prune + fuse at blocks depth/4, depth/2, 3*depth/4 (3, 6, 9 on 12 blocks)
-    idlevit:<k>        IdleViT, paper convention: four equal stages, stage s keeps k**s active
-    idlevit-code:<k>   IdleViT, official-code layout: first third full, then stages of 3/3/2 blocks
-    ppt[:<r>]          PPT: prune-or-pool r tokens at blocks 3, 6, 9 (r=50 on 196 patches, scaled)
+    idlevit:<k>        IdleViT, four equal stages, stage s keeps int(k**s n) active: blocks 3-11 in
+                       3/3/3 on 12 blocks, the layout of the official infer.py
+    idlevit-code:<k>   IdleViT, the official main.py layout: first third full, then stages of
+                       3/3/2 blocks (blocks 4-11 on 12 blocks)
+    ppt[:<r>]          PPT: prune-or-pool r tokens at blocks 3, 6, 9 (r=50 on 196 patches, scaled;
+                       threshold 7e-5 on 196 patches, scaled by (196 / n)^2, see ppt_threshold)
     tcvit:<keep>       TC-ViT (our design, no public code): condense at blocks 3, 6, 9, order 2
+    diffrate:<gflops>  DiffRate's published searched schedules for DeiT-S (2.3, 2.5, 2.7, 2.9, 3.1):
+                       per block, sort by CLS attention, prune, then merge (Chen et al. 2023)
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from spaces.model_spec import ModelSpec
-from spaces.schedule import LayerPlan, Schedule
+from spaces.schedule import LayerPlan, Schedule, ppt_threshold
 
-PRESET_NAMES = ("none", "tome", "evit", "idlevit", "idlevit-code", "ppt", "tcvit")
+PRESET_NAMES = ("none", "tome", "evit", "idlevit", "idlevit-code", "ppt", "tcvit", "diffrate")
 PPT_R_DEIT = 50  # PPT's r on DeiT-S (196 patches)
 
 
@@ -90,7 +95,7 @@ def _idle_schedule(spec: ModelSpec, stages: list[list[int]], k: float, preset: s
 
 
 def _idlevit(args: str, spec: ModelSpec, preset: str) -> Schedule:
-    """Paper text: four equal stages; stage s runs k**s of the patch tokens."""
+    """Four equal stages; stage s runs int(k**s n) of the patch tokens (the official infer.py layout)."""
     k = _keep_arg(args, preset)
     d = spec.depth
     bounds = [round(d * s / 4) for s in range(5)]
@@ -98,7 +103,7 @@ def _idlevit(args: str, spec: ModelSpec, preset: str) -> Schedule:
 
 
 def _idlevit_code(args: str, spec: ModelSpec, preset: str) -> Schedule:
-    """Official code on 12 blocks: blocks 0-3 full, then 4-6, 7-9, 10-11 at k, k^2, k^3."""
+    """The official main.py on 12 blocks: blocks 0-3 full, then 4-6, 7-9, 10-11 at k, k^2, k^3."""
     k = _keep_arg(args, preset)
     d = spec.depth
     first = d // 3
@@ -118,7 +123,7 @@ def _ppt(args: str, spec: ModelSpec, preset: str) -> Schedule:
         r = round(PPT_R_DEIT * spec.num_patches / 196)  # 50 on DeiT-S; same fraction elsewhere
     if r < 0:
         raise ValueError(f"preset {preset!r}: r must be >= 0")
-    plan = LayerPlan("adaptive", r=r)
+    plan = LayerPlan("adaptive", r=r, threshold=ppt_threshold(spec.num_patches))
     return Schedule(spec, _at(spec, {i: plan for i in _quarter_blocks(spec.depth)}), prop_attn=True, name=preset)
 
 
@@ -126,6 +131,49 @@ def _tcvit(args: str, spec: ModelSpec, preset: str) -> Schedule:
     keep = _keep_arg(args, preset)
     plan = LayerPlan("condense", keep=keep, order=2, alpha=0.5, weighting="size_relevance")
     return Schedule(spec, _at(spec, {i: plan for i in _quarter_blocks(spec.depth)}), prop_attn=True, name=preset)
+
+
+# DiffRate's compression_rate.json (OpenGVLab/DiffRate), "ViT-S-DeiT": per block, the tokens kept
+# after the prune and after the merge, class token included (197 = all), as published.
+DIFFRATE_SCHEDULES: dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = {
+    "deit_small_patch16_224": {
+        "2.3": ((197, 192, 168, 143, 121, 105, 92, 74, 62, 45, 33, 3),
+                (197, 180, 156, 127, 109, 98, 80, 66, 52, 37, 31, 3)),
+        "2.5": ((197, 192, 174, 156, 131, 115, 111, 99, 76, 50, 39, 3),
+                (197, 186, 160, 133, 119, 107, 96, 82, 66, 43, 37, 3)),
+        "2.7": ((197, 196, 182, 160, 141, 127, 115, 105, 88, 66, 49, 3),
+                (197, 188, 170, 147, 131, 119, 109, 96, 76, 54, 45, 3)),
+        "2.9": ((197, 196, 190, 168, 150, 139, 129, 117, 99, 78, 58, 3),
+                (197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3)),
+        "3.1": ((197, 197, 194, 180, 160, 147, 137, 129, 115, 92, 76, 3),
+                (197, 196, 186, 164, 150, 141, 133, 121, 103, 78, 68, 3)),
+    },
+}
+
+
+def diffrate_presets(model_name: str | None = None) -> list[str]:
+    """The diffrate:<gflops> presets published for `model_name` (all models when None)."""
+    names = [model_name] if model_name is not None else list(DIFFRATE_SCHEDULES)
+    return [f"diffrate:{level}" for name in names for level in DIFFRATE_SCHEDULES.get(name, {})]
+
+
+def _diffrate(args: str, spec: ModelSpec, preset: str) -> Schedule:
+    available = ", ".join(f"{model} ({', '.join(f'diffrate:{level}' for level in levels)})"
+                          for model, levels in DIFFRATE_SCHEDULES.items())
+    levels = DIFFRATE_SCHEDULES.get(spec.name)
+    if levels is None:
+        raise ValueError(f"preset {preset!r}: DiffRate published no schedule for {spec.name}; available: {available}")
+    if args not in levels:
+        raise ValueError(f"preset {preset!r}: no DiffRate schedule at {args!r} GFLOPs for {spec.name}; "
+                         f"available: {', '.join(f'diffrate:{level}' for level in levels)}")
+    pruned, merged = levels[args]
+    if len(pruned) != spec.depth or spec.num_prefix_tokens != 1 or pruned[0] != spec.tokens:
+        raise ValueError(f"preset {preset!r}: the published schedule is for {len(pruned)} blocks and "
+                         f"{pruned[0]} tokens; this {spec.name} has {spec.depth} blocks and {spec.tokens} tokens")
+    p = spec.num_prefix_tokens
+    layers = tuple(LayerPlan("diffrate", kept=(a - p, b - p)) if min(a, b) < spec.tokens else LayerPlan()
+                   for a, b in zip(pruned, merged, strict=True))
+    return Schedule(spec, layers, prop_attn=True, name=preset)
 
 
 def _none(args: str, spec: ModelSpec, preset: str) -> Schedule:
@@ -142,6 +190,7 @@ _BUILDERS: dict[str, Callable[[str, ModelSpec, str], Schedule]] = {
     "idlevit-code": _idlevit_code,
     "ppt": _ppt,
     "tcvit": _tcvit,
+    "diffrate": _diffrate,
 }
 
 
@@ -151,17 +200,19 @@ def build_preset(name: str, spec: ModelSpec) -> Schedule:
     if family not in _BUILDERS:
         raise ValueError(f"unknown preset {name!r}; valid families: {', '.join(PRESET_NAMES)}")
     if family not in ("none", "ppt") and not args:
-        raise ValueError(f"preset {name!r} needs an argument, e.g. {family}:0.7" if family != "tome"
-                         else f"preset {name!r} needs an argument, e.g. tome:13")
+        example = {"tome": "tome:13", "diffrate": "diffrate:2.9"}.get(family, f"{family}:0.7")
+        raise ValueError(f"preset {name!r} needs an argument, e.g. {example}")
     return _BUILDERS[family](args, spec, name.strip())
 
 
-def paper_presets() -> list[str]:
-    """The presets of REFERENCE.md, in the order a search evaluates them."""
+def paper_presets(model_name: str | None = None) -> list[str]:
+    """The presets of REFERENCE.md, in the order a search evaluates them; DiffRate's published
+    schedules are added for the model they were published for (`model_name`)."""
     return (
         ["tome:8", "tome:13", "tome:16"]
         + [f"evit:{k}" for k in (0.9, 0.8, 0.7, 0.6, 0.5)]
         + ["ppt"]
         + [f"idlevit:{k}" for k in (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)]
         + [f"tcvit:{k}" for k in (0.7, 0.5)]
+        + (diffrate_presets(model_name) if model_name is not None else [])
     )

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from spaces.budget import fit_target, most_reduced
 from spaces.cost import gmacs
 from spaces.model_spec import ModelSpec
-from spaces.schedule import METHODS, LayerPlan, Schedule
+from spaces.schedule import FUSE_WEIGHTS, IDLE_RANKS, METHODS, LayerPlan, Schedule, ppt_threshold
 
 REDUCING = tuple(m for m in METHODS if m != "none")
 KEEP_RANGE = (0.1, 1.0)
@@ -78,17 +78,28 @@ def _layer_params(trial: TrialLike, prefix: str, methods: tuple[str, ...]) -> di
         params["alpha"] = trial.suggest_float(f"{prefix}.alpha", 0.0, 1.0)
     if "prune" in methods:
         params["fuse"] = trial.suggest_categorical(f"{prefix}.fuse", [True, False])
+        params["fuse_weights"] = trial.suggest_categorical(f"{prefix}.fuse_weights", list(FUSE_WEIGHTS))
+    if "idle" in methods:
+        params["rank"] = trial.suggest_categorical(f"{prefix}.rank", list(IDLE_RANKS))
+    if "diffrate" in methods:
+        params["merge_keep"] = trial.suggest_float(f"{prefix}.merge_keep", *KEEP_RANGE)
     return params
 
 
-def _plan(method: str, params: dict[str, Any], keep: float | None = None) -> LayerPlan:
+def _plan(method: str, params: dict[str, Any], spec: ModelSpec, keep: float | None = None) -> LayerPlan:
     if method == "none":
         return LayerPlan()
     kwargs: dict[str, Any] = {"keep": params["keep"] if keep is None else keep}
     if method == "condense":
         kwargs.update(order=params.get("order", 2), alpha=params.get("alpha", 0.5))
     if method == "prune":
-        kwargs["fuse"] = params.get("fuse", True)
+        kwargs.update(fuse=params.get("fuse", True), fuse_weights=params.get("fuse_weights", "raw"))
+    if method == "idle":
+        kwargs["rank"] = params.get("rank", "logits")
+    if method == "adaptive":
+        kwargs["threshold"] = ppt_threshold(spec.num_patches)
+    if method == "diffrate":
+        kwargs["merge_keep"] = params.get("merge_keep", 1.0)
     return LayerPlan(method, **kwargs)
 
 
@@ -123,7 +134,8 @@ def per_layer(trial: TrialLike, space: SearchSpace) -> Schedule:
     prop_attn = _prop_attn(trial)
 
     def build(start: int) -> Schedule:
-        layers = tuple(_plan(m if i >= start else "none", p) for i, (m, p) in enumerate(zip(methods, params, strict=True)))
+        layers = tuple(_plan(m if i >= start else "none", p, space.spec)
+                       for i, (m, p) in enumerate(zip(methods, params, strict=True)))
         return Schedule(space.spec, layers, prop_attn=prop_attn, name="per-layer")
 
     schedule = build(first)
@@ -154,9 +166,9 @@ def staged(trial: TrialLike, space: SearchSpace, *, methods: tuple[str, ...] | N
             if stage_methods[s] == "idle":
                 end = blocks[s + 1] if s + 1 < len(blocks) else depth
                 for b in range(start, end):
-                    layers[b] = _plan("idle", params, keep=params["keep"] ** (s + 1))
+                    layers[b] = _plan("idle", params, space.spec, keep=params["keep"] ** (s + 1))
             else:
-                layers[start] = _plan(stage_methods[s], params)
+                layers[start] = _plan(stage_methods[s], params, space.spec)
         return Schedule(space.spec, tuple(layers), prop_attn=prop_attn, name=space.name)
 
     schedule = build(first, gap)
@@ -210,13 +222,22 @@ def preset_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any] | No
             return None
         n = entering[i]
         keep = (n - plan.removed(n)) / n if plan.r is not None else plan.keep
+        merge_keep = plan.merge_keep
+        if plan.method == "diffrate" and plan.kept is not None:
+            pruned, merged = plan.diffrate_counts(n)
+            keep, merge_keep = pruned / n, merged / pruned
         prefix = f"layer{i:02d}"
         params[f"{prefix}.method"] = plan.method
         params[f"{prefix}.keep"] = 1.0 if plan.method == "none" else keep
+        if "diffrate" in space.methods:
+            params[f"{prefix}.merge_keep"] = merge_keep if plan.method == "diffrate" else 1.0
         if "condense" in space.methods:
             params[f"{prefix}.order"], params[f"{prefix}.alpha"] = plan.order, plan.alpha
         if "prune" in space.methods:
             params[f"{prefix}.fuse"] = plan.fuse
+            params[f"{prefix}.fuse_weights"] = plan.fuse_weights
+        if "idle" in space.methods:
+            params[f"{prefix}.rank"] = plan.rank
     if not all(KEEP_RANGE[0] <= v <= KEEP_RANGE[1] for k, v in params.items() if k.endswith(".keep")):
         return None
     rebuilt = space(optuna.trial.FixedTrial(params))

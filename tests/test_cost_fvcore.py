@@ -39,6 +39,17 @@ def _preset(name: str) -> Callable[[ModelSpec], Schedule]:
     return lambda spec: Schedule.from_preset(name, spec)
 
 
+def _deit_s_only(name: str) -> Callable[[ModelSpec], Schedule]:
+    """A preset published for DeiT-S only (DiffRate's schedules)."""
+
+    def build(spec: ModelSpec) -> Schedule:
+        if spec.name != "deit_small_patch16_224":
+            pytest.skip(f"{name} is published for DeiT-S only")
+        return Schedule.from_preset(name, spec)
+
+    return build
+
+
 def _random_mixed(seed: int) -> Callable[[ModelSpec], Schedule]:
     """Each block a random method with random keep, order, alpha, fusion and threshold."""
 
@@ -53,6 +64,8 @@ def _random_mixed(seed: int) -> Callable[[ModelSpec], Schedule]:
                 alpha=rng.random(),
                 weighting=rng.choice(("size", "size_relevance")),
                 threshold=rng.choice((0.0, DEFAULT_PPT_THRESHOLD, 1.0)),  # prune, either, merge
+                merge_keep=rng.uniform(0.5, 1.0),
+                rank=rng.choice(("logits", "softmax")),
             )
             for _ in range(spec.depth)
         )
@@ -66,11 +79,15 @@ CASES: dict[str, Callable[[ModelSpec], Schedule]] = {
     "prune-nofuse": _everywhere(LayerPlan("prune", keep=0.85, fuse=False)),
     "merge": _everywhere(LayerPlan("merge", keep=0.85)),
     "idle": _everywhere(LayerPlan("idle", keep=0.6)),
+    "idle-softmax": _everywhere(LayerPlan("idle", keep=0.6, rank="softmax")),
     "condense-order1": _everywhere(LayerPlan("condense", keep=0.85, order=1)),
     "condense-order3": _everywhere(LayerPlan("condense", keep=0.85, order=3, weighting="size")),
     "adaptive": _everywhere(LayerPlan("adaptive", keep=0.85)),
     "adaptive-prune": _everywhere(LayerPlan("adaptive", keep=0.85, threshold=0.0)),  # every image prunes
     "adaptive-merge": _everywhere(LayerPlan("adaptive", keep=0.85, threshold=1.0)),  # every image merges
+    "diffrate": _everywhere(LayerPlan("diffrate", keep=0.9, merge_keep=0.85)),
+    "diffrate-prune-only": _everywhere(LayerPlan("diffrate", keep=0.85)),
+    "diffrate:2.9": _deit_s_only("diffrate:2.9"),
     **{name: _preset(name) for name in (
         "none", "tome:13", "tome:13,-1", "evit:0.7", "idlevit:0.7", "idlevit-code:0.6", "ppt", "ppt:30", "tcvit:0.6",
     )},

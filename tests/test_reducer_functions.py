@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from reducers.adaptive import DEFAULT_THRESHOLD, adaptive, significance
+from reducers.adaptive import DEFAULT_THRESHOLD, adaptive, most_significant, significance
 from reducers.common import (
     complement_indices,
     gather_tokens,
@@ -18,7 +18,8 @@ from reducers.common import (
     weighted_mean_merge,
 )
 from reducers.condense import condense, connectivity
-from reducers.idle import select_active
+from reducers.diffrate import diffrate
+from reducers.idle import idle_scores, select_active
 from reducers.merge import bipartite_plan, merge
 from reducers.prune import prune
 
@@ -72,13 +73,25 @@ def _prune_case() -> tuple[Tensor, Tensor, Tensor]:
     return x, size, cls_attn
 
 
-def test_prune_known_answer_fused() -> None:
+def test_prune_known_answer_fused_raw_is_evits_weighted_sum() -> None:
     x, size, cls_attn = _prune_case()
     out, out_size = prune(x, size, cls_attn, num_prefix=1, keep=2, fuse=True)
-    # Kept: patches 1 (0.4) and 3 (0.3). Removed 0, 2, 4 with weights 0.1, 0.05, 0.15 / 0.3.
+    # Kept: patches 1 (0.4) and 3 (0.3). Removed 0, 2, 4 with raw weights 0.1, 0.05, 0.15 (EViT's
+    # code): 0.1 [1, 10] + 0.05 [3, 30] + 0.15 [5, 50] = [1, 10], not renormalised.
+    expected = t([[100.0, 100.0], [2.0, 20.0], [4.0, 40.0], [1.0, 10.0]])
+    assert torch.allclose(out, expected)
+    assert torch.equal(out_size, t([[1.0], [2.0], [3.0], [3.0]]))
+
+
+def test_prune_known_answer_fused_normalized_variant() -> None:
+    x, size, cls_attn = _prune_case()
+    out, out_size = prune(x, size, cls_attn, num_prefix=1, keep=2, fuse=True, fuse_weights="normalized")
+    # The same removed tokens with weights 0.1, 0.05, 0.15 / 0.3: a convex combination.
     expected = t([[100.0, 100.0], [2.0, 20.0], [4.0, 40.0], [10 / 3, 100 / 3]])
     assert torch.allclose(out, expected)
     assert torch.equal(out_size, t([[1.0], [2.0], [3.0], [3.0]]))
+    with pytest.raises(ValueError, match="fuse_weights"):
+        prune(x, size, cls_attn, num_prefix=1, keep=2, fuse=True, fuse_weights="mean")
 
 
 def test_prune_known_answer_no_fuse() -> None:
@@ -100,37 +113,69 @@ def test_prune_gradient_reaches_cls_attn_through_fused_token() -> None:
 
 
 def _merge_case() -> tuple[Tensor, Tensor, Tensor]:
-    # Patch p_i = [i + 1, -(i + 1)]; CLS = [9, 9]. A = p0, p2, p4; B = p1, p3, p5.
+    # Sequence: CLS, p0..p5 with p_i = [i + 1, -(i + 1)], CLS = [9, 9]. ToMe alternates over the
+    # whole sequence: A = positions 0, 2, 4, 6 = CLS, p1, p3, p5 (CLS protected); B = p0, p2, p4.
     x = t([9.0, 9.0], *[[i + 1.0, -(i + 1.0)] for i in range(6)]).unsqueeze(0)
     size = t([1.0], [1.0], [2.0], [1.0], [1.0], [3.0], [1.0]).unsqueeze(0)
-    # Best partners by cosine: p2->p3 (0.995) > p0->p1 (0.981) > p4->p1 (0.832).
+    # Best partners by cosine: p3->p2 (0.995) > p1->p0 (0.981) > p5->p2 (0.0).
     metric = t([5.0, -5.0], [1.0, 0.0], [10.0, 2.0], [0.0, 1.0], [1.0, 10.0], [3.0, 3.0], [-1.0, 0.0])
     return x, size, metric.unsqueeze(0)
 
 
-def test_bipartite_plan_known_answer() -> None:
+def test_bipartite_plan_alternates_over_the_whole_sequence() -> None:
     _, _, metric = _merge_case()
-    unmerged, src, dst = bipartite_plan(metric[:, 1:], 2)
-    assert unmerged.tolist() == [[2]]
-    assert sorted(zip(src[0].tolist(), dst[0].tolist(), strict=True)) == [(0, 0), (1, 1)]
+    unmerged, src, dst = bipartite_plan(metric, 2, num_prefix=1)
+    # A indices: 0 CLS, 1 p1, 2 p3, 3 p5; B indices: 0 p0, 1 p2, 2 p4.
+    assert unmerged.tolist() == [[0, 3]]  # CLS first, then p5
+    assert sorted(zip(src[0].tolist(), dst[0].tolist(), strict=True)) == [(1, 0), (2, 1)]
 
 
 def test_merge_known_answer_r2() -> None:
     x, size, metric = _merge_case()
     out, out_size = merge(x, size, metric, num_prefix=1, r=2)
-    # Order: CLS, unmerged A (p4), B (p1 <- p0, p3 <- p2, p5).
-    expected = t([9.0, 9.0], [5.0, -5.0], [5 / 3, -5 / 3], [3.5, -3.5], [6.0, -6.0]).unsqueeze(0)
+    # Order: CLS, unmerged A (p5), B (p0 <- p1, p2 <- p3, p4).
+    # p0: (1 [1, -1] + 2 [2, -2]) / 3; p2: ([3, -3] + [4, -4]) / 2.
+    expected = t([9.0, 9.0], [6.0, -6.0], [5 / 3, -5 / 3], [3.5, -3.5], [5.0, -5.0]).unsqueeze(0)
     assert torch.allclose(out, expected)
-    assert torch.equal(out_size, t([1.0], [3.0], [3.0], [2.0], [1.0]).unsqueeze(0))
+    assert torch.equal(out_size, t([1.0], [1.0], [3.0], [2.0], [3.0]).unsqueeze(0))
 
 
 def test_merge_known_answer_two_sources_into_one() -> None:
     x, size, metric = _merge_case()
     out, out_size = merge(x, size, metric, num_prefix=1, r=3)
-    # p1 <- p0, p4: (2*2 + 1*1 + 3*5) / 6 = 10/3.
-    expected = t([9.0, 9.0], [10 / 3, -10 / 3], [3.5, -3.5], [6.0, -6.0]).unsqueeze(0)
+    # p2 <- p3, p5: ([3, -3] + [4, -4] + [6, -6]) / 3 = 13/3.
+    expected = t([9.0, 9.0], [5 / 3, -5 / 3], [13 / 3, -13 / 3], [5.0, -5.0]).unsqueeze(0)
     assert torch.allclose(out, expected)
-    assert torch.equal(out_size, t([1.0], [6.0], [2.0], [1.0]).unsqueeze(0))
+    assert torch.equal(out_size, t([1.0], [3.0], [3.0], [3.0]).unsqueeze(0))
+
+
+def test_merge_two_prefix_tokens_protects_the_distillation_token() -> None:
+    # CLS, DIST, p0..p5: A = CLS, p0, p2, p4; B = DIST, p1, p3, p5. p0's metric equals DIST's,
+    # so without the protection p0 would merge into DIST.
+    x = t([9.0, 9.0], [8.0, 8.0], *[[i + 1.0, -(i + 1.0)] for i in range(6)]).unsqueeze(0)
+    size = t([1.0], [1.0], [3.0], [1.0], [1.0], [1.0], [1.0], [1.0]).unsqueeze(0)
+    metric = t([5.0, -5.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 10.0], [10.0, 2.0], [3.0, 3.0], [-1.0, 0.0])
+    # Best partners: p2->p1 (0.995) > p0->p3 (0.981) > p4->p3 (0.832).
+    out, out_size = merge(x, size, metric.unsqueeze(0), num_prefix=2, r=2)
+    # The official order: CLS, DIST, unmerged A (p4), B (p1 <- p2, p3 <- p0, p5).
+    # p1: ([2, -2] + [3, -3]) / 2; p3: (1 [4, -4] + 3 [1, -1]) / 4.
+    expected = t([9.0, 9.0], [8.0, 8.0], [5.0, -5.0], [2.5, -2.5], [1.75, -1.75], [6.0, -6.0]).unsqueeze(0)
+    assert torch.allclose(out, expected)
+    assert torch.equal(out_size, t([1.0], [1.0], [1.0], [2.0], [4.0], [1.0]).unsqueeze(0))
+
+
+def test_merge_without_prefix_keeps_unmerged_in_similarity_order() -> None:
+    # t_i = [i + 1, -(i + 1)]; A = t0, t2, t4; B = t1, t3, t5. Best: t2->t3 (0.995) > t4->t1
+    # (0.981) > t0->t3 (0.0). With no class token the official code does not re-sort the
+    # unmerged A tokens: they stay in descending similarity, t4 before t0.
+    x = t(*[[i + 1.0, -(i + 1.0)] for i in range(6)]).unsqueeze(0)
+    size = torch.ones(1, 6, 1, dtype=torch.float64)
+    metric = t([-1.0, 0.0], [1.0, 0.0], [1.0, 10.0], [0.0, 1.0], [10.0, 2.0], [3.0, 3.0]).unsqueeze(0)
+    assert bipartite_plan(metric, 1, num_prefix=0)[0].tolist() == [[2, 0]]
+    out, out_size = merge(x, size, metric, num_prefix=0, r=1)
+    expected = t([5.0, -5.0], [1.0, -1.0], [2.0, -2.0], [3.5, -3.5], [6.0, -6.0]).unsqueeze(0)
+    assert torch.allclose(out, expected)
+    assert torch.equal(out_size, t([1.0], [1.0], [1.0], [2.0], [1.0]).unsqueeze(0))
 
 
 # --------------------------------------------------------------------------- idle (IdleViT)
@@ -140,6 +185,20 @@ def test_select_active_known_answer() -> None:
     scores = torch.tensor([[9.0, 0.1, 0.5, 0.3, 0.9, 0.2], [9.0, 0.8, 0.1, 0.7, 0.2, 0.3]])
     assert select_active(scores, num_prefix=1, keep=2).tolist() == [[0, 2, 4], [0, 1, 3]]
     assert select_active(scores, num_prefix=2, keep=2).tolist() == [[0, 1, 2, 4], [0, 1, 3, 5]]
+
+
+def test_idle_scores_rank_by_raw_logits_not_attention() -> None:
+    # Two heads, head_dim 1, CLS + 2 patches; q_cls = 1 in both heads, so the logits are the keys.
+    q_cls = torch.ones(1, 2, 1, 1, dtype=torch.float64)
+    k = t([[0.0], [10.0], [0.0]], [[0.0], [-10.0], [1.0]]).unsqueeze(0)  # [1, 2, 3, 1]
+    logits = idle_scores(q_cls, k, rank="logits", scale=0.5)
+    # IdleViT's code: head-mean of the raw logits (scale unused): patch 1 -> 0, patch 2 -> 0.5.
+    assert torch.allclose(logits, t([0.0, 0.0, 0.5]))
+    assert select_active(logits, num_prefix=1, keep=1).tolist() == [[0, 2]]
+    # Our softmax variant (scale 1): head 0 puts ~1 on patch 1, head 1 0.73 on patch 2 -> patch 1.
+    attn = idle_scores(q_cls, k, rank="softmax", scale=1.0)
+    assert select_active(attn, num_prefix=1, keep=1).tolist() == [[0, 1]]
+    assert attn[0, 1] == pytest.approx(0.5, abs=1e-3) and attn[0, 2] == pytest.approx(0.3655, abs=1e-3)
 
 
 @pytest.mark.parametrize("num_prefix", [1, 2])
@@ -222,6 +281,27 @@ def test_significance_known_answer() -> None:
     assert torch.allclose(sig, t([1 / 6, 1 / 3, 1 / 2]))
 
 
+def test_most_significant_keeps_descending_significance_order() -> None:
+    x = t([9.0, 9.0], *[[i + 1.0, -(i + 1.0)] for i in range(4)]).unsqueeze(0)
+    size = t([1.0], [1.0], [2.0], [3.0], [4.0]).unsqueeze(0)
+    sig = t([0.1, 0.3, 0.2, 0.4])  # [1, 4]
+    out, out_size = most_significant(x, size, sig, num_prefix=1, keep=2)
+    # PPT's code sorts by significance: p3 (0.4) before p1 (0.3), not in position order.
+    assert torch.equal(out, t([9.0, 9.0], [4.0, -4.0], [2.0, -2.0]).unsqueeze(0))
+    assert torch.equal(out_size, t([1.0], [4.0], [2.0]).unsqueeze(0))
+
+
+def test_adaptive_prunes_when_variance_equals_threshold() -> None:
+    torch.manual_seed(0)
+    x, size = torch.randn(1, 7, 3, dtype=torch.float64), torch.ones(1, 7, 1, dtype=torch.float64)
+    cls_attn, value_norm = torch.rand(1, 7, dtype=torch.float64), torch.rand(1, 7, dtype=torch.float64) + 0.5
+    metric = torch.randn(1, 7, 4, dtype=torch.float64)
+    var = float(significance(cls_attn, value_norm, num_prefix=1).var(dim=-1))
+    _, _, at = adaptive(x, size, cls_attn, value_norm, metric, num_prefix=1, r=2, threshold=var)
+    _, _, above = adaptive(x, size, cls_attn, value_norm, metric, num_prefix=1, r=2, threshold=var * (1 + 1e-9))
+    assert at.tolist() == [True] and above.tolist() == [False]  # official: prune when var >= threshold
+
+
 def test_adaptive_mixed_batch_matches_prune_and_merge_alone() -> None:
     torch.manual_seed(0)
     num_prefix, r = 1, 3
@@ -234,12 +314,36 @@ def test_adaptive_mixed_batch_matches_prune_and_merge_alone() -> None:
         x, size, cls_attn, value_norm, metric, num_prefix=num_prefix, r=r, threshold=DEFAULT_THRESHOLD
     )
     assert pruned.tolist() == [True, False]
-    p_x, p_s = prune(
-        x[:1], size[:1], cls_attn[:1] * value_norm[:1], num_prefix=num_prefix, keep=8 - r, fuse=False
-    )
+    sig = significance(cls_attn[:1], value_norm[:1], num_prefix=num_prefix)
+    p_x, p_s = most_significant(x[:1], size[:1], sig, num_prefix=num_prefix, keep=8 - r)
     m_x, m_s = merge(x[1:], size[1:], metric[1:], num_prefix=num_prefix, r=r)
     assert torch.allclose(out[:1], p_x) and torch.allclose(out_size[:1], p_s)
     assert torch.allclose(out[1:], m_x) and torch.allclose(out_size[1:], m_s)
+
+
+# --------------------------------------------------------------------------- diffrate (DiffRate)
+
+
+def test_diffrate_known_answer_sort_prune_merge() -> None:
+    x = t([5.0, 5.0], [1.0, 2.0], [2.0, 0.0], [0.0, 3.0], [4.0, 1.0], [9.0, 9.0]).unsqueeze(0)
+    size = t([1.0], [2.0], [1.0], [1.0], [1.0], [1.0]).unsqueeze(0)
+    cls_attn = t([0.9, 0.1, 0.4, 0.3, 0.15, 0.05])  # prefix entry ignored
+    out, out_size = diffrate(x, size, cls_attn, num_prefix=1, prune_to=4, merge_to=2)
+    # Sorted: p1 0.4, p2 0.3, p3 0.15, p0 0.1, p4 0.05; the prune drops p4. Destinations CLS, p1,
+    # p2; sources p3 and p0. Cosine on the features: p3 -> p1 (4/sqrt(17)); p0 -> p2 (2/sqrt(5)),
+    # though p0 is closer still to CLS (0.949), which is never a destination.
+    # Values: the plain mean of destination and source; sizes add source size x similarity.
+    expected = t([5.0, 5.0], [3.0, 0.5], [0.5, 2.5]).unsqueeze(0)
+    assert torch.allclose(out, expected)
+    assert torch.allclose(out_size, t([1.0], [1 + 4 / 17**0.5], [1 + 2 * 2 / 5**0.5]).unsqueeze(0))
+
+
+def test_diffrate_prune_only_keeps_descending_importance() -> None:
+    x = t([5.0, 5.0], [1.0, 2.0], [2.0, 0.0], [0.0, 3.0], [4.0, 1.0], [9.0, 9.0]).unsqueeze(0)
+    size = torch.ones(1, 6, 1, dtype=torch.float64)
+    out, out_size = diffrate(x, size, t([0.9, 0.1, 0.4, 0.3, 0.15, 0.05]), num_prefix=1, prune_to=3, merge_to=3)
+    assert torch.equal(out, t([5.0, 5.0], [2.0, 0.0], [0.0, 3.0], [4.0, 1.0]).unsqueeze(0))
+    assert torch.equal(out_size, torch.ones(1, 4, 1, dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------- shared contracts
@@ -318,6 +422,20 @@ CASES: dict[str, Case] = {
         lambda n: n,
         preserves_mass=True,
         fused=True,
+    ),
+    "diffrate_merge": Case(
+        lambda x, s, p, k: diffrate(x, s, _signals(x)["cls"], num_prefix=p, prune_to=x.shape[1] - p, merge_to=k),
+        lambda n_total, p, k: p + k,
+        lambda n: n,
+        preserves_mass=False,  # sizes add source size x similarity
+        fused=True,
+    ),
+    "diffrate_prune": Case(
+        lambda x, s, p, k: diffrate(x, s, _signals(x)["cls"], num_prefix=p, prune_to=k, merge_to=k),
+        lambda n_total, p, k: p + k,
+        lambda n: n,
+        preserves_mass=False,
+        fused=False,
     ),
     "adaptive_merge": Case(
         _adaptive_run(float("inf")),
@@ -398,6 +516,9 @@ def test_contract_gradients_flow_through_kept_and_fused_tokens(name: str) -> Non
         lambda x, s, g: condense(x, s, g["attn"], num_prefix=1, keep=0, order=1, alpha=0.5, weighting="size"),
         lambda x, s, g: condense(x, s, g["attn"], num_prefix=1, keep=2, order=1, alpha=1.5, weighting="size"),
         lambda x, s, g: select_active(g["cls"], num_prefix=1, keep=9),
+        lambda x, s, g: diffrate(x, s, g["cls"], num_prefix=1, prune_to=9, merge_to=4),
+        lambda x, s, g: diffrate(x, s, g["cls"], num_prefix=1, prune_to=4, merge_to=5),
+        lambda x, s, g: diffrate(x, s, g["cls"], num_prefix=1, prune_to=4, merge_to=0),
     ],
 )
 def test_bad_amounts_raise_value_error(call: Callable[[Tensor, Tensor, dict[str, Tensor]], object]) -> None:

@@ -66,6 +66,77 @@ def test_token_counts_of_the_papers(deit_s) -> None:
     assert [ppt.tokens_entering()[i] for i in (3, 4, 7, 10)] == [197, 147, 97, 49]
 
 
+# DiffRate's own count (DiffRate/patch/deit.py, calculate_flop_inference: qkv, proj, QK^T and AV at
+# the incoming N, the MLP at the kept N, patch embedding and head; no norms, no merge matmul),
+# recomputed for each published DeiT-S schedule; the README prints 2.905 for "2.9".
+DIFFRATE = {"diffrate:2.3": 2.327226, "diffrate:2.5": 2.504742, "diffrate:2.7": 2.709187,
+            "diffrate:2.9": 2.905256, "diffrate:3.1": 3.107984}
+
+
+@pytest.mark.parametrize("preset,theirs", list(DIFFRATE.items()))
+def test_diffrate_presets_reproduce_the_published_gmacs(deit_s, preset: str, theirs: float) -> None:
+    schedule = Schedule.from_preset(preset, deit_s)
+    ours = gmacs(schedule, norms=False, overhead=False)
+    assert ours == pytest.approx(float(preset.split(":")[1]), abs=0.03)
+    # Their formula counts the class token as a patch in the embedding (+0.0003 G), nothing else differs.
+    assert ours == pytest.approx(theirs, abs=0.001)
+    assert gmacs(schedule) == pytest.approx(theirs, abs=0.05)
+
+
+def test_diffrate_token_counts_follow_the_published_lists(deit_s) -> None:
+    schedule = Schedule.from_preset("diffrate:2.9", deit_s)
+    rows = breakdown(schedule)
+    assert [r.tokens_out for r in rows] == [197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3]
+    assert schedule.layers[0].method == "none" and schedule.layers[1].kept == (195, 193)
+    # "2.5": blocks 6 and 7 publish prune counts above what enters them (no-ops, as in their code).
+    rows = breakdown(Schedule.from_preset("diffrate:2.5", deit_s))
+    assert [r.tokens_out for r in rows] == [197, 186, 160, 133, 119, 107, 96, 82, 66, 43, 37, 3]
+    assert "diffrate:2.9" in paper_presets("deit_small_patch16_224")
+    assert not any(p.startswith("diffrate") for p in paper_presets("deit_tiny_patch16_224"))
+
+
+@pytest.mark.parametrize("preset,match", [
+    ("diffrate:2.8", "no DiffRate schedule at '2.8'.*diffrate:2.3, diffrate:2.5, diffrate:2.7, diffrate:2.9, diffrate:3.1"),
+    ("diffrate", "e.g. diffrate:2.9"),
+])
+def test_diffrate_bad_levels(deit_s, preset: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Schedule.from_preset(preset, deit_s)
+
+
+def test_diffrate_for_a_model_without_a_published_schedule() -> None:
+    with pytest.raises(ValueError, match="no schedule for deit_tiny_patch16_224; available: deit_small_patch16_224"):
+        Schedule.from_preset("diffrate:2.9", model_spec("deit_tiny_patch16_224"))
+
+
+def test_idlevit_active_counts_are_the_official_int(deit_s) -> None:
+    # IdleViT's code: int(196 * k**s) patch tokens active, CLS on top: 137.2, 96.04, 67.23 at k=0.7.
+    schedule = Schedule.from_preset("idlevit:0.7", deit_s)
+    assert [p.active(196) for p in schedule.layers[3::3]] == [137, 96, 67]
+    assert [p.method for p in schedule.layers] == ["none"] * 3 + ["idle"] * 9  # infer.py: blocks 3-11
+    code = Schedule.from_preset("idlevit-code:0.7", deit_s)
+    assert [p.method for p in code.layers] == ["none"] * 4 + ["idle"] * 8  # main.py: blocks 4-11
+    assert [p.active(196) for p in code.layers[4:]] == [137] * 3 + [96] * 3 + [67] * 2
+    assert LayerPlan("idle", keep=0.7, rank="softmax").active(196) == 138  # our variant: ceil
+
+
+def test_ppt_threshold_is_official_on_196_patches_and_scaled_elsewhere(deit_s) -> None:
+    assert Schedule.from_preset("ppt", deit_s).layers[3].threshold == 7e-5
+    embedded = dataclasses.replace(deit_s, name="small", num_patches=64)
+    assert Schedule.from_preset("ppt", embedded).layers[3].threshold == pytest.approx(7e-5 * (196 / 64) ** 2)
+
+
+def test_schema_1_files_load_as_the_rules_they_were_made_with(deit_s) -> None:
+    old = Schedule.from_preset("evit:0.7", deit_s).to_dict()
+    old["schema_version"] = 1
+    for plan in old["layers"]:
+        plan.pop("fuse_weights", None)
+    old["layers"][0] = {"method": "idle", "keep": 0.7}
+    loaded = Schedule.from_dict(old)
+    assert loaded.layers[3].fuse_weights == "normalized" and loaded.layers[0].rank == "softmax"
+    assert Schedule.from_dict(Schedule.from_preset("evit:0.7", deit_s).to_dict()).layers[3].fuse_weights == "raw"
+
+
 def test_tome_decreasing_schedule() -> None:
     assert tome_r_per_block(12, 8, -1.0)[0] == 16 and tome_r_per_block(12, 8, -1.0)[-1] == 0
     assert tome_r_per_block(12, 8) == [8] * 12
@@ -78,7 +149,7 @@ def test_counting_rule() -> None:
     assert LayerPlan("merge", r=100).removed(97) == 48  # bipartite: at most n // 2
 
 
-@pytest.mark.parametrize("preset", paper_presets() + ["tome:13,-1", "idlevit-code:0.5", "ppt:30", "none"])
+@pytest.mark.parametrize("preset", paper_presets("deit_small_patch16_224") + ["tome:13,-1", "idlevit-code:0.5", "ppt:30", "none"])
 @pytest.mark.parametrize("fmt", ["yaml", "json"])
 def test_round_trip(deit_s, tmp_path, preset: str, fmt: str) -> None:
     schedule = Schedule.from_preset(preset, deit_s)
@@ -104,6 +175,11 @@ def test_frozen(deit_s) -> None:
     ({"method": "condense", "order": 0}, "order"),
     ({"method": "condense", "alpha": 2.0}, "alpha"),
     ({"method": "condense", "weighting": "mean"}, "unknown weighting"),
+    ({"method": "prune", "fuse_weights": "mean"}, "unknown fuse_weights"),
+    ({"method": "idle", "rank": "random"}, "unknown rank"),
+    ({"method": "diffrate", "merge_keep": 0.0}, "merge_keep"),
+    ({"method": "diffrate", "kept": (5,)}, "two positive integers"),
+    ({"method": "prune", "kept": (5, 3)}, "only for diffrate"),
 ])
 def test_layer_plan_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -27,7 +27,8 @@ def _free_params(depth: int, method: str, first: int) -> dict:
     params: dict = {"layers.first": first, "prop_attn": False, "budget.fraction": 1.0}
     for i in range(depth):
         params.update({f"layer{i:02d}.method": method, f"layer{i:02d}.keep": 0.5, f"layer{i:02d}.order": 2,
-                       f"layer{i:02d}.alpha": 0.5, f"layer{i:02d}.fuse": True})
+                       f"layer{i:02d}.alpha": 0.5, f"layer{i:02d}.fuse": True, f"layer{i:02d}.fuse_weights": "raw",
+                       f"layer{i:02d}.rank": "logits", f"layer{i:02d}.merge_keep": 1.0})
     return params
 
 
@@ -61,7 +62,8 @@ def test_a_start_too_late_for_the_budget_moves_earlier(spec, name: str) -> None:
         params = _free_params(spec.depth, "prune", spec.depth // 2)
     else:
         params = {"stages.first": spec.depth // 2, "stages.gap": 4, "stages.keep": 0.5, "stages.order": 2,
-                  "stages.alpha": 0.5, "stages.fuse": True, "prop_attn": False, "budget.fraction": 1.0,
+                  "stages.alpha": 0.5, "stages.fuse": True, "stages.fuse_weights": "raw", "stages.rank": "logits",
+                  "stages.merge_keep": 1.0, "prop_attn": False, "budget.fraction": 1.0,
                   **{f"stage{s}.method": "prune" for s in range(3)}}
     late = SearchSpace(name, spec)(optuna.trial.FixedTrial(params))  # no budget: as drawn
     assert gmacs(late) > space.budget_gmacs  # even at its smallest keep ratios (checked next)
