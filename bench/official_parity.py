@@ -95,7 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--official-src", type=Path, required=True, help="folder holding ToMe/ evit/ PPT/ IdleViT/ DiffRate/")
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma list of timm names (default {DEFAULT_MODELS})")
-    p.add_argument("--presets", help="comma list for every model (default: each family, per model)")
+    p.add_argument("--presets", help="comma list for every model; a bare number continues the preset before it "
+                   "(tome:8,-1); default: every family, with r that fits each model")
     p.add_argument("--images", type=int, help="images per model (default 16 on DeiT-S, 48 on the embedded model)")
     p.add_argument("--seed", type=int, default=0, help="random init, random images, held-out split seed")
     p.add_argument("--attention", choices=("explicit", "fused"), default="explicit",
@@ -111,7 +112,7 @@ def check_args(args: argparse.Namespace) -> dict[str, list[str]]:
     for name in models:
         if not timm.is_model(name):
             raise ValueError(f"unknown timm model {name!r}")
-    plan = {m: split_presets(args.presets or DEFAULT_PRESETS.get(m, DEFAULT_PRESETS[EMBEDDED])) for m in models}
+    plan = {m: split_presets(args.presets or DEFAULT_PRESETS.get(m, DEFAULT_PRESETS["deit_small_patch16_224"])) for m in models}
     families = set()
     for preset in (p for presets in plan.values() for p in presets):
         family = preset.partition(":")[0]
