@@ -122,8 +122,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default SQLite in --out; journal:PATH for a file journal)")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local Ray)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (default 0)")
+    p.add_argument("--cpus-per-trial", type=_positive_float, default=1.0, help="CPUs per trial (default 1)")
+    p.add_argument("--gpus-per-trial", type=_non_negative_float, default=0.0, help="GPUs per trial (default 0)")
     p.add_argument("--concurrency", type=_positive_int, default=2, help="trials at once (default 2)")
     p.add_argument("--num-images", type=_positive_int, default=2000, help="screening subset size (default 2000)")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch (default 256)")
@@ -160,6 +160,25 @@ def _int_at_least(minimum: int):  # type: ignore[no-untyped-def]
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
+def _float_above(minimum: float, *, inclusive: bool):  # type: ignore[no-untyped-def]
+    """An argparse type: a finite number > minimum (>= with inclusive)."""
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_float, _non_negative_float = _float_above(0.0, inclusive=False), _float_above(0.0, inclusive=True)
+
+
 def _crop_scale(text: str) -> float:
     """argparse type: a share of the image area in (0, 1]."""
     try:
@@ -187,22 +206,76 @@ def _cuda() -> bool:
 
 
 def _check_device(device: str) -> None:
-    if device.startswith("cuda") and not _cuda():
+    """--device must name a device torch knows and that this machine has (ValueError otherwise)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r}: not a torch device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not _cuda():
         raise ValueError(f"--device {device}: no CUDA device here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    try:
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as err:
+        raise ValueError(f"--device {device}: not usable here ({str(err).splitlines()[0]})") from None
+
+
+def _check_out_dir(path, flag: str) -> None:  # type: ignore[no-untyped-def]
+    """A directory to be created (or reused) at ``path`` must be creatable: no file in the way, a
+    writable existing ancestor. Probed with a temporary directory that is removed at once."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: is a file, not a directory")
+    if path.is_dir():
+        return  # whether its content may be added to is the command's own check
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag} {path}: {ancestor} is a file, not a directory")
+    try:
+        Path(tempfile.mkdtemp(dir=ancestor, prefix=".tokensched-probe-")).rmdir()
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot create a directory in {ancestor} ({err.strerror})") from None
 
 
 def _resolve_schedule(args: argparse.Namespace, spec):  # type: ignore[no-untyped-def]
     from spaces import Schedule
 
     if args.preset is not None:
-        return Schedule.from_preset(args.preset, spec)
-    schedule = Schedule.load(args.schedule)
+        return _check_merge_counts(Schedule.from_preset(args.preset, spec), f"--preset {args.preset}")
+    try:
+        schedule = Schedule.load(args.schedule)
+    except UnicodeDecodeError:
+        raise ValueError(f"--schedule {args.schedule}: not a text file (expected YAML or JSON)") from None
+    except ValueError as err:
+        if str(args.schedule) in str(err):
+            raise
+        raise ValueError(f"--schedule {args.schedule}: {err}") from None
+    _check_merge_counts(schedule, f"--schedule {args.schedule}")
     if not schedule.model.same_shape(spec):
         raise ValueError(
             f"schedule {args.schedule} is for {schedule.model.name} (depth {schedule.model.depth}, "
             f"{schedule.model.tokens} tokens, width {schedule.model.embed_dim}), not {spec.name} "
             f"(depth {spec.depth}, {spec.tokens} tokens, width {spec.embed_dim})"
         )
+    return schedule
+
+
+def _check_merge_counts(schedule, what: str):  # type: ignore[no-untyped-def]
+    """A merge count r above half the patch tokens can never be met (ToMe merges at most half of
+    them in a block; its code clamps r silently), so it is a typo, not a schedule."""
+    most = schedule.model.num_patches // 2
+    for i, plan in enumerate(schedule.layers):
+        if plan.r is not None and plan.r > most:
+            raise ValueError(f"{what}: block {i} merges r={plan.r} tokens, but a block can merge at most {most} "
+                             f"(half of {schedule.model.num_patches} patch tokens)")
     return schedule
 
 
@@ -294,22 +367,76 @@ def _check_search_inputs(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from search.data import required_images
-    from search.models import DEFAULT_MODEL, create, read_checkpoint
+    from search.models import DEFAULT_MODEL, create, load_model, read_checkpoint
+    from search.run_dir import check_storage_url
 
     args.checkpoint, args.data, args.finetune_data = (str(Path(p).resolve()) if p else None
                                                       for p in (args.checkpoint, args.data, args.finetune_data))
     if args.checkpoint:
         read_checkpoint(args.checkpoint)
+        load_model(args.model, checkpoint=args.checkpoint)  # another architecture's weights: one error now
     if args.data:
-        required_images(Path(args.data))
+        _check_decodable(required_images(Path(args.data)), "--data", args.data)
     if args.finetune_data:
-        required_images(Path(args.finetune_data), what="--finetune-data directory")
+        items = required_images(Path(args.finetune_data), what="--finetune-data directory")
+        _check_decodable(items, "--finetune-data", args.finetune_data)
     if args.pretrained and not args.checkpoint:
         create(args.model or DEFAULT_MODEL, pretrained=True)  # offline: one error now, not one per trial
+    _check_resources(args)
+    if args.storage:
+        check_storage_url(args.storage)
+    if args.out and not args.resume:
+        _check_out_dir(args.out, "--out")
+
+
+SAMPLE_IMAGES = 16  # decoded before Ray starts: enough to catch a folder of non-images
+
+
+def _check_decodable(items: list[tuple[str, int]], flag: str, root: str) -> None:
+    """A seeded sample of the images must decode (the workers would each fail on a folder of non-images)."""
+    import random
+
+    from PIL import Image
+
+    sample = random.Random(0).sample(items, min(SAMPLE_IMAGES, len(items)))
+    failures = []
+    for path, _ in sample:
+        try:
+            with Image.open(path) as img:
+                img.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as err:
+            failures.append((path, err))
+    if len(failures) == len(sample):
+        path, err = failures[0]
+        raise ValueError(f"{flag} {root}: none of {len(sample)} sampled images could be decoded "
+                         f"(e.g. {path}: {type(err).__name__})")
+    if failures:
+        print(f"warning: {flag} {root}: {len(failures)} of {len(sample)} sampled images could not be decoded",
+              file=sys.stderr)
+
+
+def _check_resources(args: argparse.Namespace) -> None:
+    """Resources per trial must fit the local machine (Ray would wait forever for a GPU that is not
+    there); on a --ray-address cluster the driver checks them against the cluster once connected."""
+    import os
+
+    import torch
+
+    if args.ray_address:
+        return
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    if args.cpus_per_trial > cpus:
+        raise ValueError(f"--cpus-per-trial {args.cpus_per_trial:g}: this machine has {cpus} CPU(s)")
+    if args.gpus_per_trial > gpus:
+        raise ValueError(f"--gpus-per-trial {args.gpus_per_trial:g}: this machine has {gpus} GPU(s)")
+    if args.gpus_per_trial > 0 and not str(args.device).startswith("cuda"):
+        raise ValueError(f"--gpus-per-trial {args.gpus_per_trial:g} with --device {args.device}: "
+                         "the trials would hold GPUs they do not use")
 
 
 def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignore[no-untyped-def]
     """Validate the search flags into a SearchConfig (ValueError on bad input)."""
+    import math
     from pathlib import Path
 
     from search.driver import SearchConfig, command_line
@@ -329,7 +456,11 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
         raise ValueError(f"unknown objective(s) {bad or '(none)'}; valid: {', '.join(OBJECTIVES)}")
     _check_device(args.device)
     spec = model_spec(args.model or DEFAULT_MODEL)
-    budget = parse_budget(args.budget, gmacs(Schedule.empty(spec)))
+    baseline = gmacs(Schedule.empty(spec))
+    budget = parse_budget(args.budget, baseline)
+    if not math.isfinite(budget) or budget > baseline * (1 + 1e-9):
+        raise ValueError(f"--budget {args.budget} is {budget:.4g} GMACs, above the unreduced {spec.name} "
+                         f"({baseline:.4f} GMACs); use at most 100%")
     space = SearchSpace(args.space, spec, methods=_split(args.methods), budget_gmacs=budget)
     timing = None
     if {"speedup", "images_per_s"} & set(objectives):
@@ -395,6 +526,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _check_device(args.device)
     schedule, source = ft.load_job(args.config)
     out = Path(args.out) if args.out else Path(args.config).parent.parent / "finetune" / Path(args.config).stem
+    _check_out_dir(out, "--out")
     if (out / ft.WEIGHTS).exists():
         raise ValueError(f"{out} holds a finished fine-tune ({ft.WEIGHTS}); nothing is overwritten (choose another --out)")
     model = _finetune_model(args, schedule, source)
@@ -442,6 +574,7 @@ def _print_finetune(args: argparse.Namespace, out, m: dict) -> int:  # type: ign
 def cmd_make_data(args: argparse.Namespace) -> int:
     from search.synthetic import CLASS_NAMES, write_folder
 
+    _check_out_dir(args.out, "make-data")
     root = write_folder(args.out, args.split, args.num_images, args.seed)
     print(f"wrote {args.num_images} {args.split} images of the embedded default to {root}/ "
           f"({len(CLASS_NAMES)} class folders, 64x64 PNG)")
@@ -455,6 +588,10 @@ COMMANDS = {"gmacs": cmd_gmacs, "eval": cmd_eval, "search": cmd_search, "finetun
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        if not argv[0].startswith("-"):
+            print(f"error: unknown command {argv[0]!r}; valid: {', '.join(COMMANDS)} "
+                  "(or search flags such as --budget 65%)", file=sys.stderr)
+            return EXIT_BAD_INPUT
         argv = ["search", *argv]  # `run_search.py --budget 65%` is the search
     parser = build_parser()
     try:

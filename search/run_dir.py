@@ -13,7 +13,8 @@ STUDY_DB = "study.db"
 TRIALS_LOG = "trials.jsonl"
 RUN_JSON = "run.json"
 # Settings a resumed run must share with the run it continues.
-MUST_MATCH = ("model", "checkpoint", "budget_gmacs", "space", "methods", "objectives", "data", "num_images", "seed")
+MUST_MATCH = ("model", "checkpoint", "budget_gmacs", "space", "methods", "objectives", "data", "num_images", "seed",
+              "sampler")
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
 
 
@@ -94,6 +95,30 @@ def storage(url: str | None, out: Path):  # type: ignore[no-untyped-def]
         return optuna.storages.RDBStorage(url)
     except Exception as err:  # noqa: BLE001 - any bad URL is bad input
         raise ValueError(f"cannot open --storage {url}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def check_storage_url(url: str) -> None:
+    """`--storage` must be one Optuna can open, checked without connecting or writing anything:
+    `journal:PATH` in an existing directory, or an SQLAlchemy URL whose driver is installed."""
+    if url.startswith("journal:"):
+        parent = Path(url.removeprefix("journal:")).resolve().parent
+        if not parent.is_dir():
+            raise ValueError(f"--storage {url}: directory {parent} not found")
+        return
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect().import_dbapi()  # the database driver (psycopg2, pymysql...) is installed
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ImportError, ValueError) as err:
+        raise ValueError(f"--storage {url}: Optuna cannot open it "
+                         f"({type(err).__name__}: {str(err).splitlines()[0]}); use sqlite:///PATH, "
+                         "postgresql://... or journal:PATH") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        parent = Path(parsed.database).resolve().parent
+        if not parent.is_dir():
+            raise ValueError(f"--storage {url}: directory {parent} not found")
 
 
 def sampler(name: str, seed: int):  # type: ignore[no-untyped-def]

@@ -1,0 +1,146 @@
+"""Issue 21, "nothing lost, nothing hung": bad input refused before Ray starts, the run directory
+locked, resume from every kill point, interrupted and hung trials recorded.
+
+Bad inputs run through run_search.main in one interpreter (as tests/test_search.py does); the
+searches run as separate processes with a real local Ray, on 48 images of the embedded model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--model", "tokensched_vit_shapes", "--num-images", "48", "--batch-size", "48"]
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def _not_images(root: Path) -> Path:
+    """An ImageFolder whose .png files are not images."""
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            (root / c / f"{i}.png").write_text("not an image")
+    return root
+
+
+def _other_checkpoint(path: Path) -> Path:
+    """Weights of a ViT of another shape than the embedded default."""
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+def _finetune_config(path: Path) -> Path:
+    from search.models import DEFAULT_MODEL, model_spec
+    from spaces import Schedule
+
+    schedule = Schedule.from_preset("evit:0.7", model_spec(DEFAULT_MODEL))
+    path.write_text(yaml.safe_dump({"schedule": schedule.to_dict(), "source": {"model": DEFAULT_MODEL}}))
+    return path
+
+
+# Bad search flags, by the item of issue 21 they show -> the text the one error line must hold.
+# "{tmp}" stands for the fixture's directory of prepared bad files.
+SEARCH_CASES: dict[str, tuple[list[str], str]] = {
+    "budget above unreduced [13]": (["--budget", "150%"], "above the unreduced"),
+    "budget infinite [13]": (["--budget", "1e400%"], "above the unreduced"),
+    "budget 1.5x [13]": (["--budget", "1.5x"], "above the unreduced"),
+    "budget GMACs above [13]": (["--budget", "100GMACs"], "above the unreduced"),
+    "checkpoint of another architecture [3]": (["--checkpoint", "{tmp}/other.safetensors"], "does not fit the model"),
+    "data of non-images [3]": (["--data", "{tmp}/junk"], "could be decoded"),
+    "finetune-data of non-images [3]": (["--finetune-top", "1", "--finetune-data", "{tmp}/junk"], "could be decoded"),
+    "device bogus [4]": (["--device", "bogus"], "--device 'bogus'"),
+    "device cuda:99 [4]": (["--device", "cuda:99"], "--device cuda:99"),
+    "gpus without a GPU [5]": (["--device", "cpu", "--gpus-per-trial", "1"], "--gpus-per-trial 1"),
+    "gpus beyond the machine [5]": (["--gpus-per-trial", "1000"], "--gpus-per-trial 1000"),
+    "negative cpus [6]": (["--cpus-per-trial=-1"], "--cpus-per-trial: must be > 0"),
+    "zero cpus [6]": (["--cpus-per-trial", "0"], "--cpus-per-trial: must be > 0"),
+    "nan cpus [6]": (["--cpus-per-trial", "nan"], "--cpus-per-trial: must be > 0"),
+    "cpus beyond the machine [6]": (["--cpus-per-trial", "1000"], "this machine has"),
+    "negative gpus [6]": (["--gpus-per-trial=-1"], "--gpus-per-trial: must be >= 0"),
+    "storage bogus scheme [9]": (["--storage", "bogus://x"], "--storage bogus://x"),
+    "storage not a URL [9]": (["--storage", "notaurl"], "--storage notaurl"),
+    "storage sqlite in missing dir [9]": (["--storage", "sqlite:////no/such/dir/s.db"], "not found"),
+    "storage journal in missing dir [9]": (["--storage", "journal:/no/such/dir/j.log"], "not found"),
+    "out is a file [8]": (["--out", "{tmp}/a_file"], "is a file"),
+    "out under a file [8]": (["--out", "{tmp}/a_file/run"], "is a file"),
+    "out under /proc [8]": (["--out", "/proc/tokensched/run"], "cannot create a directory"),
+}
+
+# Bad input of the other commands.
+OTHER_CASES: dict[str, tuple[list[str], str]] = {
+    "preset tome:1000 [13]": (["gmacs", "--preset", "tome:1000"], "can merge at most 32"),
+    "preset tome:1000 on DeiT-S [13]": (["gmacs", "--model", "deit_small_patch16_224", "--preset", "tome:1000"],
+                                        "can merge at most 98"),
+    "binary schedule file [13]": (["gmacs", "--schedule", "{tmp}/binary.yaml"],
+                                  "--schedule {tmp}/binary.yaml: not a text file"),
+    "unknown subcommand [13]": (["evall", "--preset", "ppt"], "unknown command 'evall'"),
+    "eval device bogus [4]": (["eval", "--preset", "ppt", "--device", "bogus"], "--device 'bogus'"),
+    "finetune out is a file [7]": (["finetune", "--config", "{tmp}/config.yaml", "--out", "{tmp}/a_file",
+                                    "--steps", "1"], "is a file"),
+    "finetune out under a file [7]": (["finetune", "--config", "{tmp}/config.yaml", "--out", "{tmp}/a_file/x",
+                                       "--steps", "1"], "is a file"),
+    "make-data under a file [8]": (["make-data", "{tmp}/a_file/x", "--num-images", "2"], "is a file"),
+    "make-data under /proc [8]": (["make-data", "/proc/tokensched-data", "--num-images", "2"],
+                                  "cannot create a directory"),
+}
+
+
+def _prepare_bad_files(tmp: Path) -> None:
+    (tmp / "a_file").write_text("x")
+    (tmp / "binary.yaml").write_bytes(bytes(range(256)))
+    _not_images(tmp / "junk")
+    _other_checkpoint(tmp / "other.safetensors")
+    _finetune_config(tmp / "config.yaml")
+
+
+_RUNNER = """
+import contextlib, io, json, sys
+import run_search
+results = {}
+for case, argv in json.load(sys.stdin).items():
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = run_search.main(argv)
+    results[case] = [code, err.getvalue(), out.getvalue()]
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]], dict[str, list]]:
+    tmp = tmp_path_factory.mktemp("bad21")
+    _prepare_bad_files(tmp)
+    argvs = {}
+    for i, (case, (args, _)) in enumerate(SEARCH_CASES.items()):
+        out = [] if "--out" in args else ["--out", str(tmp / str(i) / "new")]
+        argvs[case] = [*FAST, "--budget", "65%", "--trials", "2", *out, *args]  # args last: theirs win
+    argvs.update({case: args for case, (args, _) in OTHER_CASES.items()})
+    argvs = {case: [a.replace("{tmp}", str(tmp)) for a in argv] for case, argv in argvs.items()}
+    before = sorted(p.relative_to(tmp) for p in tmp.rglob("*"))
+    proc = subprocess.run([sys.executable, "-c", _RUNNER], input=json.dumps(argvs), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.relative_to(tmp) for p in tmp.rglob("*")) == before  # no case wrote anything
+    return tmp, argvs, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", [*SEARCH_CASES, *OTHER_CASES])
+def test_bad_input_is_one_error_line_exit_2_nothing_written(case: str, bad_runs) -> None:
+    tmp, argvs, results = bad_runs
+    code, stderr, stdout = results[case]
+    match = {**SEARCH_CASES, **OTHER_CASES}[case][1].replace("{tmp}", str(tmp))
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("warning:")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert match in lines[0] and stdout == "", (match, stderr)
+    assert not Path("/proc/tokensched").exists()
