@@ -138,6 +138,11 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                    help=f"smallest image area of the random-resized crop on --finetune-data (default {TIMM_CROP_SCALE}, timm's)")
     p.add_argument("--finetune-data", default=None,
                    help="training images for the short fine-tunes (needed with --data; default: the embedded training stream)")
+    p.add_argument("--trial-timeout", type=_positive_float, default=None,
+                   help="seconds a screening trial may run; a longer one ends its worker and is recorded as FAIL "
+                        "(default: no limit)")
+    p.add_argument("--retries", type=_non_negative_int, default=0,
+                   help="times a failed or killed trial is run again (Ray's FailureConfig; default 0)")
     p.add_argument("--fail-trials", default="", help=argparse.SUPPRESS)  # test hook: "3:raise,5:nan"
 
 
@@ -475,7 +480,7 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
     setup = WorkerSetup(space=space, model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                         data=args.data, num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
                         device=args.device, threads=max(1, int(args.cpus_per_trial)), timing=timing,
-                        objectives=objectives)
+                        objectives=objectives, trial_timeout=args.trial_timeout)
     faults = {int(k): v for k, v in (item.split(":") for item in _split(args.fail_trials))}
     job = None
     if args.finetune_top:
@@ -486,7 +491,7 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
                         ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,
                         gpus_per_trial=args.gpus_per_trial, concurrency=args.concurrency,
                         presets=not args.no_presets, seed=args.seed, command=command_line(list(argv)),
-                        fault_trials=faults, finetune_top=args.finetune_top, finetune=job)
+                        fault_trials=faults, finetune_top=args.finetune_top, finetune=job, retries=args.retries)
 
 
 def cmd_search(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:

@@ -51,6 +51,7 @@ class SearchConfig:
     fault_trials: dict[int, str] = field(default_factory=dict)  # test hook: suggestion index -> "raise" | "nan"
     finetune_top: int = 0  # promote this many screened candidates to a short fine-tune
     finetune: FinetuneJob | None = None  # how (steps, data, batch); needed when finetune_top > 0
+    retries: int = 0  # Ray FailureConfig: a failed or killed trial is run again this many times
 
 
 @dataclass
@@ -127,6 +128,17 @@ def ray_auth_mode(address: str | None) -> str | None:
     if os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file():
         return "token"
     return None
+
+
+def check_cluster_resources(cfg: SearchConfig) -> None:
+    """Resources per trial must fit one node of the cluster (Ray would wait forever otherwise)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for key, flag, need in (("CPU", "--cpus-per-trial", cfg.cpus_per_trial), ("GPU", "--gpus-per-trial", cfg.gpus_per_trial)):
+        most = max((n.get(key, 0.0) for n in nodes), default=0.0)
+        if need > most:
+            raise ValueError(f"{flag} {need:g}: no node of the Ray cluster has that many ({most:g} at most)")
 
 
 def _init_ray(cfg: SearchConfig) -> str | None:
@@ -260,10 +272,11 @@ def _run_tune(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type:
 
     study_name = f"{STUDY_PREFIX}-{cfg.out.resolve().name}"
     finished, waiting = 0, set()
-    if cfg.resume:
+    if cfg.resume and study_name in optuna.get_all_study_names(storage):  # not when killed before it existed
         study = optuna.load_study(study_name=study_name, storage=storage)
-        done, failed = run_dir.settle_stale_trials(study, run_dir.read_records(cfg.out), list(cfg.setup.objectives))
-        finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+        done, failed = run_dir.settle_stale_trials(study, run_dir.read_records(cfg.out), list(cfg.setup.objectives),
+                                                   cfg.out)
+        finished = sum(run_dir.counts_against_budget(t) for t in study.get_trials(deepcopy=False))
         # Enqueued presets the killed run never started: Optuna hands them out first, don't enqueue again.
         waiting = {_key(t.system_attrs.get("fixed_params", t.params))
                    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))}
@@ -284,6 +297,7 @@ def _run_tune(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type:
         tune_config=tune.TuneConfig(search_alg=limited, num_samples=remaining, reuse_actors=True),
         run_config=tune.RunConfig(
             storage_path=str((cfg.out / "ray").resolve()), name=f"tune-{len(run.get('resumed', [])) + 1}",
+            failure_config=tune.FailureConfig(max_failures=cfg.retries),
             verbose=0, callbacks=[_callback(cfg, searcher, {_key(p): n for n, p in all_points}, progress)],
         ),
     )
@@ -302,11 +316,13 @@ def run(cfg: SearchConfig) -> SearchOutcome:
     settings = _settings(cfg)
     run_dir.prepare(cfg.out, settings, resume=cfg.resume, create=False)  # all checks before anything is written
     check_ray_address(cfg.ray_address)
+    run_dir.lock(cfg.out)  # held until this process exits: a second driver on --out gets exit code 2
     dashboard = _init_ray(cfg)
+    check_cluster_resources(cfg)
     run = run_dir.prepare(cfg.out, settings, resume=cfg.resume)
-    storage = run_dir.storage(cfg.storage, cfg.out)
     run["dashboard"] = dashboard
-    run_dir.write_run_json(cfg.out, run)
+    run_dir.write_run_json(cfg.out, run)  # before the study exists, so a kill from here on can be resumed
+    storage = run_dir.storage(cfg.storage, cfg.out)
     if dashboard:
         print(f"Ray dashboard: {dashboard}", file=sys.stderr)
     print(f"Optuna study: {run['storage']} (optuna-dashboard {run['storage']})", file=sys.stderr)
@@ -441,8 +457,7 @@ def finish(cfg: SearchConfig, run: dict[str, Any]) -> SearchOutcome:
     src = {"model": run["model"], "checkpoint": run["checkpoint"], "data": run["data"],
            "finetune_data": cfg.finetune.data if cfg.finetune else None,
            "budget_gmacs": run["budget_gmacs"], "run_dir": str(cfg.out)}
-    if not (cfg.out / "configs").exists():
-        report.export_configs(cfg.out, front, run=src)
+    run_dir.replace_configs(cfg.out, lambda root: report.export_configs(root, front, run=src))  # stale ones go
     print(report.front_table(front, presets, objectives))
     run["front_size"], run["hypervolume"] = len(front), history[-1] if history else 0.0
     run_dir.write_run_json(cfg.out, run)

@@ -12,6 +12,8 @@ from typing import Any
 STUDY_DB = "study.db"
 TRIALS_LOG = "trials.jsonl"
 RUN_JSON = "run.json"
+LOCK = ".lock"  # flock'ed by the driver for its whole life (released by the kernel on any exit, kill -9 too)
+CONFIGS = "configs"
 # Settings a resumed run must share with the run it continues.
 MUST_MATCH = ("model", "checkpoint", "budget_gmacs", "space", "methods", "objectives", "data", "num_images", "seed",
               "sampler")
@@ -39,11 +41,71 @@ def prepare(out: Path, settings: dict[str, Any], *, resume: bool, create: bool =
         previous.setdefault("resumed", []).append(settings["command"])
         previous["trials"] = settings["trials"]
         return previous
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK for p in out.iterdir())):
         raise ValueError(f"output directory {out} already exists; pass --resume to continue it or choose another --out")
     if create:
         out.mkdir(parents=True, exist_ok=True)
     return dict(settings)
+
+
+_HELD: list[Any] = []  # the open lock files of this process (the lock lives as long as the file stays open)
+
+
+def lock(out: Path) -> None:
+    """Take the run directory's advisory lock for this process's life (creating `out` if needed):
+    a second driver on the same directory, --resume included, gets a ValueError (exit code 2).
+
+    If this process created `out` and leaves it holding nothing but the lock file (a failure
+    before run.json was written), the directory is removed again at exit: bad input leaves no trace.
+    """
+    import atexit
+    import fcntl
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    handle = (out / LOCK).open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ValueError(f"{out} is in use by another search (locked); wait for it to finish, then "
+                         "--resume it, or choose another --out") from None
+    _HELD.append(handle)
+    if created:
+        atexit.register(_remove_if_unused, out)
+
+
+def _remove_if_unused(out: Path) -> None:
+    if out.is_dir() and [p.name for p in out.iterdir()] == [LOCK]:
+        (out / LOCK).unlink()
+        out.rmdir()
+
+
+def replace_configs(out: Path, export) -> None:  # type: ignore[no-untyped-def]
+    """Re-export configs/ from scratch: ``export(root)`` writes ``root/configs/*.yaml``; it runs on a
+    staging root inside `out`, the run's real paths are put back into the files, and the new
+    directory then replaces the old one (stale configs of points that left the front go with it).
+
+    A kill at any moment leaves either the old or the new configs/ (plus staging that the next
+    finish removes), never a half-written one under that name.
+    """
+    import shutil
+
+    staging, old = out / ".configs-staging", out / ".configs-old"
+    for leftover in (staging, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    export(staging)
+    kill_point("configs")
+    fresh = staging / CONFIGS
+    for path in fresh.glob("*.yaml"):
+        path.write_text(path.read_text().replace(str(fresh), str(out / CONFIGS)))
+    if (out / CONFIGS).exists():
+        (out / CONFIGS).rename(old)
+    fresh.rename(out / CONFIGS)
+    shutil.rmtree(staging)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def versions() -> dict[str, str]:
@@ -56,8 +118,25 @@ def versions() -> dict[str, str]:
             "optuna": optuna.__version__, "ray": ray.__version__, "platform": platform.platform()}
 
 
+KILL_AT = "TOKENSCHED_KILL_AT"  # fault injection (tests, bench/faults.py): a kill point name
+
+
+def kill_point(name: str) -> None:
+    """SIGKILL this process at the named point when $TOKENSCHED_KILL_AT names it: a reproducible
+    `kill -9` at a moment too short to hit from outside (after run.json, before the study exists)."""
+    import os
+    import signal
+
+    if os.environ.get(KILL_AT) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_run_json(out: Path, run: dict[str, Any]) -> None:
-    (out / RUN_JSON).write_text(json.dumps(run, indent=2, default=str))
+    """run.json, replaced atomically (a kill leaves the old or the new one)."""
+    tmp = out / f".{RUN_JSON}.tmp"
+    tmp.write_text(json.dumps(run, indent=2, default=str))
+    tmp.replace(out / RUN_JSON)
+    kill_point("run.json")
 
 
 def append_record(out: Path, record: dict[str, Any]) -> None:
@@ -136,9 +215,10 @@ def sampler(name: str, seed: int):  # type: ignore[no-untyped-def]
     raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
 
 
-def settle_stale_trials(study, records: list[dict[str, Any]], objectives: list[str]) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+def settle_stale_trials(study, records: list[dict[str, Any]], objectives: list[str], out: Path) -> tuple[int, int]:  # type: ignore[no-untyped-def]
     """Trials a killed run left RUNNING (PITFALLS 15): completed from the trial log when their result
-    reached it (killed between the report and Optuna's tell), else marked FAIL. Returns (completed, failed)."""
+    reached it (killed between the report and Optuna's tell), else marked FAIL as interrupted, with a
+    FAIL record in the trial log. Returns (completed, failed)."""
     import math
 
     from optuna.trial import TrialState
@@ -152,6 +232,19 @@ def settle_stale_trials(study, records: list[dict[str, Any]], objectives: list[s
             study._storage.set_trial_state_values(t._trial_id, state=TrialState.COMPLETE, values=values)
             completed += 1
         else:
+            # Interrupted, not failed: it gets a record, and it does not count against --trials.
+            study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
             study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            append_record(out, {"trial": t.number, "ray_trial": f"interrupted-{t.number}", "state": "FAIL",
+                                "preset": t.user_attrs.get("preset"), "fidelity": "screen", "params": t.params,
+                                "error": "interrupted: the driver stopped while it ran"})
             failed += 1
     return completed, failed
+
+
+INTERRUPTED = "interrupted"  # user attr of a trial the driver was killed during (marked FAIL on resume)
+
+
+def counts_against_budget(trial) -> bool:  # type: ignore[no-untyped-def]
+    """Whether a finished Optuna trial counts towards --trials: not one that was only interrupted."""
+    return trial.state.is_finished() and not trial.user_attrs.get(INTERRUPTED)

@@ -8,9 +8,13 @@ here imports Optuna's study machinery: a trial's parameters are replayed through
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import os
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +48,7 @@ class WorkerSetup:
     threads: int = 1
     timing: tuple[tuple[str, Any], ...] | None = None  # throughput protocol (dict items) when speed is an objective
     objectives: tuple[str, ...] = ("accuracy", "gmacs")
+    trial_timeout: float | None = None  # seconds; a trial running longer ends its worker process (a FAIL)
 
 
 @dataclass
@@ -91,6 +96,8 @@ def evaluate_params(setup: WorkerSetup, params: dict[str, Any]) -> dict[str, Any
     fault = params.get(FAULT_KEY)
     if fault == "raise":
         raise RuntimeError("injected failure (test hook)")
+    if fault == "hang":
+        time.sleep(1e6)
     schedule = schedule_from_params(setup.space, params)
     start = time.perf_counter()
     timing = dict(setup.timing) if setup.timing is not None else None
@@ -113,12 +120,37 @@ def evaluate_params(setup: WorkerSetup, params: dict[str, Any]) -> dict[str, Any
     return metrics
 
 
+@contextlib.contextmanager
+def deadline(seconds: float | None):  # type: ignore[no-untyped-def]
+    """End this worker process if the block runs longer than `seconds` (--trial-timeout).
+
+    A hung evaluation cannot be interrupted from Python (it may sit in a C call), so the process
+    exits: Ray sees the actor die, the trial errors (or is retried, with --retries) and is
+    recorded as FAIL, and Tune starts a fresh actor for the next trial.
+    """
+    if seconds is None:
+        yield
+        return
+    timer = threading.Timer(seconds, lambda: (print(f"trial timeout: {seconds:g} s", file=sys.stderr, flush=True),
+                                              os._exit(TIMEOUT_EXIT)))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+TIMEOUT_EXIT = 124  # the worker's exit code when --trial-timeout ended it (as timeout(1))
+
+
 def trainable(config: dict[str, Any], setup: WorkerSetup) -> None:
     """Ray Tune function trainable: one evaluation, one report holding every metric."""
     from ray import tune
 
     start = time.perf_counter()
-    metrics = evaluate_params(setup, config)
+    with deadline(setup.trial_timeout):
+        metrics = evaluate_params(setup, config)
     metrics["trial_seconds"] = time.perf_counter() - start
     metrics["schedule"] = json.dumps(metrics["schedule"])  # text: Tune's TensorBoard logger rejects nested lists
     tune.report(metrics)

@@ -7,10 +7,12 @@ searches run as separate processes with a real local Ray, on 48 images of the em
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,85 @@ def test_bad_input_is_one_error_line_exit_2_nothing_written(case: str, bad_runs)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert match in lines[0] and stdout == "", (match, stderr)
     assert not Path("/proc/tokensched").exists()
+
+
+# --- the run directory: lock, resume from any kill point, configs, interrupted trials ------------------
+
+def _search(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "run_search.py", *args], cwd=ROOT, env=env or ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _killed_at(point: str, args: list[str]) -> None:
+    """Run a search that SIGKILLs itself at `point` (run_dir.kill_point), then end what it left (Ray)."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "run_search.py", *args], cwd=ROOT, env={**ENV, "TOKENSCHED_KILL_AT": point},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert proc.wait(timeout=300) == -signal.SIGKILL
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+
+
+def _study_trials(out: Path) -> list:
+    import optuna
+
+    return optuna.load_study(study_name=f"tokensched-{out.name}", storage=f"sqlite:///{out / 'study.db'}").trials
+
+
+def _locked(path: Path) -> bool:
+    import fcntl
+
+    with path.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def test_kill_before_the_study_exists_lock_sampler_and_configs(tmp_path: Path) -> None:
+    """Items 1, 2, 10, 11: killed right after run.json (no study yet), --resume completes it while a
+    second driver is locked out; --resume with another sampler is refused; a resume to more trials
+    re-exports configs/ with stale ones gone."""
+    out = tmp_path / "run"
+    args = ["--budget", "65%", *FAST, "--no-presets", "--out", str(out)]
+    _killed_at("run.json", [*args, "--trials", "3"])
+    assert (out / "run.json").is_file() and not (out / "study.db").exists()
+
+    first = subprocess.Popen([sys.executable, "run_search.py", *args, "--trials", "3", "--resume"], cwd=ROOT, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not _locked(out / ".lock") and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    second = _search(*args, "--trials", "3", "--resume")
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert second.returncode == 2 and second.stderr.strip().splitlines()[-1].startswith("error: "), second.stderr
+    assert "in use by another search" in second.stderr
+    searched = [t for t in _study_trials(out) if t.state.name != "RUNNING"]
+    assert len([t for t in searched if t.state.name == "COMPLETE"]) == 3
+    assert {r["trial"] for r in _records(out)} >= {t.number for t in searched}  # a record for every trial
+
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    refused = _search(*args, "--trials", "3", "--resume", "--sampler", "tpe")
+    assert refused.returncode == 2 and "sampler differs" in refused.stderr.strip().splitlines()[-1], refused.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+
+    (out / "configs" / "9999.yaml").write_text("stale: true\n")
+    more = _search(*args, "--trials", "5", "--resume")
+    assert more.returncode == 0, more.stderr[-3000:]
+    front = json.loads((out / "front.json").read_text())["front"]
+    assert sorted(p.name for p in (out / "configs").glob("*.yaml")) == sorted(f"{r['trial']:04d}.yaml" for r in front)
+    for path in (out / "configs").glob("*.yaml"):
+        assert str(out / "configs" / path.name) in yaml.safe_load(path.read_text())["finetune_command"]
+    assert not list(out.glob(".configs-*"))
+    complete = [t for t in _study_trials(out) if t.state.name == "COMPLETE"]
+    assert len(complete) == 5 and len({tuple(sorted(t.params.items())) for t in complete}) == 5
