@@ -181,7 +181,7 @@ def _searcher(cfg: SearchConfig, storage, points: list[dict[str, Any]]):  # type
 
     searcher = _Searcher(
         space=cfg.setup.space.optuna_space, metric=[o.name for o in objectives],
-        mode=[o.direction for o in objectives], sampler=run_dir.sampler(cfg.sampler, cfg.seed),
+        mode=[o.direction for o in objectives], sampler=run_dir.sampler(cfg.sampler, run_dir.segment_seed(cfg.seed, cfg.out)),
         storage=storage, study_name=f"{STUDY_PREFIX}-{cfg.out.resolve().name}", points_to_evaluate=points or None,
     )
     return searcher, ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency)

@@ -15,8 +15,8 @@ RUN_JSON = "run.json"
 LOCK = ".lock"  # flock'ed by the driver for its whole life (released by the kernel on any exit, kill -9 too)
 CONFIGS = "configs"
 # Settings a resumed run must share with the run it continues.
-MUST_MATCH = ("model", "checkpoint", "budget_gmacs", "space", "methods", "objectives", "data", "num_images", "seed",
-              "sampler")
+MUST_MATCH = ("model", "checkpoint", "budget_gmacs", "min_gmacs", "space", "methods", "objectives", "data",
+              "num_images", "seed", "sampler", "confirm_images")
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
 
 
@@ -198,6 +198,15 @@ def check_storage_url(url: str) -> None:
         parent = Path(parsed.database).resolve().parent
         if not parent.is_dir():
             raise ValueError(f"--storage {url}: directory {parent} not found")
+
+
+def segment_seed(seed: int, out: Path) -> int:
+    """The sampler's seed for this segment of a run: `seed`, plus one per --resume so far. A resumed
+    sampler with the first segment's seed replays its random draws (NSGA-II's first generation,
+    TPE's start-up trials, random): the same parameters again, duplicates."""
+    run_json = out / RUN_JSON
+    resumed = json.loads(run_json.read_text()).get("resumed", []) if run_json.is_file() else []
+    return seed + len(resumed)
 
 
 def sampler(name: str, seed: int):  # type: ignore[no-untyped-def]
