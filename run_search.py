@@ -117,7 +117,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="nsga2", help=f"Optuna sampler: {', '.join(SAMPLERS)} (default nsga2)")
     p.add_argument("--objectives", default="accuracy,gmacs",
                    help=f"objectives, comma-separated from {', '.join(OBJECTIVES)} (default accuracy,gmacs)")
-    p.add_argument("--trials", type=_positive_int, default=60, help="trials in all, presets included (default 60)")
+    p.add_argument("--trials", type=_positive_int, default=60,
+                   help="searched trials (default 60); every preset in range is evaluated besides them")
     p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default SQLite in --out; journal:PATH for a file journal)")
@@ -128,7 +129,12 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=_positive_int, default=2000, help="screening subset size (default 2000)")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch (default 256)")
     p.add_argument("--timing-batch", type=_positive_int, default=64, help="throughput batch (default 64)")
-    p.add_argument("--no-presets", action="store_true", help="do not evaluate the paper presets first")
+    p.add_argument("--no-presets", action="store_true", help="do not evaluate the paper presets")
+    p.add_argument("--confirm-images", type=_positive_int, default=2000,
+                   help="images disjoint from the screening set on which the front and the presets are re-scored "
+                        "(default 2000)")
+    p.add_argument("--min-gmacs", default=None,
+                   help="the cheapest the front should reach, like --budget (default: the cheapest preset under the budget)")
     p.add_argument("--finetune-top", type=_non_negative_int, default=0,
                    help="after screening, fine-tune this many of the most promising candidates (default 0)")
     p.add_argument("--finetune-steps", type=_positive_int, default=100, help="steps of each short fine-tune (default 100)")
@@ -439,12 +445,27 @@ def _check_resources(args: argparse.Namespace) -> None:
                          "the trials would hold GPUs they do not use")
 
 
+def _check_confirm_images(args: argparse.Namespace) -> None:
+    """The confirmation images must fit beside the screening images in --data."""
+    if args.data is None:
+        return  # the embedded default draws them from another seed of its held-out split
+    from pathlib import Path
+
+    from search.data import list_images
+
+    items, _ = list_images(Path(args.data))
+    if args.num_images + args.confirm_images > len(items):
+        raise ValueError(f"--confirm-images {args.confirm_images}: {args.data} holds {len(items)} images and "
+                         f"{min(args.num_images, len(items))} are set aside for screening (--num-images)")
+
+
 def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignore[no-untyped-def]
     """Validate the search flags into a SearchConfig (ValueError on bad input)."""
     import math
+    from dataclasses import replace
     from pathlib import Path
 
-    from search.driver import SearchConfig, command_line
+    from search.driver import SearchConfig, command_line, default_min_gmacs
     from search.models import DEFAULT_MODEL, model_spec
     from search.pareto import OBJECTIVES
     from search.run_dir import SAMPLERS, default_out
@@ -467,6 +488,16 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
         raise ValueError(f"--budget {args.budget} is {budget:.4g} GMACs, above the unreduced {spec.name} "
                          f"({baseline:.4f} GMACs); use at most 100%")
     space = SearchSpace(args.space, spec, methods=_split(args.methods), budget_gmacs=budget)
+    if args.min_gmacs is not None:
+        try:
+            min_gmacs = parse_budget(args.min_gmacs, baseline)
+        except ValueError as err:
+            raise ValueError(f"--min-gmacs {args.min_gmacs}: " + str(err).replace("budget", "value")) from None
+        if not math.isfinite(min_gmacs) or min_gmacs > budget:
+            raise ValueError(f"--min-gmacs {args.min_gmacs} is {min_gmacs:.4g} GMACs, above the budget ({budget:.4f} GMACs)")
+    else:
+        min_gmacs = default_min_gmacs(space, presets=not args.no_presets)
+    space = replace(space, min_gmacs=min_gmacs)
     timing = None
     if {"speedup", "images_per_s"} & set(objectives):
         timing = (("batch_size", args.timing_batch), ("repeats", 3), ("warmup", 1))
@@ -477,10 +508,12 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
         if not args.finetune_lr > 0:
             raise ValueError(f"--finetune-lr must be positive, got {args.finetune_lr}")
     _check_search_inputs(args)
+    _check_confirm_images(args)
     setup = WorkerSetup(space=space, model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                         data=args.data, num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
                         device=args.device, threads=max(1, int(args.cpus_per_trial)), timing=timing,
-                        objectives=objectives, trial_timeout=args.trial_timeout)
+                        objectives=objectives, confirm_images=args.confirm_images,
+                        trial_timeout=args.trial_timeout)
     faults = {int(k): v for k, v in (item.split(":") for item in _split(args.fail_trials))}
     job = None
     if args.finetune_top:

@@ -13,7 +13,6 @@ average.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .common import gather_tokens, weighted_mean_merge

@@ -156,12 +156,30 @@ def balanced_subset(labels: list[int], num: int, *, seed: int) -> list[int]:
     return sorted(picked)
 
 
+def disjoint_subset(labels: list[int], num: int, *, seed: int, set_aside: int) -> list[int]:
+    """A balanced subset of ``num`` indices disjoint from ``balanced_subset(labels, set_aside, seed)``
+    (the screening images): drawn from the rest with seed + 1."""
+    if set_aside + num > len(labels):
+        raise ValueError(f"{num} confirmation images requested but the data holds {len(labels)} images, "
+                         f"{set_aside} of them set aside for screening")
+    taken = set(balanced_subset(labels, set_aside, seed=seed))
+    rest = [i for i in range(len(labels)) if i not in taken]
+    return sorted(rest[j] for j in balanced_subset([labels[i] for i in rest], num, seed=seed + 1))
+
+
 def folder_set(root: str | Path, data_config: dict, *, num_images: int = 2000, seed: int = 0,
-               workers: int | None = None, num_classes: int | None = None) -> TensorSet:
-    """Decode a class-balanced subset of an image directory once, with timm's eval transforms."""
+               workers: int | None = None, num_classes: int | None = None, set_aside: int | None = None) -> TensorSet:
+    """Decode a class-balanced subset of an image directory once, with timm's eval transforms.
+
+    With ``set_aside`` (the screening set's size) the subset is disjoint from the screening set
+    drawn with the same seed: the confirmation images.
+    """
     root = Path(root)
     items = required_images(root, num_classes)
-    chosen = [items[i] for i in balanced_subset([label for _, label in items], num_images, seed=seed)]
+    labels = [label for _, label in items]
+    picked = (balanced_subset(labels, num_images, seed=seed) if set_aside is None
+              else disjoint_subset(labels, num_images, seed=seed, set_aside=set_aside))
+    chosen = [items[i] for i in picked]
     loader = DataLoader(_Files(chosen, _uint8_eval_transform(data_config)), batch_size=64,
                         num_workers=_default_workers(workers),
                         collate_fn=_collate, pin_memory=torch.cuda.is_available())
@@ -183,6 +201,20 @@ def load_eval_set(data: str | None, data_config: dict, *, num_images: int = 2000
     if data is None:
         return embedded_set(num_images, seed=seed)
     return folder_set(data, data_config, num_images=num_images, seed=seed, num_classes=num_classes)
+
+
+CONFIRM_SEED_OFFSET = 1  # the embedded default's confirmation images: the held-out split at seed + 1
+
+
+def load_confirm_set(data: str | None, data_config: dict, *, num_images: int, screen_images: int, seed: int = 0,
+                     num_classes: int | None = None) -> TensorSet:
+    """Images disjoint from the screening set of ``load_eval_set(..., num_images=screen_images, seed=seed)``:
+    for the embedded default another seed of its held-out split, for `--data DIR` a balanced
+    subset of the images the screening subset left."""
+    if data is None:
+        return embedded_set(num_images, seed=seed + CONFIRM_SEED_OFFSET)
+    return folder_set(data, data_config, num_images=num_images, seed=seed, num_classes=num_classes,
+                      set_aside=screen_images)
 
 
 class _SeededFiles(Dataset):

@@ -25,8 +25,8 @@ from typing import Any
 from search import pareto, report, run_dir
 from search.worker import FAULT_KEY, FinetuneJob, WorkerSetup
 from spaces import Schedule, gmacs
-from spaces.presets import paper_presets
-from spaces.search_space import SearchSpace, cheapest_gmacs, preset_params
+from spaces.presets import presets_in_range
+from spaces.search_space import FRACTION_RANGE, SearchSpace, cheapest_gmacs, preset_params
 
 STUDY_PREFIX = "tokensched"
 EXIT_EMPTY_FRONT = 3
@@ -68,6 +68,8 @@ def _settings(cfg: SearchConfig) -> dict[str, Any]:
         "command": cfg.command, "model": space.spec.name, "checkpoint": s.checkpoint, "pretrained": s.pretrained,
         "data": s.data, "num_images": s.num_images, "seed": cfg.seed, "budget": cfg.budget,
         "budget_gmacs": round(space.budget_gmacs or 0.0, 9), "baseline_gmacs": gmacs(Schedule.empty(space.spec)),
+        "min_gmacs": None if space.min_gmacs is None else round(space.min_gmacs, 9),
+        "confirm_images": s.confirm_images, "presets": cfg.presets,
         "space": space.name, "methods": list(space.methods), "objectives": list(s.objectives), "sampler": cfg.sampler,
         "trials": cfg.trials, "device": s.device, "batch_size": s.batch_size, "precision": "fp32",
         "timing": dict(s.timing) if s.timing else None, "concurrency": cfg.concurrency,
@@ -85,17 +87,19 @@ def check_budget(space: SearchSpace) -> None:
                          f"{space.name!r} on {space.spec.name} ({floor:.3f} GMACs)")
 
 
-def preset_points(space: SearchSpace, done: set[str]) -> list[tuple[str, dict[str, Any]]]:
-    """Paper presets that fit the budget and the space, not evaluated yet."""
-    points = []
-    for name in paper_presets(space.spec.name):
-        schedule = Schedule.from_preset(name, space.spec)
-        if name in done or (space.budget_gmacs is not None and gmacs(schedule) > space.budget_gmacs):
-            continue
-        params = preset_params(schedule, space)
-        if params is not None:
-            points.append((name, params))
-    return points
+def run_presets(space: SearchSpace) -> list[Schedule]:
+    """Every preset of every family whose GMACs lie between the space's min_gmacs and its budget
+    (spaces.presets.presets_in_range), evaluated in every run as fixed schedules."""
+    return presets_in_range(space.spec, space.budget_gmacs, space.min_gmacs)
+
+
+def default_min_gmacs(space: SearchSpace, presets: bool) -> float | None:
+    """Where the front should reach down to: the cheapest preset under the budget (half the budget
+    without presets, or when none fits)."""
+    if space.budget_gmacs is None:
+        return None
+    fitting = [gmacs(s) for s in presets_in_range(space.spec, space.budget_gmacs)] if presets else []
+    return min(fitting) if fitting else space.budget_gmacs * FRACTION_RANGE[0]
 
 
 def check_ray_address(address: str | None, timeout: float = 3.0) -> None:
@@ -151,7 +155,8 @@ def _init_ray(cfg: SearchConfig) -> str | None:
         if cfg.ray_address:
             ctx = ray.init(address=cfg.ray_address, log_to_driver=False, configure_logging=False)
         else:
-            ctx = ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+            # address="local": always a new local Ray, even when another cluster runs on this host (PITFALLS 14)
+            ctx = ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
                            log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ValueError(f"cannot reach Ray at {cfg.ray_address or 'local'}: {str(err).splitlines()[0]}") from None
@@ -271,25 +276,19 @@ def _run_tune(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type:
     from search.worker import trainable
 
     study_name = f"{STUDY_PREFIX}-{cfg.out.resolve().name}"
-    finished, waiting = 0, set()
-    if cfg.resume and study_name in optuna.get_all_study_names(storage):  # not when killed before it existed
-        study = optuna.load_study(study_name=study_name, storage=storage)
-        done, failed = run_dir.settle_stale_trials(study, run_dir.read_records(cfg.out), list(cfg.setup.objectives),
-                                                   cfg.out)
-        finished = sum(run_dir.counts_against_budget(t) for t in study.get_trials(deepcopy=False))
-        # Enqueued presets the killed run never started: Optuna hands them out first, don't enqueue again.
-        waiting = {_key(t.system_attrs.get("fixed_params", t.params))
-                   for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))}
-        print(f"resuming {cfg.out}: {finished} trials finished; of those left running, {done} completed "
-              f"from the trial log and {failed} marked FAIL", file=sys.stderr)
-    done_presets = {r["preset"] for r in run_dir.read_records(cfg.out) if r.get("preset")}
-    all_points = preset_points(cfg.setup.space, done_presets) if cfg.presets else []
-    points = [(n, p) for n, p in all_points if _key(p) not in waiting]
+    study = optuna.load_study(study_name=study_name, storage=storage)  # _run_presets created it
+    done, failed = run_dir.settle_stale_trials(study, run_dir.read_records(cfg.out), list(cfg.setup.objectives),
+                                               cfg.out)
+    if done or failed:
+        print(f"resuming {cfg.out}: of the trials left running, {done} completed from the trial log and "
+              f"{failed} marked FAIL", file=sys.stderr)
+    # --trials counts searched trials; the presets (injected trials with a "preset" attribute) come on top.
+    finished = sum(run_dir.counts_against_budget(t) and "preset" not in t.user_attrs
+                   for t in study.get_trials(deepcopy=False))
     remaining = cfg.trials - finished
     if remaining <= 0:
         return
-    points = points[:remaining]
-    searcher, limited = _searcher(cfg, storage, [p for _, p in points])
+    searcher, limited = _searcher(cfg, storage, [])
     progress = tqdm(total=cfg.trials, initial=finished, desc="trials", unit="trial", file=sys.stderr)
     setup_resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     tuner = tune.Tuner(
@@ -298,16 +297,152 @@ def _run_tune(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type:
         run_config=tune.RunConfig(
             storage_path=str((cfg.out / "ray").resolve()), name=f"tune-{len(run.get('resumed', [])) + 1}",
             failure_config=tune.FailureConfig(max_failures=cfg.retries),
-            verbose=0, callbacks=[_callback(cfg, searcher, {_key(p): n for n, p in all_points}, progress)],
+            verbose=0, callbacks=[_callback(cfg, searcher, {}, progress)],
         ),
     )
     tuner.fit()
     progress.close()
 
 
+def _run_fixed(cfg: SearchConfig, run: dict[str, Any], items: list[dict[str, Any]], stage: str, desc: str,
+               on_result) -> None:  # type: ignore[no-untyped-def]
+    """Evaluate fixed schedules as Ray trials (reused actors, the search's concurrency). Each item
+    holds ``schedule`` (a dict) and ``images`` ("screen" or "confirm"); ``on_result(item, trial_id,
+    state, result)`` records each outcome."""
+    from ray import tune
+    from tqdm import tqdm
+
+    from search.worker import fixed_trainable
+
+    if not items:
+        return
+    progress = tqdm(total=len(items), desc=desc, unit="schedule", file=sys.stderr)
+
+    class FixedRecorder(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):  # type: ignore[no-untyped-def]
+            state = "COMPLETE" if _finite(result.get("accuracy")) else "FAIL"
+            on_result(trial.config["item"], trial.trial_id, state, result)
+            progress.update(1)
+
+        def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
+            on_result(trial.config["item"], trial.trial_id, "FAIL", None)
+            progress.update(1)
+
+    resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(fixed_trainable, setup=cfg.setup), resources),
+        param_space={"item": tune.grid_search(items)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.concurrency, reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str((cfg.out / "ray").resolve()),
+                                  name=f"{stage}-{len(run.get('resumed', [])) + 1}", verbose=0,
+                                  callbacks=[FixedRecorder()]),
+    )
+    tuner.fit()
+    progress.close()
+
+
+_RESULT_KEYS = ("accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup", "images_per_s", "feasible",
+                "summary", "eval_seconds", "trial_seconds", "num_images")
+
+
+def _study(cfg: SearchConfig, storage):  # type: ignore[no-untyped-def]
+    """The run's Optuna study (created here; Ray's OptunaSearch loads the same one)."""
+    import optuna
+
+    directions = ["maximize" if pareto.OBJECTIVES[o].direction == "max" else "minimize" for o in cfg.setup.objectives]
+    return optuna.create_study(storage=storage, sampler=run_dir.sampler(cfg.sampler, cfg.seed),
+                               study_name=f"{STUDY_PREFIX}-{cfg.out.resolve().name}", directions=directions,
+                               load_if_exists=True)
+
+
+def _inject_preset(cfg: SearchConfig, study, record: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:  # type: ignore[no-untyped-def]
+    """Tell the study a measured preset as a finished trial, so the sampler can build on it (a parent
+    for NSGA-II, a good point for TPE). Returns its trial number and parameters, or None when the
+    space cannot express the preset."""
+    space = cfg.setup.space
+    schedule = Schedule.from_dict(record["schedule"])
+    params = preset_params(schedule, space)
+    if params is None:
+        return None
+    study.enqueue_trial(params, user_attrs={"preset": record["preset"]})
+    trial = study.ask()
+    rebuilt = space(trial)
+    if rebuilt.tokens_entering() != schedule.tokens_entering():  # the enqueued point did not come back
+        study.tell(trial, state=__import__("optuna").trial.TrialState.FAIL)
+        return None
+    for key in DASHBOARD_ATTRS:
+        if record.get(key) is not None:
+            trial.set_user_attr(key, record[key])
+    study.tell(trial, [record[o] for o in cfg.setup.objectives])
+    return trial.number, params
+
+
+def _run_presets(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type: ignore[no-untyped-def]
+    """Every preset in range, evaluated on the screening images as a fixed schedule and recorded; the
+    ones the space can express are then told to the study as finished trials."""
+    study = _study(cfg, storage)
+    if not cfg.presets:
+        return
+    records = _latest(run_dir.read_records(cfg.out))
+    done = {r["preset"] for r in records if r.get("preset") and r.get("fidelity", "screen") == "screen"}
+    items = [{"preset": s.name, "schedule": s.to_dict(), "images": "screen"}
+             for s in run_presets(cfg.setup.space) if s.name not in done]
+
+    def record(item: dict[str, Any], trial_id: str, state: str, result: dict[str, Any] | None) -> None:
+        rec = {"trial": None, "ray_trial": trial_id, "state": state, "preset": item["preset"], "fidelity": "screen",
+               "params": None, "schedule": item["schedule"]}
+        rec.update({k: (result or {}).get(k) for k in _RESULT_KEYS})
+        rec["seconds"] = rec.get("eval_seconds")
+        run_dir.append_record(cfg.out, rec)
+
+    _run_fixed(cfg, run, items, "presets", "presets", record)
+    told = {t.user_attrs.get("preset") for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    for rec in _latest(run_dir.read_records(cfg.out)):
+        if rec.get("preset") and rec.get("state") == "COMPLETE" and rec.get("fidelity", "screen") == "screen" \
+                and rec["preset"] not in told and all(_finite(rec.get(o)) for o in cfg.setup.objectives):
+            told_as = _inject_preset(cfg, study, rec)
+            if told_as is not None:  # same ray_trial: the new line replaces the record
+                run_dir.append_record(cfg.out, {**rec, "trial": told_as[0], "params": told_as[1]})
+
+
+def _confirm_candidates(cfg: SearchConfig, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What is re-scored on the confirmation images: every preset, and the searched schedules on the
+    screening front of the searched trials."""
+    objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
+    screened = [r for r in records if r.get("fidelity", "screen") == "screen" and r.get("state") == "COMPLETE"]
+    presets = [r for r in screened if r.get("preset")]
+    searched = report.front_records([r for r in screened if not r.get("preset")], objectives)
+    return [r for r in [*presets, *searched] if r.get("schedule")]
+
+
+def _run_confirm(cfg: SearchConfig, run: dict[str, Any]) -> None:
+    """Re-score the candidates on images disjoint from the screening images (selection optimism)."""
+    records = _latest(run_dir.read_records(cfg.out))
+    confirmed = {r.get("of_ray_trial") for r in records if r.get("fidelity") == "confirm"}
+    candidates = [r for r in _confirm_candidates(cfg, records) if r["ray_trial"] not in confirmed]
+    items = [{"of": r["ray_trial"], "schedule": r["schedule"], "images": "confirm"} for r in candidates]
+    by_id = {r["ray_trial"]: r for r in candidates}
+
+    def record(item: dict[str, Any], trial_id: str, state: str, result: dict[str, Any] | None) -> None:
+        screen = by_id[item["of"]]
+        rec = {k: screen.get(k) for k in ("trial", "preset", "params", "summary", "schedule", "feasible", "gmacs",
+                                          "speedup", "images_per_s")}
+        rec.update({"ray_trial": trial_id, "of_ray_trial": item["of"], "state": state, "fidelity": "confirm",
+                    "screen_accuracy": screen.get("accuracy")})
+        rec.update({k: (result or {}).get(k) for k in ("accuracy", "agreement", "top1", "top5", "kl",
+                                                        "eval_seconds", "trial_seconds", "num_images")})
+        rec["confirmed_accuracy"] = rec["accuracy"]
+        run_dir.append_record(cfg.out, rec)
+
+    _run_fixed(cfg, run, items, "confirm", "confirm", record)
+
+
 def run(cfg: SearchConfig) -> SearchOutcome:
     """The whole search: prepare the run directory, run the trials, write every output."""
     start = time.perf_counter()
+    # Tune's new console output prints configuration boxes and a TensorBoard hint on stdout even at
+    # verbose=0; the legacy reporter at verbose=0 prints nothing, so stdout keeps the closing table.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     mode = ray_auth_mode(cfg.ray_address)
     if mode is not None:  # before anything imports Ray: it reads RAY_AUTH_MODE once, at import
         os.environ["RAY_AUTH_MODE"] = mode
@@ -327,12 +462,18 @@ def run(cfg: SearchConfig) -> SearchOutcome:
         print(f"Ray dashboard: {dashboard}", file=sys.stderr)
     print(f"Optuna study: {run['storage']} (optuna-dashboard {run['storage']})", file=sys.stderr)
     tic = time.perf_counter()
+    _run_presets(cfg, run, storage)
+    presets_done = time.perf_counter()
     _run_tune(cfg, run, storage)
     toc = time.perf_counter()
+    _run_confirm(cfg, run)
+    confirmed = time.perf_counter()
     if cfg.finetune_top > 0:
         _run_finetunes(cfg, run)
-    run.setdefault("timing_s", []).append({"ray_init_and_setup": round(tic - start, 3), "tune": round(toc - tic, 3),
-                                           "finetune": round(time.perf_counter() - toc, 3)})
+    run.setdefault("timing_s", []).append({
+        "ray_init_and_setup": round(tic - start, 3), "presets": round(presets_done - tic, 3),
+        "tune": round(toc - presets_done, 3), "confirm": round(confirmed - toc, 3),
+        "finetune": round(time.perf_counter() - confirmed, 3)})
     return finish(cfg, run)
 
 
@@ -346,7 +487,8 @@ def promoted(cfg: SearchConfig, records: list[dict[str, Any]]) -> list[dict[str,
     import numpy as np
 
     objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
-    screened = [r for r in records if r.get("fidelity") == "screen"]
+    # Candidates the space can rebuild from their parameters (searched trials, presets told to the study).
+    screened = [r for r in records if r.get("fidelity") == "screen" and r.get("params") and r.get("trial") is not None]
     points, ok = _points(screened, objectives)
     if not ok:
         return []
@@ -435,8 +577,7 @@ def finish(cfg: SearchConfig, run: dict[str, Any]) -> SearchOutcome:
     every = _latest(run_dir.read_records(cfg.out))
     report.write_trials_csv(cfg.out / "trials.csv", every)
     records = [r for r in every if r.get("fidelity", "screen") == "screen"]  # the screening, in trial order
-    best = highest_fidelity(every)
-    finetuned = any(r.get("fidelity", "screen") != "screen" for r in every)
+    best, finetuned = _front_pool(every)
     front = report.front_records(best, objectives, search_only=False)
     baseline = gmacs(Schedule.empty(cfg.setup.space.spec))
     reference = pareto.reference_point(objectives, baseline_gmacs=baseline)
@@ -446,22 +587,54 @@ def finish(cfg: SearchConfig, run: dict[str, Any]) -> SearchOutcome:
     history = pareto.hypervolume_history(points, np.ones(len(ok), dtype=bool), directions, reference)
     report.plot_hypervolume(cfg.out, {cfg.sampler: history})
     presets = [r for r in best if r.get("preset") and r.get("state") == "COMPLETE"]
+    run["selection_optimism"] = selection_optimism(front)
     if not front:
         print("no feasible trial completed: the front is empty (see trials.csv)", file=sys.stderr)
         return SearchOutcome(cfg.out, records, front, EXIT_EMPTY_FRONT)
     report.write_front(cfg.out, front, objectives)
     title = f"{cfg.setup.space.spec.name}: {cfg.setup.space.name} space, budget {cfg.budget}"
-    screen_front = report.front_records(records, objectives, search_only=False) if finetuned else None
-    report.plot_front(cfg.out, best, front, objectives, title=title, budget_gmacs=cfg.setup.space.budget_gmacs,
+    confirmed = any(r.get("fidelity") == "confirm" for r in best)
+    screen_front = report.front_records(records, objectives, search_only=False) if finetuned or confirmed else None
+    shown = {r.get("of_ray_trial") for r in best}
+    plotted = [*best, *(r for r in records if r.get("ray_trial") not in shown and r not in best)]
+    report.plot_front(cfg.out, plotted, front, objectives, title=title, budget_gmacs=cfg.setup.space.budget_gmacs,
                       screen_front=screen_front)
     src = {"model": run["model"], "checkpoint": run["checkpoint"], "data": run["data"],
            "finetune_data": cfg.finetune.data if cfg.finetune else None,
            "budget_gmacs": run["budget_gmacs"], "run_dir": str(cfg.out)}
     run_dir.replace_configs(cfg.out, lambda root: report.export_configs(root, front, run=src))  # stale ones go
-    print(report.front_table(front, presets, objectives))
+    searched = [r for r in best if not r.get("preset") and r.get("state") == "COMPLETE"]
+    print(report.front_table(front, presets, objectives, searched))
     run["front_size"], run["hypervolume"] = len(front), history[-1] if history else 0.0
     run_dir.write_run_json(cfg.out, run)
     return SearchOutcome(cfg.out, records, front, 0)
+
+
+def _front_pool(every: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+    """The records the front is built from, and whether fine-tunes ran. With confirmation records,
+    the confirmed ones (every preset and the searched candidates, scored on disjoint images), a
+    fine-tuned record replacing its candidate's; without them (older runs), the highest fidelity."""
+    finetuned = [r for r in every if str(r.get("fidelity", "")).startswith("finetune")]
+    confirmed = [r for r in every if r.get("fidelity") == "confirm"]
+    if not confirmed:
+        return highest_fidelity(every), bool(finetuned)
+    tuned = {r.get("trial"): r for r in highest_fidelity(finetuned) if r.get("state") == "COMPLETE"}
+    pool = [tuned.pop(r.get("trial")) if r.get("trial") in tuned else r for r in confirmed]
+    return pool + list(tuned.values()), bool(finetuned)
+
+
+def selection_optimism(front: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Screening minus confirmed accuracy over the front's confirmed points (searched and presets)."""
+    import statistics
+
+    gaps = {kind: [r["screen_accuracy"] - r["confirmed_accuracy"] for r in front
+                   if r.get("fidelity") == "confirm" and _finite(r.get("screen_accuracy"))
+                   and _finite(r.get("confirmed_accuracy")) and bool(r.get("preset")) == (kind == "preset")]
+            for kind in ("search", "preset")}
+    if not any(gaps.values()):
+        return None
+    return {kind: {"points": len(g), "median": statistics.median(g), "mean": statistics.fmean(g)} if g else None
+            for kind, g in gaps.items()}
 
 
 def _latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -26,13 +26,14 @@ __all__ = [
     "front_table",
     "plot_front",
     "plot_hypervolume",
+    "preset_verdicts",
     "write_front",
     "write_trials_csv",
 ]
 
 COLUMNS = (
-    "trial", "state", "preset", "fidelity", "feasible", "accuracy", "agreement", "top1", "top5",
-    "gmacs", "speedup", "images_per_s", "seconds", "summary",
+    "trial", "state", "preset", "fidelity", "feasible", "accuracy", "screen_accuracy", "confirmed_accuracy",
+    "agreement", "top1", "top5", "gmacs", "speedup", "images_per_s", "seconds", "summary",
 )  # fmt: skip
 
 
@@ -84,7 +85,7 @@ def front_records(
     points = np.array([[_value(r, n) for n in names] for r in pool])
     mask = non_dominated(points, [o.direction for o in objectives])
     front = [r for r, keep in zip(pool, mask, strict=True) if keep]
-    return sorted(front, key=lambda r: (-_value(r, names[0]), r.get("trial", 0)))
+    return sorted(front, key=lambda r: (-_value(r, names[0]), -1 if r.get("trial") is None else r["trial"]))
 
 
 def write_front(
@@ -263,10 +264,18 @@ def plot_hypervolume(out_dir: str | Path, histories: dict[str, list[float]]) -> 
     return out / "hypervolume.png", out / "hypervolume.csv"
 
 
+def config_name(record: dict) -> str:
+    """A front point's config file name: its trial number, or for a preset outside the search space
+    (no trial number) the preset's name, e.g. preset-tome_4_-1."""
+    if record.get("trial") is not None:
+        return f"{int(record['trial']):04d}"
+    return "preset-" + "".join(c if c.isalnum() or c in ".-" else "_" for c in str(record.get("preset")))
+
+
 def export_configs(out_dir: str | Path, front: Sequence[dict], *, run: dict) -> list[Path]:
     """configs/<trial>.yaml per front record with the command that fine-tunes it. Never overwrites."""
     cfg_dir = Path(out_dir) / "configs"
-    paths = [cfg_dir / f"{int(r['trial']):04d}.yaml" for r in front]
+    paths = [cfg_dir / f"{config_name(r)}.yaml" for r in front]
     for p in paths:  # check all before writing any
         if p.exists():
             raise FileExistsError(f"refusing to overwrite {p}")
@@ -282,6 +291,7 @@ def export_configs(out_dir: str | Path, front: Sequence[dict], *, run: dict) -> 
         doc = {
             "trial": r["trial"], "preset": r.get("preset"), "fidelity": r.get("fidelity"),
             "objectives": {k: r.get(k) for k in objective_keys if k in r},
+            "screen_accuracy": r.get("screen_accuracy"), "confirmed_accuracy": r.get("confirmed_accuracy"),
             "source": source, "finetuned_weights": r.get("weights"), "finetune_command": shlex.join(cmd),
             "schedule": r.get("schedule"),
         }  # fmt: skip
@@ -291,28 +301,61 @@ def export_configs(out_dir: str | Path, front: Sequence[dict], *, run: dict) -> 
 
 
 def _covers(a: dict, b: dict, objectives: Sequence[Objective]) -> bool:
-    """True when record a is equal or better than b in every objective."""
-    return all((_value(a, o.name) >= _value(b, o.name)) if o.direction == "max" else
-               (_value(a, o.name) <= _value(b, o.name)) for o in objectives)  # fmt: skip
+    """a is at least as good as b on every objective."""
+    return all((_value(a, o.name) >= _value(b, o.name)) if o.direction == "max" else (_value(a, o.name) <= _value(b, o.name))
+               for o in objectives)
 
 
-def front_table(front: Sequence[dict], presets: Sequence[dict], objectives: Sequence[Objective]) -> str:
-    """Fixed-width table of the front beside the presets, with a dominance note per preset."""
-    head = f"{'id':>6}  {'kind':<7}" + "".join(f"{o.name:>13}" for o in objectives) + "  summary"
-    lines = [head, "-" * len(head)]
-    in_front = {r.get("trial") for r in front}
-    for r in [*front, *(p for p in presets if p.get("trial") not in in_front)]:
-        kind = "preset" if r.get("preset") else "search"
-        vals = "".join(f"{'-' if (v := _value(r, o.name)) is None else f'{v:.4g}':>13}" for o in objectives)
-        summary = str(r.get("summary") or r.get("preset") or "")
-        summary = summary if len(summary) <= 50 else summary[:47] + "..."
-        lines.append(f"{r.get('trial', ''):>6}  {kind:<7}{vals}  {'* ' if kind == 'preset' else ''}{summary}")
-    search = [r for r in front if not r.get("preset")]
+def _dominates(a: dict, b: dict, objectives: Sequence[Objective]) -> bool:
+    """a covers b and is strictly better on at least one objective."""
+    return _covers(a, b, objectives) and any(_value(a, o.name) != _value(b, o.name) for o in objectives)
+
+
+def preset_verdicts(front: Sequence[dict], presets: Sequence[dict], objectives: Sequence[Objective],
+                    searched: Sequence[dict] = ()) -> list[tuple[dict, str]]:
+    """For every preset, the searched schedules that dominate it (or match it), or "not beaten".
+
+    ``searched``: every searched point the verdict may use (default: the searched points of the front).
+    """
+    pool = [r for r in (searched or front) if not r.get("preset") and r.get("feasible")
+            and all(_value(r, o.name) is not None for o in objectives)]
+    verdicts = []
     for p in presets:
         if any(_value(p, o.name) is None for o in objectives):
-            note = "missing objective values, not compared"
+            verdicts.append((p, "missing objective values, not compared"))
+            continue
+        dom = [str(r.get("trial")) for r in pool if _dominates(r, p, objectives)]
+        same = [str(r.get("trial")) for r in pool if _covers(r, p, objectives) and not _dominates(r, p, objectives)]
+        if dom:
+            verdicts.append((p, f"dominated by search trial(s) {', '.join(dom)}"))
+        elif same:
+            verdicts.append((p, f"matched (not beaten) by search trial(s) {', '.join(same)}"))
         else:
-            by = [str(r.get("trial")) for r in search if _covers(r, p, objectives)]
-            note = f"matched or dominated by search trial(s) {', '.join(by)}" if by else "not dominated"
-        lines.append(f"preset {p.get('preset')} (trial {p.get('trial')}): {note}")
+            verdicts.append((p, "not beaten"))
+    return verdicts
+
+
+def front_table(front: Sequence[dict], presets: Sequence[dict], objectives: Sequence[Objective],
+                searched: Sequence[dict] = ()) -> str:
+    """Fixed-width table of the front beside every preset, with a verdict per preset.
+
+    When the records were confirmed on disjoint images, ``accuracy`` is the confirmed accuracy and a
+    ``screen`` column shows the screening accuracy beside it.
+    """
+    confirmed = any(r.get("screen_accuracy") is not None for r in [*front, *presets])
+    extra = f"{'screen':>9}" if confirmed else ""
+    head = f"{'id':>6}  {'kind':<7}" + "".join(f"{o.name:>13}" for o in objectives) + extra + "  summary"
+    lines = [head, "-" * len(head)]
+    in_front = {id(r) for r in front}
+    for r in [*front, *(p for p in presets if id(p) not in in_front)]:
+        kind = "preset" if r.get("preset") else "search"
+        vals = "".join(f"{'-' if (v := _value(r, o.name)) is None else f'{v:.4g}':>13}" for o in objectives)
+        if confirmed:
+            vals += f"{'-' if (v := _value(r, 'screen_accuracy')) is None else f'{v:.4g}':>9}"
+        label = f"{r.get('preset')}: {r.get('summary')}" if kind == "preset" else str(r.get("summary") or "")
+        label = label if len(label) <= 60 else label[:57] + "..."
+        trial = "" if r.get("trial") is None else r.get("trial")
+        lines.append(f"{trial:>6}  {kind:<7}{vals}  {'* ' if kind == 'preset' else ''}{label}")
+    for p, note in preset_verdicts(front, presets, objectives, searched):
+        lines.append(f"preset {p.get('preset')}: {note}")
     return "\n".join(lines)

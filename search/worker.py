@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from search.data import TIMM_CROP_SCALE, TensorSet, load_eval_set
+from search.data import TIMM_CROP_SCALE, TensorSet, load_confirm_set, load_eval_set
 from search.evaluate import evaluate, predict
 from search.models import data_config, load_model
 from spaces import Schedule
@@ -49,6 +49,7 @@ class WorkerSetup:
     timing: tuple[tuple[str, Any], ...] | None = None  # throughput protocol (dict items) when speed is an objective
     objectives: tuple[str, ...] = ("accuracy", "gmacs")
     trial_timeout: float | None = None  # seconds; a trial running longer ends its worker process (a FAIL)
+    confirm_images: int = 2000  # images disjoint from the screening set, for re-scoring the front
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Context:
     reference: Tensor  # unreduced logits on the screening set
     load_seconds: float
     trials: int = field(default=0)
+    confirm: tuple[TensorSet, Tensor] | None = None  # confirmation images and their unreduced logits
 
 
 _CONTEXTS: dict[tuple, Context] = {}
@@ -80,6 +82,46 @@ def context(setup: WorkerSetup) -> Context:
         reference = predict(model, data, batch_size=setup.batch_size)
         _CONTEXTS[key] = Context(model, data, reference, time.perf_counter() - start)
     return _CONTEXTS[key]
+
+
+def confirm_context(setup: WorkerSetup) -> tuple[TensorSet, Tensor]:
+    """The confirmation images (disjoint from the screening set) and their unreduced logits, built once."""
+    ctx = context(setup)
+    if ctx.confirm is None:
+        data = load_confirm_set(setup.data, data_config(ctx.model), num_images=setup.confirm_images,
+                                screen_images=setup.num_images, seed=setup.seed, num_classes=ctx.model.num_classes)
+        ctx.confirm = (data, predict(ctx.model, data, batch_size=setup.batch_size))
+    return ctx.confirm
+
+
+def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str) -> dict[str, Any]:
+    """Evaluate a fixed schedule (a preset, or a front point to confirm) on the screening
+    (``images="screen"``) or the confirmation images."""
+    ctx = context(setup)
+    data, reference = (ctx.data, ctx.reference) if images == "screen" else confirm_context(setup)
+    start = time.perf_counter()
+    timing = dict(setup.timing) if setup.timing is not None and images == "screen" else None
+    result = evaluate(ctx.model, schedule, data, reference, batch_size=setup.batch_size, timing=timing)
+    accuracy = result["top1"] if result["top1"] is not None else result["agreement"]
+    return {
+        "accuracy": accuracy, "agreement": result["agreement"], "top1": result["top1"], "top5": result["top5"],
+        "kl": result["kl"], "gmacs": result["gmacs"], "speedup": result.get("speedup"),
+        "images_per_s": result.get("images_per_s"),
+        "feasible": setup.space.budget_gmacs is None or result["gmacs"] <= setup.space.budget_gmacs + 1e-12,
+        "summary": schedule.summary(), "eval_seconds": time.perf_counter() - start, "num_images": len(data),
+    }
+
+
+def fixed_trainable(config: dict[str, Any], setup: WorkerSetup) -> None:
+    """Ray Tune function trainable for one fixed schedule: ``config["item"]`` holds its
+    ``schedule`` (a dict) and ``images`` ("screen" or "confirm")."""
+    from ray import tune
+
+    item = config["item"]
+    start = time.perf_counter()
+    metrics = evaluate_fixed(setup, Schedule.from_dict(item["schedule"]), item["images"])
+    metrics["trial_seconds"] = time.perf_counter() - start
+    tune.report(metrics)
 
 
 def schedule_from_params(space: SearchSpace, params: dict[str, Any]) -> Schedule:

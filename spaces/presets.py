@@ -17,13 +17,18 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import replace
 
 from spaces.model_spec import ModelSpec
 from spaces.schedule import LayerPlan, Schedule, ppt_threshold
 
 PRESET_NAMES = ("none", "tome", "evit", "idlevit", "idlevit-code", "ppt", "tcvit", "diffrate")
 PPT_R_DEIT = 50  # PPT's r on DeiT-S (196 patches)
+EVIT_KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5)  # the keep rates of EViT's paper (REFERENCE.md)
+IDLEVIT_KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # IdleViT's paper
+TCVIT_KEEPS = (0.7, 0.5)
 
 
 def _quarter_blocks(depth: int) -> list[int]:
@@ -205,14 +210,52 @@ def build_preset(name: str, spec: ModelSpec) -> Schedule:
     return _BUILDERS[family](args, spec, name.strip())
 
 
+def family_presets(spec: ModelSpec) -> list[str]:
+    """Every preset of every family for `spec`, in the order a run evaluates them: ToMe's constant
+    and decreasing schedules for every r up to 2 n / depth (ToMe's r = 16 on DeiT-S is 1 n / depth;
+    beyond twice that almost every token is merged away by mid-depth), the papers' keep ratios for
+    EViT, IdleViT (both layouts) and TC-ViT, PPT, and DiffRate's published schedules for this model."""
+    r_max = max(1, math.ceil(2 * spec.num_patches / spec.depth))
+    return (
+        [f"tome:{r}" for r in range(1, r_max + 1)]
+        + [f"tome:{r},-1" for r in range(1, r_max + 1)]
+        + [f"evit:{k}" for k in EVIT_KEEPS]
+        + ["ppt"]
+        + [f"idlevit:{k}" for k in IDLEVIT_KEEPS]
+        + [f"idlevit-code:{k}" for k in IDLEVIT_KEEPS]
+        + [f"tcvit:{k}" for k in TCVIT_KEEPS]
+        + diffrate_presets(spec.name)
+    )
+
+
+def presets_in_range(spec: ModelSpec, max_gmacs: float | None, min_gmacs: float | None = None) -> list[Schedule]:
+    """The presets of `family_presets` whose GMACs lie in [min_gmacs, max_gmacs], one per distinct
+    schedule (ToMe's decreasing schedules coincide once r passes about n / 4: the first name is kept)."""
+    from spaces.cost import breakdown, gmacs
+
+    chosen, seen = [], set()
+    for name in family_presets(spec):
+        schedule = build_preset(name, spec)
+        cost = gmacs(schedule)
+        if (max_gmacs is not None and cost > max_gmacs + 1e-12) or (min_gmacs is not None and cost < min_gmacs - 1e-12):
+            continue
+        # What runs: the token counts of every block and each plan without its amounts.
+        key = (tuple((b.tokens_in, b.tokens_attn, b.tokens_out) for b in breakdown(schedule)), schedule.prop_attn,
+               tuple(replace(p, keep=1.0, r=None, kept=None, merge_keep=1.0) for p in schedule.layers))
+        if key not in seen:
+            seen.add(key)
+            chosen.append(schedule)
+    return chosen
+
+
 def paper_presets(model_name: str | None = None) -> list[str]:
     """The presets of REFERENCE.md, in the order a search evaluates them; DiffRate's published
     schedules are added for the model they were published for (`model_name`)."""
     return (
         ["tome:8", "tome:13", "tome:16"]
-        + [f"evit:{k}" for k in (0.9, 0.8, 0.7, 0.6, 0.5)]
+        + [f"evit:{k}" for k in EVIT_KEEPS]
         + ["ppt"]
-        + [f"idlevit:{k}" for k in (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)]
-        + [f"tcvit:{k}" for k in (0.7, 0.5)]
+        + [f"idlevit:{k}" for k in IDLEVIT_KEEPS]
+        + [f"tcvit:{k}" for k in TCVIT_KEEPS]
         + (diffrate_presets(model_name) if model_name is not None else [])
     )

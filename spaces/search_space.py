@@ -25,7 +25,7 @@ from spaces.schedule import FUSE_WEIGHTS, IDLE_RANKS, METHODS, LayerPlan, Schedu
 
 REDUCING = tuple(m for m in METHODS if m != "none")
 KEEP_RANGE = (0.1, 1.0)
-FRACTION_RANGE = (0.5, 1.0)  # share of the budget a trial aims at: the front spreads below the budget
+FRACTION_RANGE = (0.5, 1.0)  # share of the budget a trial aims at without min_gmacs: the front spreads below the budget
 STAGES = 3
 FAMILIES = {"evit": "prune", "idlevit": "idle", "ppt": "adaptive", "tcvit": "condense"}
 SPACES = ("per-layer", "staged", "tome", *FAMILIES)
@@ -45,6 +45,7 @@ class SearchSpace:
     spec: ModelSpec
     methods: tuple[str, ...] = REDUCING
     budget_gmacs: float | None = None
+    min_gmacs: float | None = None  # the cheapest a trial aims at (default: half the budget)
 
     def __post_init__(self) -> None:
         if self.name not in SPACES:
@@ -55,11 +56,22 @@ class SearchSpace:
         family = FAMILIES.get(self.name) or ("merge" if self.name == "tome" else None)
         if family and family not in self.methods:
             raise ValueError(f"space {self.name!r} uses method {family!r}, which --methods excludes")
+        if self.min_gmacs is not None and not (self.min_gmacs > 0 and (self.budget_gmacs is None
+                                                                       or self.min_gmacs <= self.budget_gmacs)):
+            raise ValueError(f"--min-gmacs must be positive and at most the budget ({self.budget_gmacs} GMACs), "
+                             f"got {self.min_gmacs}")
+
+    @property
+    def fraction_range(self) -> tuple[float, float]:
+        """The share of the budget a trial aims at: from min_gmacs (or half the budget) up to all of it."""
+        if self.min_gmacs is None or self.budget_gmacs is None:
+            return FRACTION_RANGE
+        return (min(1.0, self.min_gmacs / self.budget_gmacs), 1.0)
 
     def __call__(self, trial: TrialLike) -> Schedule:
         schedule = _BUILDERS[self.name](trial, self)
         if self.budget_gmacs is not None:
-            fraction = trial.suggest_float("budget.fraction", *FRACTION_RANGE)
+            fraction = trial.suggest_float("budget.fraction", *self.fraction_range)
             schedule = fit_target(schedule, fraction * self.budget_gmacs)
             if hasattr(trial, "set_constraint"):
                 trial.set_constraint("budget_gmacs", gmacs(schedule) - self.budget_gmacs)
@@ -215,7 +227,8 @@ def preset_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any] | No
     params: dict[str, Any] = {"prop_attn": schedule.prop_attn, "layers.first": first}
     if space.budget_gmacs is not None:
         params["budget.fraction"] = gmacs(schedule) / space.budget_gmacs
-        if not FRACTION_RANGE[0] <= params["budget.fraction"] <= FRACTION_RANGE[1]:
+        low, high = space.fraction_range
+        if not low <= params["budget.fraction"] <= high:
             return None
     for i, plan in enumerate(schedule.layers):
         if plan.method != "none" and plan.method not in space.methods:
@@ -266,5 +279,5 @@ def cheapest_gmacs(space: SearchSpace) -> float:
     """The fewest GMACs any schedule of this space reaches (what a budget must at least allow)."""
     from dataclasses import replace
 
-    unbounded = replace(space, budget_gmacs=1e-9)  # fit_target then returns the most reduced version
+    unbounded = replace(space, budget_gmacs=1e-9, min_gmacs=None)  # fit_target then returns the most reduced version
     return min(gmacs(unbounded(_ExtremeTrial(m))) for m in space.methods)

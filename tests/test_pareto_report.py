@@ -226,5 +226,18 @@ def test_front_table(records):
     assert "accuracy" in lines[0] and "gmacs" in lines[0]
     assert sum("preset " in line and "* " in line for line in lines) == 2
     assert all(len(line) < 150 for line in lines)
-    assert "preset ToMe r=8 (trial 1): matched or dominated by search trial(s) 2" in table
-    assert "preset unreduced (trial 0): not dominated" in table
+    assert "preset ToMe r=8: dominated by search trial(s) 2" in table
+    assert "preset unreduced: not beaten" in table
+
+
+def test_preset_verdicts_name_what_dominates_or_matches() -> None:
+    from search.report import preset_verdicts
+
+    def rec(trial, acc, g, preset=None):
+        return {"trial": trial, "accuracy": acc, "gmacs": g, "preset": preset, "feasible": True, "state": "COMPLETE"}
+
+    presets = [rec(None, 0.90, 0.5, "a"), rec(None, 0.95, 0.4, "b"), rec(None, 0.99, 0.9, "c")]
+    searched = [rec(7, 0.92, 0.5), rec(8, 0.95, 0.4), rec(9, 0.80, 0.1)]
+    notes = {p["preset"]: note for p, note in preset_verdicts([], presets, ACC_GMACS, searched)}
+    assert notes == {"a": "dominated by search trial(s) 7, 8", "b": "matched (not beaten) by search trial(s) 8",
+                     "c": "not beaten"}

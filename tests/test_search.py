@@ -49,10 +49,28 @@ def tree_digest(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """One small search with two injected failures (an exception and a NaN objective)."""
+    """One small search with two injected failures (an exception and a NaN objective). Only prune and
+    merge are searched, so the PPT and IdleViT presets lie outside the space; presets from 60 % of
+    the GMACs up keep the run short."""
     out = tmp_path_factory.mktemp("runs") / "smoke"
-    proc = search("--budget", "65%", *FAST, "--trials", "10", "--out", str(out), "--fail-trials", "6:raise,7:nan")
+    proc = search("--budget", "65%", *SMOKE, "--trials", "10", "--out", str(out), "--fail-trials", "6:raise,7:nan")
     return out, proc
+
+
+SMOKE = [*FAST, "--min-gmacs", "60%", "--methods", "prune,merge", "--confirm-images", "40"]
+
+
+def records_of(out: Path) -> list[dict]:
+    """The trial log, one record per Ray trial (the last line written for it)."""
+    latest: dict[str, dict] = {}
+    for line in (out / "trials.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        latest[record["ray_trial"]] = record
+    return list(latest.values())
+
+
+def searched_states(out: Path) -> list[str]:
+    return [t.state.name for t in study(out).trials if "preset" not in t.user_attrs]
 
 
 def test_smoke_search_writes_every_output(smoke) -> None:
@@ -66,7 +84,7 @@ def test_smoke_search_writes_every_output(smoke) -> None:
     assert configs
     exported = yaml.safe_load(configs[0].read_text())
     assert exported["finetune_command"].startswith("python run_search.py finetune --config ")
-    assert exported["schedule"]["schema_version"] == 1
+    assert exported["schedule"]["schema_version"] == 2
     run = json.loads((out / "run.json").read_text())
     for key in ("versions", "device", "batch_size", "precision", "seed", "sampler", "budget_gmacs", "command"):
         assert key in run
@@ -89,28 +107,58 @@ def test_front_is_non_dominated_and_feasible(smoke) -> None:
 
 def test_failures_are_recorded_and_the_search_goes_on(smoke) -> None:
     out, _ = smoke
-    states = [t.state.name for t in study(out).trials]
+    states = searched_states(out)  # --trials counts the searched trials; the presets come on top
     assert len(states) == 10 and states.count("FAIL") == 2 and states.count("COMPLETE") == 8
     trials = pd.read_csv(out / "trials.csv")
-    assert (trials["state"] == "FAIL").sum() == 2 and len(trials) == 10
+    searched = trials[(trials["fidelity"] == "screen") & trials["preset"].isna()]
+    assert (searched["state"] == "FAIL").sum() == 2 and len(searched) == 10
 
 
-def test_presets_first_and_marked(smoke) -> None:
-    out, _ = smoke
-    records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
-    presets = [r for r in records if r.get("preset")]
-    assert {r["preset"] for r in presets} >= {"ppt", "evit:0.5"}
-    # optuna-dashboard shows the preset name, schedule and scores beside each trial
+def test_every_preset_in_range_is_evaluated_marked_and_judged(smoke) -> None:
+    from search.models import model_spec
+    from spaces.presets import presets_in_range
+
+    out, proc = smoke
+    run = json.loads((out / "run.json").read_text())
+    expected = {s.name for s in presets_in_range(model_spec("tokensched_vit_shapes"), run["budget_gmacs"],
+                                                 run["min_gmacs"])}
+    assert expected == {"tome:4", "tome:3,-1", "ppt", "idlevit-code:0.6"}
+    records = records_of(out)
+    screened = {r["preset"]: r for r in records if r.get("preset") and r["fidelity"] == "screen"}
+    assert set(screened) == expected and all(r["state"] == "COMPLETE" for r in screened.values())
+    # Inside the space (prune, merge): told to the study, shown by optuna-dashboard beside the trial.
     by_number = {t.number: t.user_attrs for t in study(out).trials}
-    for r in presets:
-        assert by_number[r["trial"]]["preset"] == r["preset"] and by_number[r["trial"]]["summary"] == r["summary"]
-    assert all("top1" in by_number[r["trial"]] for r in records if r["state"] == "COMPLETE")
-    assert all(r["gmacs"] <= json.loads((out / "run.json").read_text())["budget_gmacs"] + 1e-9 for r in presets)
+    for name in ("tome:4", "tome:3,-1"):
+        r = screened[name]
+        assert by_number[r["trial"]]["preset"] == name and by_number[r["trial"]]["summary"] == r["summary"]
+    # Outside it (adaptive, idle): evaluated as fixed schedules all the same.
+    for name in ("ppt", "idlevit-code:0.6"):
+        assert screened[name]["trial"] is None and screened[name]["params"] is None
+    verdicts = [line for line in proc.stdout.splitlines() if line.startswith("preset ")]
+    assert {line.split()[1].rstrip(":") for line in verdicts} == expected  # none left out
+    assert all("dominated by search trial" in line or "not beaten" in line for line in verdicts)
+    confirmed = {r["preset"] for r in records if r.get("preset") and r["fidelity"] == "confirm"}
+    assert confirmed == expected
+
+
+def test_front_is_confirmed_on_other_images_and_no_preset_dominates_it(smoke) -> None:
+    out, _ = smoke
+    front = json.loads((out / "front.json").read_text())["front"]
+    assert front and all(r["fidelity"] == "confirm" and r["num_images"] == 40 for r in front)
+    assert all(r["accuracy"] == r["confirmed_accuracy"] and r["screen_accuracy"] is not None for r in front)
+    presets = [r for r in records_of(out) if r.get("preset") and r["fidelity"] == "confirm"]
+    points = np.array([[r["accuracy"], r["gmacs"]] for r in front])
+    for p in presets:
+        dominated = (p["accuracy"] >= points[:, 0]) & (p["gmacs"] <= points[:, 1]) & (
+            (p["accuracy"] > points[:, 0]) | (p["gmacs"] < points[:, 1]))
+        assert not dominated.any(), p["preset"]
+    assert "selection_optimism" in json.loads((out / "run.json").read_text())
 
 
 def test_resume_after_kill_completes_without_duplicates(tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "run_search.py", "--budget", "65%", *FAST, "--trials", "12",
+    args = ["--budget", "65%", *FAST, "--min-gmacs", "60%", "--confirm-images", "40", "--trials", "12"]
+    proc = subprocess.Popen([sys.executable, "run_search.py", *args,
                              "--out", str(out)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     log = out / "trials.jsonl"
@@ -120,15 +168,16 @@ def test_resume_after_kill_completes_without_duplicates(tmp_path: Path) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert log.is_file() and len(log.read_text().splitlines()) >= 3
-    resumed = search("--budget", "65%", *FAST, "--trials", "12", "--out", str(out), "--resume")
+    resumed = search(*args, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    trials = study(out).trials
-    assert len(trials) == 12 and not [t for t in trials if t.state.name == "RUNNING"]
-    params = [tuple(sorted(t.params.items())) for t in trials if t.state.name == "COMPLETE"]
+    assert len(searched_states(out)) == 12 and "RUNNING" not in [t.state.name for t in study(out).trials]
+    params = [tuple(sorted(t.params.items())) for t in study(out).trials if t.state.name == "COMPLETE"]
     assert len(params) == len(set(params))  # nothing ran twice
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    numbers = [r["trial"] for r in records]
+    records = records_of(out)
+    numbers = [r["trial"] for r in records if r["fidelity"] == "screen" and r["trial"] is not None]
     assert len(numbers) == len(set(numbers))
+    presets = [r["preset"] for r in records if r.get("preset") and r["fidelity"] == "screen"]
+    assert presets and len(presets) == len(set(presets))  # each preset evaluated once, kill or not
 
 
 def test_two_node_local_cluster(tmp_path: Path) -> None:
@@ -177,6 +226,14 @@ BAD = {
     "missing checkpoint": (["--budget", "65%", "--checkpoint", "no/such.safetensors"], "checkpoint not found"),
     "pretrained offline": (["--budget", "65%", "--model", "deit_tiny_patch16_224", "--pretrained"],
                            "could not load pretrained weights"),
+    "zero confirm-images": (["--budget", "65%", "--confirm-images", "0"], "--confirm-images"),
+    "negative confirm-images": (["--budget", "65%", "--confirm-images=-5"], "--confirm-images"),
+    "confirm-images beyond the data": (["--budget", "65%", "--data", "{data40}",
+                                        "--num-images", "30", "--confirm-images", "20"], "--confirm-images 20"),
+    "min-gmacs above the budget": (["--budget", "65%", "--min-gmacs", "70%"], "above the budget"),
+    "zero min-gmacs": (["--budget", "65%", "--min-gmacs", "0GMACs"], "must be positive"),
+    "negative min-gmacs": (["--budget", "65%", "--min-gmacs=-5%"], "must be positive"),
+    "malformed min-gmacs": (["--budget", "65%", "--min-gmacs", "lots"], "malformed"),
 }
 
 
@@ -198,8 +255,12 @@ print(json.dumps(results))
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, Path]]:
+    from search.synthetic import write_folder
+
     root = tmp_path_factory.mktemp("bad")
-    argvs = {case: [*FAST, *args, "--trials", "2", "--out", str(root / str(i) / "new")]  # args last: theirs win
+    write_folder(root / "data40", "heldout", 40)  # a folder of 40 labelled images
+    argvs = {case: [*FAST, *(a.replace("{data40}", str(root / "data40")) for a in args), "--trials", "2",
+                    "--out", str(root / str(i) / "new")]  # args last: theirs win
              for i, (case, (args, _)) in enumerate(BAD.items())}
     proc = subprocess.run([sys.executable, "-c", _BAD_RUNNER], input=json.dumps(argvs), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
@@ -253,7 +314,8 @@ def test_promoted_candidates_are_fine_tuned_and_carry_a_fidelity(tmp_path: Path)
     """--finetune-top: the best screened candidates get a short fine-tune as Ray trials; the
     final front and configs use the highest fidelity reached; resuming does not repeat them."""
     out = tmp_path / "ft"
-    args = ["--budget", "65%", *FAST, "--trials", "6", "--out", str(out), "--finetune-top", "2",
+    args = ["--budget", "65%", *FAST, "--min-gmacs", "60%", "--confirm-images", "40", "--trials", "6",
+            "--out", str(out), "--finetune-top", "2",
             "--finetune-steps", "3", "--finetune-batch", "8"]
     proc = search(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -265,11 +327,11 @@ def test_promoted_candidates_are_fine_tuned_and_carry_a_fidelity(tmp_path: Path)
         assert r["trial"] in screened and r["gmacs"] == screened[r["trial"]]["gmacs"]
         assert Path(r["weights"]).is_file() and Path(r["weights"]).parent.parent == (out / "promoted").resolve()
     assert not (out / "finetune").exists()  # left free for the exported configs' full fine-tunes
-    assert set(pd.read_csv(out / "trials.csv")["fidelity"]) == {"screen", "finetune:3"}
+    assert set(pd.read_csv(out / "trials.csv")["fidelity"]) == {"screen", "confirm", "finetune:3"}
     front = json.loads((out / "front.json").read_text())["front"]
     tuned_ids = {r["trial"] for r in tuned}
     for r in front:  # a fine-tuned candidate appears with its fine-tuned accuracy, never its screen one
-        assert r["fidelity"] == ("finetune:3" if r["trial"] in tuned_ids else "screen")
+        assert r["fidelity"] == ("finetune:3" if r["trial"] in tuned_ids else "confirm")
     for path in (out / "configs").glob("*.yaml"):
         cfg = yaml.safe_load(path.read_text())
         assert (cfg["finetuned_weights"] is not None) == (cfg["trial"] in tuned_ids)
