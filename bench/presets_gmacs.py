@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from search.models import model_spec  # noqa: E402
 from spaces import Schedule, gmacs  # noqa: E402
+from spaces.presets import diffrate_presets  # noqa: E402
 
 # REFERENCE.md, DeiT-S
 PAPER = {
@@ -27,6 +28,8 @@ PAPER = {
     "idlevit:0.9": 4.0, "idlevit:0.8": 3.5, "idlevit:0.7": 3.1, "idlevit:0.6": 2.7, "idlevit:0.5": 2.4,
     "idlevit:0.4": 2.1, "idlevit:0.3": 1.9,
     "idlevit-code:0.7": 3.24,
+    # DiffRate's compression_rate.json levels; its own formula gives 2.327, 2.505, 2.709, 2.905, 3.108
+    "diffrate:2.3": 2.3, "diffrate:2.5": 2.5, "diffrate:2.7": 2.7, "diffrate:2.9": 2.9, "diffrate:3.1": 3.1,
 }
 
 
@@ -34,6 +37,8 @@ def rows(model: str) -> list[tuple[str, float | None, float, float, float]]:
     spec = model_spec(model)
     out = []
     for preset in ["none", *PAPER, "tome:13,-1", "tcvit:0.7", "tcvit:0.5"]:
+        if preset.startswith("diffrate") and preset not in diffrate_presets(spec.name):
+            continue  # published for DeiT-S only
         s = Schedule.from_preset(preset, spec)
         idle = preset.startswith("idlevit")
         paper_conv = gmacs(s, norms=False, overhead=idle)

@@ -53,6 +53,9 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     tiny = Schedule.from_preset("evit:0.7", model_spec("deit_tiny_patch16_224")).save(tmp_path / "tiny.yaml")
     short = Schedule(model_spec("deit_base_patch16_224"), (LayerPlan(),) * 12).to_dict()
     short["model"]["depth"], short["layers"] = 6, short["layers"][:6]
+    unknown_fuse = dict(good, layers=[dict(p, fuse_weights="mean") if p["method"] == "prune" else p
+                                      for p in good["layers"]])
+    unknown_rank = dict(good, layers=[{"method": "idle", "keep": 0.5, "rank": "attention"}] * 12)
     base = ["gmacs", "--model", DEIT_S]
     return {
         "unknown preset": (base + ["--preset", "magic:3"], "unknown preset"),
@@ -67,11 +70,18 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "unknown model": (["gmacs", "--model", "no_such_model", "--preset", "evit:0.7"], "unknown model"),
         "no schedule": (base, "required"),
         "unknown flag": (base + ["--preset", "ppt", "--frobnicate"], "unrecognized"),
+        "diffrate level": (base + ["--preset", "diffrate:2.8"], "available: diffrate:2.3, diffrate:2.5"),
+        "diffrate model": (["gmacs", "--model", "deit_tiny_patch16_224", "--preset", "diffrate:2.9"],
+                           "no schedule for deit_tiny_patch16_224; available: deit_small_patch16_224"),
+        "unknown fuse_weights": (base + ["--schedule", _schedule_file(tmp_path, json.dumps(unknown_fuse))],
+                                 "unknown fuse_weights 'mean'"),
+        "unknown rank": (base + ["--schedule", _schedule_file(tmp_path, json.dumps(unknown_rank))], "unknown rank"),
     }
 
 
 CASES = ["unknown preset", "keep above 1", "unknown method", "keep zero", "other model", "other depth",
-         "malformed", "missing file", "non-ViT", "unknown model", "no schedule", "unknown flag"]
+         "malformed", "missing file", "non-ViT", "unknown model", "no schedule", "unknown flag",
+         "diffrate level", "diffrate model", "unknown fuse_weights", "unknown rank"]
 
 
 @pytest.mark.parametrize("case", CASES)
