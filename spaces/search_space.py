@@ -6,6 +6,8 @@ so the same function serves Optuna, Ray Tune's OptunaSearch and `optuna.trial.Fi
 The budget is met by construction (`fit_budget` rescales the keep ratios) and also recorded
 with `trial.set_constraint` (<= 0 is feasible).
 
+    two-phase  an early and a late method, each in every block of its phase, one keep ratio per
+               phase, a first reducing block and a switch block (seven numbers, two methods)
     per-layer  every block: method, keep, and the method's own parameters, after a first
                block that may reduce (`layers.first`; the blocks before it keep every token)
     staged     three reduction stages (first block, spacing), a method per stage, one keep
@@ -28,7 +30,7 @@ KEEP_RANGE = (0.1, 1.0)
 FRACTION_RANGE = (0.5, 1.0)  # share of the budget a trial aims at without min_gmacs: the front spreads below the budget
 STAGES = 3
 FAMILIES = {"evit": "prune", "idlevit": "idle", "ppt": "adaptive", "tcvit": "condense"}
-SPACES = ("per-layer", "staged", "tome", *FAMILIES)
+SPACES = ("two-phase", "per-layer", "staged", "tome", *FAMILIES)
 
 
 class TrialLike(Protocol):
@@ -84,7 +86,12 @@ class SearchSpace:
 
 def _layer_params(trial: TrialLike, prefix: str, methods: tuple[str, ...]) -> dict[str, Any]:
     """Every parameter a block may use, always suggested (fixed bounds)."""
-    params: dict[str, Any] = {"keep": trial.suggest_float(f"{prefix}.keep", *KEEP_RANGE)}
+    return {"keep": trial.suggest_float(f"{prefix}.keep", *KEEP_RANGE), **_method_params(trial, prefix, methods)}
+
+
+def _method_params(trial: TrialLike, prefix: str, methods: tuple[str, ...]) -> dict[str, Any]:
+    """The methods' own parameters besides keep (fixed bounds, always suggested)."""
+    params: dict[str, Any] = {}
     if "condense" in methods:
         params["order"] = trial.suggest_int(f"{prefix}.order", 1, 3)
         params["alpha"] = trial.suggest_float(f"{prefix}.alpha", 0.0, 1.0)
@@ -190,6 +197,44 @@ def staged(trial: TrialLike, space: SearchSpace, *, methods: tuple[str, ...] | N
     return schedule
 
 
+def two_phase(trial: TrialLike, space: SearchSpace) -> Schedule:
+    """One method in every block of an early phase, another in every block of a late phase.
+
+    Blocks before `phase.first` keep every token; blocks `first` .. `switch - 1` run `phase.early`
+    and the rest `phase.late`, each block keeping `phase.early_keep` / `phase.late_keep` of its
+    input (idle: that share active). Seven numbers and two methods: the papers' shapes (ToMe's
+    constant rate, EViT's and PPT's three stages) and mixed ones (merge while the class token
+    still reads the patches, prune or sort-and-merge after it has read them) in a space a sampler
+    can learn in tens of trials. A start too late for the budget moves earlier, as in per-layer.
+    """
+    depth, methods = space.spec.depth, space.methods
+    first = trial.suggest_int("phase.first", 0, _first_reducing_max(depth))
+    switch = trial.suggest_int("phase.switch", 1, depth - 1)
+    early = trial.suggest_categorical("phase.early", list(methods))
+    late = trial.suggest_categorical("phase.late", list(methods))
+    early_keep = trial.suggest_float("phase.early_keep", *KEEP_RANGE)
+    late_keep = trial.suggest_float("phase.late_keep", *KEEP_RANGE)
+    extras = _method_params(trial, "phase", methods)
+    prop_attn = _prop_attn(trial)
+
+    def build(start: int) -> Schedule:
+        layers = []
+        for i in range(depth):
+            if i < start:
+                layers.append(LayerPlan())
+            elif i < max(switch, start):
+                layers.append(_plan(early, {**extras, "keep": early_keep}, space.spec))
+            else:
+                layers.append(_plan(late, {**extras, "keep": late_keep}, space.spec))
+        return Schedule(space.spec, tuple(layers), prop_attn=prop_attn, name="two-phase")
+
+    schedule = build(first)
+    while first > 0 and _out_of_budget(schedule, space):
+        first -= 1
+        schedule = build(first)
+    return schedule
+
+
 def tome(trial: TrialLike, space: SearchSpace) -> Schedule:
     """ToMe's family: r merged per block, linear schedule shape (inflect -1 decreasing .. 1 increasing)."""
     from spaces.presets import tome_r_per_block
@@ -208,7 +253,8 @@ def _family(name: str):  # type: ignore[no-untyped-def]
     return build
 
 
-_BUILDERS = {"per-layer": per_layer, "staged": staged, "tome": tome, **{n: _family(n) for n in FAMILIES}}
+_BUILDERS = {"two-phase": two_phase, "per-layer": per_layer, "staged": staged, "tome": tome,
+             **{n: _family(n) for n in FAMILIES}}
 
 
 def preset_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any] | None:
