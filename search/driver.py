@@ -328,17 +328,25 @@ def _run_fixed(cfg: SearchConfig, run: dict[str, Any], items: list[dict[str, Any
             on_result(trial.config["item"], trial.trial_id, "FAIL", None)
             progress.update(1)
 
+    _fit_grid(cfg, run, tune.with_parameters(fixed_trainable, setup=cfg.setup), "item", items, stage, FixedRecorder())
+    progress.close()
+
+
+def _fit_grid(cfg: SearchConfig, run: dict[str, Any], trainable, key: str, items: list[Any], stage: str,
+              callback) -> None:  # type: ignore[no-untyped-def]
+    """One Ray trial per item (``config[key]``), in reused actors with the search's resources per
+    trial and concurrency; Tune's records go to <out>/ray/<stage>-<segment>."""
+    from ray import tune
+
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(fixed_trainable, setup=cfg.setup), resources),
-        param_space={"item": tune.grid_search(items)},
+    tune.Tuner(
+        tune.with_resources(trainable, resources),
+        param_space={key: tune.grid_search(items)},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.concurrency, reuse_actors=True),
         run_config=tune.RunConfig(storage_path=str((cfg.out / "ray").resolve()),
                                   name=f"{stage}-{len(run.get('resumed', [])) + 1}", verbose=0,
-                                  callbacks=[FixedRecorder()]),
-    )
-    tuner.fit()
-    progress.close()
+                                  callbacks=[callback]),
+    ).fit()
 
 
 _RESULT_KEYS = ("accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup", "images_per_s", "feasible",
@@ -539,16 +547,8 @@ def _run_finetunes(cfg: SearchConfig, run: dict[str, Any]) -> None:
             self._record(trial, "FAIL", None)
 
     space = [{"trial": r["trial"], "params": r["params"]} for r in candidates]
-    resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(finetune_trainable, setup=cfg.setup, job=job), resources),
-        param_space={"candidate": tune.grid_search(space)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.concurrency, reuse_actors=True),
-        run_config=tune.RunConfig(storage_path=str((cfg.out / "ray").resolve()),
-                                  name=f"finetune-{len(run.get('resumed', [])) + 1}", verbose=0,
-                                  callbacks=[FinetuneRecorder()]),
-    )
-    tuner.fit()
+    _fit_grid(cfg, run, tune.with_parameters(finetune_trainable, setup=cfg.setup, job=job), "candidate", space,
+              "finetune", FinetuneRecorder())
     progress.close()
 
 

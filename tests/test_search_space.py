@@ -108,3 +108,17 @@ def test_unknown_space_and_methods_are_refused(spec) -> None:
         SearchSpace("per-layer", spec, methods=("prune", "shuffle"))
     with pytest.raises(ValueError, match="--methods excludes"):
         SearchSpace("evit", spec, methods=tuple(m for m in REDUCING if m != "prune"))
+
+
+def test_two_phase_runs_the_early_method_then_the_late_one(spec) -> None:
+    params = {"phase.first": 2, "phase.switch": 6, "phase.early": "merge", "phase.late": "diffrate",
+              "phase.early_keep": 0.8, "phase.late_keep": 0.6, "phase.order": 2, "phase.alpha": 0.5,
+              "phase.fuse": True, "phase.fuse_weights": "raw", "phase.rank": "logits", "phase.merge_keep": 0.9,
+              "prop_attn": True}
+    schedule = SearchSpace("two-phase", spec)(optuna.trial.FixedTrial(params))  # no budget: as drawn
+    assert [p.method for p in schedule.layers] == ["none"] * 2 + ["merge"] * 4 + ["diffrate"] * (spec.depth - 6)
+    assert {p.keep for p in schedule.layers[2:6]} == {0.8} and {p.keep for p in schedule.layers[6:]} == {0.6}
+    assert {p.merge_keep for p in schedule.layers[6:]} == {0.9}
+    fitted = _space(spec, "two-phase", budget="30%")(optuna.trial.FixedTrial({**params, "budget.fraction": 1.0}))
+    assert gmacs(fitted) <= _space(spec, budget="30%").budget_gmacs  # both phases rescaled together
+    assert [p.method for p in fitted.layers][6:] == ["diffrate"] * (spec.depth - 6)
