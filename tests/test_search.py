@@ -199,7 +199,8 @@ def test_two_node_local_cluster(tmp_path: Path) -> None:
         proc = search("--budget", "65%", *FAST, "--trials", "4", "--out", str(out), "--no-presets",
                       "--ray-address", f"127.0.0.1:{port}")
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert len(pd.read_csv(out / "trials.csv")) == 4
+        trials = pd.read_csv(out / "trials.csv")
+        assert (trials["fidelity"] == "screen").sum() == 4 and (trials["state"] == "COMPLETE").all()
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
 
@@ -293,10 +294,10 @@ def test_relative_checkpoint_and_data_paths_reach_the_workers(tmp_path: Path) ->
     rel = Path(os.path.relpath(tmp_path, ROOT))
     out = tmp_path / "run"
     proc = search("--budget", "65%", *FAST, "--checkpoint", str(rel / "weights.safetensors"), "--data", str(rel / "val"),
-                  "--trials", "3", "--no-presets", "--out", str(out))
+                  "--trials", "3", "--no-presets", "--num-images", "20", "--confirm-images", "20", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = pd.read_csv(out / "trials.csv")
-    assert (trials["state"] == "COMPLETE").all() and len(trials) == 3
+    assert (trials["state"] == "COMPLETE").all() and (trials["fidelity"] == "screen").sum() == 3
     assert trials["top1"].min() > 0.3  # the trained weights were loaded, on the folder's labels
 
 
