@@ -17,7 +17,7 @@ CONFIGS = "configs"
 # Settings a resumed run must share with the run it continues.
 MUST_MATCH = ("model", "checkpoint", "budget_gmacs", "min_gmacs", "space", "methods", "objectives", "data",
               "num_images", "seed", "sampler", "confirm_images")
-SAMPLERS = ("nsga2", "tpe", "gp", "random")
+SAMPLERS = ("nsga2", "tpe", "gp", "random", "local-nsga2", "local-tpe", "local-random")
 
 
 def default_out() -> Path:
@@ -213,6 +213,10 @@ def sampler(name: str, seed: int):  # type: ignore[no-untyped-def]
     """Pinned explicitly (PITFALLS 5: Optuna 5 changed the defaults)."""
     import optuna
 
+    if name.startswith("local-"):  # local moves around the front, the rest from the named sampler
+        from search.samplers import LocalMoveSampler
+
+        return LocalMoveSampler(sampler(name.removeprefix("local-"), seed), seed=seed)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
     if name == "tpe":
