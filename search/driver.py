@@ -220,7 +220,7 @@ def _callback(cfg: SearchConfig, searcher, presets: dict[tuple, str], progress):
     class Recorder(tune.Callback):
         """Appends each finished trial to trials.jsonl and advances the progress bar."""
 
-        records = run_dir.read_records(cfg.out)  # read once; then kept in step with the file
+        records = _latest(run_dir.read_records(cfg.out))  # read once; then kept in step with the file
 
         def _record(self, trial, state: str, result: dict[str, Any] | None) -> None:  # type: ignore[no-untyped-def]
             params = {k: v for k, v in trial.config.items() if not k.startswith("__")}
