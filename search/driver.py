@@ -25,7 +25,7 @@ from typing import Any
 from search import pareto, report, run_dir
 from search.worker import FAULT_KEY, FinetuneJob, WorkerSetup
 from spaces import Schedule, gmacs
-from spaces.presets import presets_in_range
+from spaces.presets import effective_key, presets_in_range
 from spaces.search_space import FRACTION_RANGE, SearchSpace, cheapest_gmacs, preset_params
 
 STUDY_PREFIX = "tokensched"
@@ -578,6 +578,10 @@ def finish(cfg: SearchConfig, run: dict[str, Any]) -> SearchOutcome:
     report.write_trials_csv(cfg.out / "trials.csv", every)
     records = [r for r in every if r.get("fidelity", "screen") == "screen"]  # the screening, in trial order
     best, finetuned = _front_pool(every)
+    presets = [r for r in best if r.get("preset") and r.get("state") == "COMPLETE"]
+    # A sampler can rebuild a preset exactly (a local move of an irrelevant parameter): the preset
+    # stands for it on the front and in the verdict.
+    best = [r for r in best if r.get("preset") or not _same_as_a_preset(r, presets)]
     front = report.front_records(best, objectives, search_only=False)
     baseline = gmacs(Schedule.empty(cfg.setup.space.spec))
     reference = pareto.reference_point(objectives, baseline_gmacs=baseline)
@@ -586,7 +590,6 @@ def finish(cfg: SearchConfig, run: dict[str, Any]) -> SearchOutcome:
     points, ok = _points(records, objectives)  # feasible, complete, in the order they finished
     history = pareto.hypervolume_history(points, np.ones(len(ok), dtype=bool), directions, reference)
     report.plot_hypervolume(cfg.out, {cfg.sampler: history})
-    presets = [r for r in best if r.get("preset") and r.get("state") == "COMPLETE"]
     run["selection_optimism"] = selection_optimism(front)
     if not front:
         print("no feasible trial completed: the front is empty (see trials.csv)", file=sys.stderr)
@@ -608,6 +611,14 @@ def finish(cfg: SearchConfig, run: dict[str, Any]) -> SearchOutcome:
     run["front_size"], run["hypervolume"] = len(front), history[-1] if history else 0.0
     run_dir.write_run_json(cfg.out, run)
     return SearchOutcome(cfg.out, records, front, 0)
+
+
+def _same_as_a_preset(record: dict[str, Any], presets: list[dict[str, Any]]) -> bool:
+    """Whether a searched trial runs exactly what one of the presets runs (a sampler can rebuild one)."""
+    if not record.get("schedule"):
+        return False
+    keys = {effective_key(Schedule.from_dict(p["schedule"])) for p in presets if p.get("schedule")}
+    return effective_key(Schedule.from_dict(record["schedule"])) in keys
 
 
 def _front_pool(every: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:

@@ -228,10 +228,21 @@ def family_presets(spec: ModelSpec) -> list[str]:
     )
 
 
+def effective_key(schedule: Schedule) -> tuple:
+    """What a schedule runs: the token counts of every block and each plan without its amounts,
+    so ToMe's r and the keep ratio giving the same counts compare equal."""
+    from spaces.cost import breakdown
+
+    entering = schedule.patch_tokens_entering()
+    plans = tuple(LayerPlan() if p.is_identity(n) else replace(p, keep=1.0, r=None, kept=None, merge_keep=1.0)
+                  for p, n in zip(schedule.layers, entering, strict=False))  # a plan removing nothing is none
+    return (tuple((b.tokens_in, b.tokens_attn, b.tokens_out) for b in breakdown(schedule)), schedule.prop_attn, plans)
+
+
 def presets_in_range(spec: ModelSpec, max_gmacs: float | None, min_gmacs: float | None = None) -> list[Schedule]:
     """The presets of `family_presets` whose GMACs lie in [min_gmacs, max_gmacs], one per distinct
     schedule (ToMe's decreasing schedules coincide once r passes about n / 4: the first name is kept)."""
-    from spaces.cost import breakdown, gmacs
+    from spaces.cost import gmacs
 
     chosen, seen = [], set()
     for name in family_presets(spec):
@@ -239,9 +250,7 @@ def presets_in_range(spec: ModelSpec, max_gmacs: float | None, min_gmacs: float 
         cost = gmacs(schedule)
         if (max_gmacs is not None and cost > max_gmacs + 1e-12) or (min_gmacs is not None and cost < min_gmacs - 1e-12):
             continue
-        # What runs: the token counts of every block and each plan without its amounts.
-        key = (tuple((b.tokens_in, b.tokens_attn, b.tokens_out) for b in breakdown(schedule)), schedule.prop_attn,
-               tuple(replace(p, keep=1.0, r=None, kept=None, merge_keep=1.0) for p in schedule.layers))
+        key = effective_key(schedule)
         if key not in seen:
             seen.add(key)
             chosen.append(schedule)

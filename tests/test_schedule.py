@@ -211,3 +211,20 @@ def test_wrong_depth_and_malformed_files(deit_s, tmp_path) -> None:
 def test_model_spec_of_meta_model_has_no_weights() -> None:
     spec = model_spec("deit_tiny_patch16_224")
     assert (spec.depth, spec.embed_dim, spec.tokens) == (12, 192, 197)
+
+
+def test_effective_key_equates_schedules_that_run_the_same(deit_s) -> None:
+    from dataclasses import replace
+
+    from spaces.presets import effective_key
+
+    tome = Schedule.from_preset("tome:8", deit_s)
+    entering = tome.patch_tokens_entering()
+    as_keeps = replace(tome, layers=tuple(LayerPlan("merge", keep=(n - p.removed(n)) / n)
+                                          for p, n in zip(tome.layers, entering, strict=False)))
+    assert effective_key(as_keeps) == effective_key(tome)  # r and keep ratio giving the same counts
+    idle_first = replace(tome, layers=(LayerPlan("idle", keep=1.0), *tome.layers[1:]))
+    assert effective_key(idle_first) != effective_key(tome)  # block 0 no longer merges
+    late = tome.layers[:-1] + (LayerPlan("condense", keep=1.0),)
+    assert effective_key(replace(tome, layers=late)) == effective_key(replace(tome, layers=tome.layers[:-1] + (LayerPlan(),)))
+    assert effective_key(replace(tome, prop_attn=False)) != effective_key(tome)
