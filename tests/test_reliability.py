@@ -190,6 +190,7 @@ def _locked(path: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_kill_before_the_study_exists_lock_sampler_and_configs(tmp_path: Path) -> None:
     """Items 1, 2, 10, 11: killed right after run.json (no study yet), --resume completes it while a
     second driver is locked out; --resume with another sampler is refused; a resume to more trials

@@ -159,6 +159,7 @@ def test_front_is_confirmed_on_other_images_and_no_preset_dominates_it(smoke) ->
     assert "selection_optimism" in json.loads((out / "run.json").read_text())
 
 
+@pytest.mark.slow
 def test_resume_after_kill_completes_without_duplicates(tmp_path: Path) -> None:
     out = tmp_path / "killed"
     args = ["--budget", "65%", *FAST, "--min-gmacs", "60%", "--confirm-images", "40", "--trials", "12"]
@@ -184,6 +185,7 @@ def test_resume_after_kill_completes_without_duplicates(tmp_path: Path) -> None:
     assert presets and len(presets) == len(set(presets))  # each preset evaluated once, kill or not
 
 
+@pytest.mark.slow
 def test_two_node_local_cluster(tmp_path: Path) -> None:
     port = 6391
     env = ENV
@@ -284,6 +286,7 @@ def test_bad_input_exit_2_and_nothing_written(case: str, bad_runs) -> None:
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_relative_checkpoint_and_data_paths_reach_the_workers(tmp_path: Path) -> None:
     """Ray Tune runs trials in their own directories; relative paths given on the command line still work."""
     from search.embedded import WEIGHTS
@@ -315,6 +318,7 @@ def test_existing_run_is_never_overwritten(smoke) -> None:
     assert tree_digest(out) == before
 
 
+@pytest.mark.slow
 def test_promoted_candidates_are_fine_tuned_and_carry_a_fidelity(tmp_path: Path) -> None:
     """--finetune-top: the best screened candidates get a short fine-tune as Ray trials; the
     final front and configs use the highest fidelity reached; resuming does not repeat them."""
