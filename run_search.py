@@ -387,7 +387,13 @@ def _check_search_inputs(args: argparse.Namespace) -> None:
         read_checkpoint(args.checkpoint)
         load_model(args.model, checkpoint=args.checkpoint)  # another architecture's weights: one error now
     if args.data:
-        _check_decodable(required_images(Path(args.data)), "--data", args.data)
+        items = required_images(Path(args.data))
+        _check_decodable(items, "--data", args.data)
+        # The confirmation images must fit beside the screening images (the embedded default draws
+        # them from another seed of its held-out split).
+        if args.num_images + args.confirm_images > len(items):
+            raise ValueError(f"--confirm-images {args.confirm_images}: {args.data} holds {len(items)} images and "
+                             f"{min(args.num_images, len(items))} are set aside for screening (--num-images)")
     if args.finetune_data:
         items = required_images(Path(args.finetune_data), what="--finetune-data directory")
         _check_decodable(items, "--finetune-data", args.finetune_data)
@@ -445,20 +451,6 @@ def _check_resources(args: argparse.Namespace) -> None:
                          "the trials would hold GPUs they do not use")
 
 
-def _check_confirm_images(args: argparse.Namespace) -> None:
-    """The confirmation images must fit beside the screening images in --data."""
-    if args.data is None:
-        return  # the embedded default draws them from another seed of its held-out split
-    from pathlib import Path
-
-    from search.data import list_images
-
-    items, _ = list_images(Path(args.data))
-    if args.num_images + args.confirm_images > len(items):
-        raise ValueError(f"--confirm-images {args.confirm_images}: {args.data} holds {len(items)} images and "
-                         f"{min(args.num_images, len(items))} are set aside for screening (--num-images)")
-
-
 def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignore[no-untyped-def]
     """Validate the search flags into a SearchConfig (ValueError on bad input)."""
     import math
@@ -508,7 +500,6 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
         if not args.finetune_lr > 0:
             raise ValueError(f"--finetune-lr must be positive, got {args.finetune_lr}")
     _check_search_inputs(args)
-    _check_confirm_images(args)
     setup = WorkerSetup(space=space, model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                         data=args.data, num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
                         device=args.device, threads=max(1, int(args.cpus_per_trial)), timing=timing,

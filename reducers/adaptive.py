@@ -8,13 +8,12 @@ means duplicative tokens, which are pooled (merged) like ToMe. Both paths remove
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .common import gather_tokens, safe_denominator
+from .common import descending_by_score, safe_denominator
 from .merge import merge
 
-__all__ = ["DEFAULT_THRESHOLD", "adaptive", "most_significant", "significance"]
+__all__ = ["DEFAULT_THRESHOLD", "adaptive", "significance"]
 
 # Variance threshold of the official PPT code for DeiT-S (r_tokens 50 at blocks 3, 6, 9):
 # `--threshold 7e-5` in the evaluation command of github.com/xjwu1024/PPT README.md, also the
@@ -30,19 +29,6 @@ def significance(cls_attn: Tensor, value_norm: Tensor, *, num_prefix: int) -> Te
     """
     score = cls_attn[:, num_prefix:] * value_norm[:, num_prefix:]  # (B, n)
     return score / safe_denominator(score.sum(dim=-1, keepdim=True))
-
-
-def most_significant(x: Tensor, size: Tensor, sig: Tensor, *, num_prefix: int, keep: int) -> tuple[Tensor, Tensor]:
-    """PPT's pruning path: the prefix tokens, then the ``keep`` most significant patch tokens in
-    descending order of significance (the official order, which the next block's A/B split sees).
-
-    x [B, N, C], size [B, N, 1], sig [B, n] -> x' [B, P + keep, C], size' [B, P + keep, 1].
-    """
-    batch = x.shape[0]
-    order = sig.sort(dim=-1, descending=True).indices[:, :keep] + num_prefix  # the official unstable sort
-    prefix = torch.arange(num_prefix, device=x.device).expand(batch, -1)
-    idx = torch.cat([prefix, order], dim=1)
-    return gather_tokens(x, idx), gather_tokens(size, idx)
 
 
 def adaptive(
@@ -77,8 +63,9 @@ def adaptive(
         return x, size, pruned_mask
 
     def prune_path(rows: Tensor) -> tuple[Tensor, Tensor]:
-        return most_significant(x.index_select(0, rows), size.index_select(0, rows), sig.index_select(0, rows),
-                                num_prefix=num_prefix, keep=n - r)
+        # PPT's pruning path: the n - r most significant tokens, in descending significance.
+        return descending_by_score(x.index_select(0, rows), size.index_select(0, rows), sig.index_select(0, rows),
+                                   num_prefix=num_prefix, keep=n - r)
 
     def merge_path(rows: Tensor) -> tuple[Tensor, Tensor]:
         return merge(

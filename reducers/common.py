@@ -12,6 +12,7 @@ from torch import Tensor
 __all__ = [
     "check_keep",
     "complement_indices",
+    "descending_by_score",
     "gather_tokens",
     "safe_denominator",
     "scatter_sum",
@@ -45,6 +46,19 @@ def scatter_tokens(x: Tensor, idx: Tensor, values: Tensor) -> Tensor:
 def topk_sorted(scores: Tensor, k: int) -> Tensor:
     """Indices [B, k] of the k largest scores [B, n], ascending by index (spatial order kept)."""
     return scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
+def descending_by_score(x: Tensor, size: Tensor, scores: Tensor, *, num_prefix: int, keep: int) -> tuple[Tensor, Tensor]:
+    """The prefix tokens, then the ``keep`` patch tokens of largest score in descending order of score.
+
+    x [B, N, C], size [B, N, 1], scores [B, n] (patch tokens only) -> x' [B, P + keep, C] and
+    size' [B, P + keep, 1]. PPT's pruning path and DiffRate's sort keep this order, which the next
+    block's A/B split sees; the sort is torch's default (unstable) one, as in their code.
+    """
+    order = scores.sort(dim=-1, descending=True).indices[:, :keep] + num_prefix
+    prefix = torch.arange(num_prefix, device=x.device).expand(x.shape[0], -1)
+    idx = torch.cat([prefix, order], dim=1)
+    return gather_tokens(x, idx), gather_tokens(size, idx)
 
 
 def complement_indices(idx: Tensor, n: int) -> Tensor:

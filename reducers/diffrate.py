@@ -20,18 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import check_keep, gather_tokens
+from .common import check_keep, descending_by_score
 
 __all__ = ["diffrate"]
-
-
-def _sorted_by_importance(x: Tensor, size: Tensor, cls_attn: Tensor, num_prefix: int, keep: int) -> tuple[Tensor, Tensor]:
-    """Prefix tokens, then the ``keep`` patch tokens of largest CLS attention, descending."""
-    batch = x.shape[0]
-    order = cls_attn[:, num_prefix:].sort(dim=-1, descending=True).indices[:, :keep] + num_prefix
-    prefix = torch.arange(num_prefix, device=x.device).expand(batch, -1)
-    idx = torch.cat([prefix, order], dim=1)
-    return gather_tokens(x, idx), gather_tokens(size, idx)
 
 
 def _merge_tail(x: Tensor, size: Tensor, *, num_prefix: int, dst_count: int) -> tuple[Tensor, Tensor]:
@@ -67,7 +58,7 @@ def diffrate(
     check_keep(merge_to, prune_to, "diffrate merge")
     if merge_to == n:
         return x, size
-    x, size = _sorted_by_importance(x, size, cls_attn, num_prefix, prune_to)
+    x, size = descending_by_score(x, size, cls_attn[:, num_prefix:], num_prefix=num_prefix, keep=prune_to)
     if merge_to < prune_to:
         x, size = _merge_tail(x, size, num_prefix=num_prefix, dst_count=num_prefix + merge_to)
     return x, size

@@ -164,7 +164,7 @@ def _init_ray(cfg: SearchConfig) -> str | None:
     return f"http://{url}" if url and not url.startswith("http") else url
 
 
-def _searcher(cfg: SearchConfig, storage, points: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
+def _searcher(cfg: SearchConfig, storage):  # type: ignore[no-untyped-def]
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -187,7 +187,7 @@ def _searcher(cfg: SearchConfig, storage, points: list[dict[str, Any]]):  # type
     searcher = _Searcher(
         space=cfg.setup.space.optuna_space, metric=[o.name for o in objectives],
         mode=[o.direction for o in objectives], sampler=run_dir.sampler(cfg.sampler, run_dir.segment_seed(cfg.seed, cfg.out)),
-        storage=storage, study_name=f"{STUDY_PREFIX}-{cfg.out.resolve().name}", points_to_evaluate=points or None,
+        storage=storage, study_name=f"{STUDY_PREFIX}-{cfg.out.resolve().name}",
     )
     return searcher, ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency)
 
@@ -211,7 +211,7 @@ def _label_optuna_trial(searcher, trial_id: str, record: dict[str, Any]) -> None
             ot.set_user_attr(key, record[key])
 
 
-def _callback(cfg: SearchConfig, searcher, presets: dict[tuple, str], progress):  # type: ignore[no-untyped-def]
+def _callback(cfg: SearchConfig, searcher, progress):  # type: ignore[no-untyped-def]
     from ray import tune
 
     objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
@@ -225,7 +225,7 @@ def _callback(cfg: SearchConfig, searcher, presets: dict[tuple, str], progress):
         def _record(self, trial, state: str, result: dict[str, Any] | None) -> None:  # type: ignore[no-untyped-def]
             params = {k: v for k, v in trial.config.items() if not k.startswith("__")}
             record = {"trial": _optuna_number(searcher, trial.trial_id), "ray_trial": trial.trial_id, "state": state,
-                      "preset": presets.get(_key(params)), "fidelity": "screen", "params": params}
+                      "preset": None, "fidelity": "screen", "params": params}
             if result is not None:
                 record.update({k: result.get(k) for k in (
                     "accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup", "images_per_s", "feasible",
@@ -256,10 +256,6 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _key(params: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, round(v, 9) if isinstance(v, float) else v) for k, v in params.items()))
-
-
 def _points(records: list[dict[str, Any]], objectives) -> tuple:  # type: ignore[no-untyped-def]
     import numpy as np
 
@@ -288,7 +284,7 @@ def _run_tune(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type:
     remaining = cfg.trials - finished
     if remaining <= 0:
         return
-    searcher, limited = _searcher(cfg, storage, [])
+    searcher, limited = _searcher(cfg, storage)
     progress = tqdm(total=cfg.trials, initial=finished, desc="trials", unit="trial", file=sys.stderr)
     setup_resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     tuner = tune.Tuner(
@@ -297,7 +293,7 @@ def _run_tune(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type:
         run_config=tune.RunConfig(
             storage_path=str((cfg.out / "ray").resolve()), name=f"tune-{len(run.get('resumed', [])) + 1}",
             failure_config=tune.FailureConfig(max_failures=cfg.retries),
-            verbose=0, callbacks=[_callback(cfg, searcher, {}, progress)],
+            verbose=0, callbacks=[_callback(cfg, searcher, progress)],
         ),
     )
     tuner.fit()
@@ -367,6 +363,8 @@ def _inject_preset(cfg: SearchConfig, study, record: dict[str, Any]) -> tuple[in
     """Tell the study a measured preset as a finished trial, so the sampler can build on it (a parent
     for NSGA-II, a good point for TPE). Returns its trial number and parameters, or None when the
     space cannot express the preset."""
+    import optuna
+
     space = cfg.setup.space
     schedule = Schedule.from_dict(record["schedule"])
     params = preset_params(schedule, space)
@@ -376,7 +374,7 @@ def _inject_preset(cfg: SearchConfig, study, record: dict[str, Any]) -> tuple[in
     trial = study.ask()
     rebuilt = space(trial)
     if rebuilt.tokens_entering() != schedule.tokens_entering():  # the enqueued point did not come back
-        study.tell(trial, state=__import__("optuna").trial.TrialState.FAIL)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return None
     for key in DASHBOARD_ATTRS:
         if record.get(key) is not None:
@@ -581,7 +579,8 @@ def finish(cfg: SearchConfig, run: dict[str, Any]) -> SearchOutcome:
     presets = [r for r in best if r.get("preset") and r.get("state") == "COMPLETE"]
     # A sampler can rebuild a preset exactly (a local move of an irrelevant parameter): the preset
     # stands for it on the front and in the verdict.
-    best = [r for r in best if r.get("preset") or not _same_as_a_preset(r, presets)]
+    preset_keys = {effective_key(Schedule.from_dict(p["schedule"])) for p in presets if p.get("schedule")}
+    best = [r for r in best if r.get("preset") or not _runs_a_preset(r, preset_keys)]
     front = report.front_records(best, objectives, search_only=False)
     baseline = gmacs(Schedule.empty(cfg.setup.space.spec))
     reference = pareto.reference_point(objectives, baseline_gmacs=baseline)
@@ -613,12 +612,9 @@ def finish(cfg: SearchConfig, run: dict[str, Any]) -> SearchOutcome:
     return SearchOutcome(cfg.out, records, front, 0)
 
 
-def _same_as_a_preset(record: dict[str, Any], presets: list[dict[str, Any]]) -> bool:
-    """Whether a searched trial runs exactly what one of the presets runs (a sampler can rebuild one)."""
-    if not record.get("schedule"):
-        return False
-    keys = {effective_key(Schedule.from_dict(p["schedule"])) for p in presets if p.get("schedule")}
-    return effective_key(Schedule.from_dict(record["schedule"])) in keys
+def _runs_a_preset(record: dict[str, Any], preset_keys: set[tuple]) -> bool:
+    """Whether a searched trial runs exactly what a preset runs (``effective_key`` of each preset)."""
+    return bool(record.get("schedule")) and effective_key(Schedule.from_dict(record["schedule"])) in preset_keys
 
 
 def _front_pool(every: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:

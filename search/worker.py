@@ -94,6 +94,19 @@ def confirm_context(setup: WorkerSetup) -> tuple[TensorSet, Tensor]:
     return ctx.confirm
 
 
+def _metrics(setup: WorkerSetup, schedule: Schedule, result: dict[str, Any]) -> dict[str, Any]:
+    """One evaluation's result as the flat record the driver reads (accuracy: top-1, or agreement
+    without labels)."""
+    return {
+        "accuracy": result["top1"] if result["top1"] is not None else result["agreement"],
+        "agreement": result["agreement"], "top1": result["top1"], "top5": result["top5"], "kl": result["kl"],
+        "gmacs": result["gmacs"], "baseline_gmacs": result["baseline_gmacs"],
+        "speedup": result.get("speedup"), "images_per_s": result.get("images_per_s"),
+        "feasible": setup.space.budget_gmacs is None or result["gmacs"] <= setup.space.budget_gmacs + 1e-12,
+        "summary": schedule.summary(),
+    }
+
+
 def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str) -> dict[str, Any]:
     """Evaluate a fixed schedule (a preset, or a front point to confirm) on the screening
     (``images="screen"``) or the confirmation images."""
@@ -102,14 +115,7 @@ def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str) -> dict[
     start = time.perf_counter()
     timing = dict(setup.timing) if setup.timing is not None and images == "screen" else None
     result = evaluate(ctx.model, schedule, data, reference, batch_size=setup.batch_size, timing=timing)
-    accuracy = result["top1"] if result["top1"] is not None else result["agreement"]
-    return {
-        "accuracy": accuracy, "agreement": result["agreement"], "top1": result["top1"], "top5": result["top5"],
-        "kl": result["kl"], "gmacs": result["gmacs"], "speedup": result.get("speedup"),
-        "images_per_s": result.get("images_per_s"),
-        "feasible": setup.space.budget_gmacs is None or result["gmacs"] <= setup.space.budget_gmacs + 1e-12,
-        "summary": schedule.summary(), "eval_seconds": time.perf_counter() - start, "num_images": len(data),
-    }
+    return {**_metrics(setup, schedule, result), "eval_seconds": time.perf_counter() - start, "num_images": len(data)}
 
 
 def fixed_trainable(config: dict[str, Any], setup: WorkerSetup) -> None:
@@ -144,18 +150,10 @@ def evaluate_params(setup: WorkerSetup, params: dict[str, Any]) -> dict[str, Any
     start = time.perf_counter()
     timing = dict(setup.timing) if setup.timing is not None else None
     result = evaluate(ctx.model, schedule, ctx.data, ctx.reference, batch_size=setup.batch_size, timing=timing)
-    seconds = time.perf_counter() - start
-    accuracy = result["top1"] if result["top1"] is not None else result["agreement"]
+    metrics = {**_metrics(setup, schedule, result), "schedule": schedule.to_dict(),
+               "eval_seconds": time.perf_counter() - start, "load_seconds": ctx.load_seconds if ctx.trials == 1 else 0.0}
     if fault == "nan":
-        accuracy = float("nan")
-    metrics = {
-        "accuracy": accuracy, "agreement": result["agreement"], "top1": result["top1"], "top5": result["top5"],
-        "kl": result["kl"], "gmacs": result["gmacs"], "baseline_gmacs": result["baseline_gmacs"],
-        "speedup": result.get("speedup"), "images_per_s": result.get("images_per_s"),
-        "feasible": setup.space.budget_gmacs is None or result["gmacs"] <= setup.space.budget_gmacs + 1e-12,
-        "summary": schedule.summary(), "schedule": schedule.to_dict(), "eval_seconds": seconds,
-        "load_seconds": ctx.load_seconds if ctx.trials == 1 else 0.0,
-    }
+        metrics["accuracy"] = float("nan")
     bad = [k for k in setup.objectives if metrics.get(k) is None or not math.isfinite(metrics[k])]
     if bad:
         raise ValueError(f"objective(s) {bad} are missing or not finite for {schedule.summary()}")

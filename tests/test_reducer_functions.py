@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from reducers.adaptive import DEFAULT_THRESHOLD, adaptive, most_significant, significance
+from reducers.adaptive import DEFAULT_THRESHOLD, adaptive, significance
 from reducers.common import (
     complement_indices,
+    descending_by_score,
     gather_tokens,
     scatter_tokens,
     topk_sorted,
@@ -285,7 +286,7 @@ def test_most_significant_keeps_descending_significance_order() -> None:
     x = t([9.0, 9.0], *[[i + 1.0, -(i + 1.0)] for i in range(4)]).unsqueeze(0)
     size = t([1.0], [1.0], [2.0], [3.0], [4.0]).unsqueeze(0)
     sig = t([0.1, 0.3, 0.2, 0.4])  # [1, 4]
-    out, out_size = most_significant(x, size, sig, num_prefix=1, keep=2)
+    out, out_size = descending_by_score(x, size, sig, num_prefix=1, keep=2)
     # PPT's code sorts by significance: p3 (0.4) before p1 (0.3), not in position order.
     assert torch.equal(out, t([9.0, 9.0], [4.0, -4.0], [2.0, -2.0]).unsqueeze(0))
     assert torch.equal(out_size, t([1.0], [4.0], [2.0]).unsqueeze(0))
@@ -315,7 +316,7 @@ def test_adaptive_mixed_batch_matches_prune_and_merge_alone() -> None:
     )
     assert pruned.tolist() == [True, False]
     sig = significance(cls_attn[:1], value_norm[:1], num_prefix=num_prefix)
-    p_x, p_s = most_significant(x[:1], size[:1], sig, num_prefix=num_prefix, keep=8 - r)
+    p_x, p_s = descending_by_score(x[:1], size[:1], sig, num_prefix=num_prefix, keep=8 - r)
     m_x, m_s = merge(x[1:], size[1:], metric[1:], num_prefix=num_prefix, r=r)
     assert torch.allclose(out[:1], p_x) and torch.allclose(out_size[:1], p_s)
     assert torch.allclose(out[1:], m_x) and torch.allclose(out_size[1:], m_s)
