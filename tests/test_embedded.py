@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -169,24 +166,6 @@ def test_training_command_refuses_bad_fractions_and_lengths(tmp_path, capsys, ar
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and flag in err and len(err.splitlines()) == 1
     assert not (tmp_path / "w").exists()  # nothing written
-
-
-@pytest.mark.parametrize("variant", ["twins", "twins-dense"])
-def test_variant_patches_apply_to_the_generator(variant) -> None:
-    root = Path(__file__).resolve().parents[1]
-    if not (root / ".git").exists():
-        pytest.skip("not a git checkout")
-    patch = root / "bench" / "variants" / f"{variant}.patch"
-    done = subprocess.run(["git", "apply", "--check", str(patch)], cwd=root, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-
-
-@pytest.mark.parametrize("argv", [["--steps", "-1"], ["--num-images", "0"]])
-def test_variant_screen_refuses_bad_lengths(argv) -> None:
-    script = Path(__file__).resolve().parents[1] / "bench" / "screen_variant.py"
-    done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.strip().startswith("error:") and len(done.stderr.strip().splitlines()) == 1
 
 
 def test_architecture_is_a_plain_12_block_vit() -> None:
