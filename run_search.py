@@ -601,7 +601,7 @@ def _print_finetune(args: argparse.Namespace, out, m: dict) -> int:  # type: ign
 
 
 def cmd_make_data(args: argparse.Namespace) -> int:
-    from search.synthetic import CLASS_NAMES, write_folder
+    from search.embedded.synthetic import CLASS_NAMES, write_folder
 
     _check_out_dir(args.out, "make-data")
     root = write_folder(args.out, args.split, args.num_images, args.seed)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search import synthetic  # noqa: E402
+from search.embedded import synthetic  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

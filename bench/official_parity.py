@@ -12,7 +12,7 @@ For every model and preset: our schedule applied to a copy of the timm model (re
 and the official implementation on the same weights (bench/official_adapters.py), both in float32,
 eval mode, torch.inference_mode, on the same images: DeiT-S random-init with ``--seed`` and random-normal
 images; the embedded ``tokensched_vit_shapes`` with its shipped weights and held-out images
-(search.synthetic.make_split("heldout")). A row prints the max |logit difference|, top-1 agreement
+(search.embedded.synthetic.make_split("heldout")). A row prints the max |logit difference|, top-1 agreement
 (k/N) and PASS when the difference is below 1e-4 and every top-1 agrees. First, per model and family,
 the official model with its reduction switched off (ToMe r=0, EViT keep 1, PPT r=0, IdleViT k=1,
 DiffRate keeping all tokens) against the plain timm model: PASS below 1e-5, which shows the official
@@ -49,7 +49,7 @@ from torch import Tensor, nn  # noqa: E402
 import search.embedded  # noqa: E402, F401  (registers tokensched_vit_shapes)
 from bench import official_adapters as oa  # noqa: E402
 from reducers import apply_schedule  # noqa: E402
-from search.synthetic import make_split, normalize  # noqa: E402
+from search.embedded.synthetic import make_split, normalize  # noqa: E402
 from spaces import Schedule  # noqa: E402
 
 TOL = 1e-4  # preset vs official (DESIGN.md: "max difference below 1e-4")

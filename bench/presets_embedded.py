@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reducers import apply_schedule, last_forward_state, remove_schedule  # noqa: E402
 from reducers.merge import merge  # noqa: E402
-from search import synthetic  # noqa: E402
 from search.data import TensorSet, embedded_set  # noqa: E402
+from search.embedded import synthetic  # noqa: E402
 from search.evaluate import evaluate, predict  # noqa: E402
 from search.models import load_model  # noqa: E402
 from spaces import ModelSpec, Schedule  # noqa: E402

@@ -62,7 +62,7 @@ class TensorSet:
 
 def embedded_set(num_images: int = 2000, *, seed: int = 0) -> TensorSet:
     """The held-out split of the embedded shapes-on-clutter data set (generated, cached in memory)."""
-    from search import synthetic
+    from search.embedded import synthetic
 
     images, labels = synthetic.make_split("heldout", num_images, seed=seed)
     return TensorSet(images, labels, synthetic.MEAN, synthetic.STD, source=f"embedded:heldout:{seed}")

@@ -115,7 +115,7 @@ def train_stream(data: str | None, data_config: dict, batch_size: int, seed: int
     if data is not None:
         return FolderStream(data, data_config, batch_size=batch_size, seed=seed, num_classes=num_classes,
                             crop_scale=crop_scale)
-    from search import synthetic
+    from search.embedded import synthetic
 
     def embedded(step: int) -> tuple[Tensor, Tensor]:
         images, labels = synthetic.stream_batch(step, batch_size, seed=1000 + seed)

@@ -9,7 +9,7 @@ from torch import nn
 
 from spaces.model_spec import ModelSpec
 
-DEFAULT_MODEL = "tokensched_vit_shapes"  # the embedded default (search/embedded.py)
+DEFAULT_MODEL = "tokensched_vit_shapes"  # the embedded default (search/embedded/)
 
 
 def _register_embedded() -> None:

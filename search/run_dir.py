@@ -231,25 +231,32 @@ def sampler(name: str, seed: int):  # type: ignore[no-untyped-def]
 def settle_stale_trials(study, records: list[dict[str, Any]], objectives: list[str], out: Path) -> tuple[int, int]:  # type: ignore[no-untyped-def]
     """Trials a killed run left RUNNING (PITFALLS 15): completed from the trial log when their result
     reached it (killed between the report and Optuna's tell), else marked FAIL as interrupted, with a
-    FAIL record in the trial log. Returns (completed, failed)."""
+    FAIL record in the trial log. A preset's injection left RUNNING or WAITING (killed between its
+    enqueue and its tell) is marked FAIL without a record: the preset keeps its own record and is
+    told again. Returns (completed, failed)."""
     import math
 
     from optuna.trial import TrialState
 
     logged = {r["trial"]: r for r in records if r.get("state") == "COMPLETE" and r.get("trial") is not None}
     completed = failed = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         r = logged.get(t.number)
         values = [r.get(o) for o in objectives] if r else None
-        if values and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        if t.state == TrialState.RUNNING and values and all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in values):
             study._storage.set_trial_state_values(t._trial_id, state=TrialState.COMPLETE, values=values)
             completed += 1
-        else:
-            # Interrupted, not failed: it gets a record, and it does not count against --trials.
-            study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
-            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            continue
+        is_injection = "preset" in t.user_attrs
+        if t.state == TrialState.WAITING and not is_injection:
+            continue  # a user's own enqueue_trial: the sampler runs it next
+        # Interrupted, not failed: it does not count against --trials.
+        study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
+        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        if not is_injection:
             append_record(out, {"trial": t.number, "ray_trial": f"interrupted-{t.number}", "state": "FAIL",
-                                "preset": t.user_attrs.get("preset"), "fidelity": "screen", "params": t.params,
+                                "preset": None, "fidelity": "screen", "params": t.params,
                                 "error": "interrupted: the driver stopped while it ran"})
             failed += 1
     return completed, failed

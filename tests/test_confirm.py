@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from search.data import balanced_subset, disjoint_subset, embedded_set, folder_set, load_confirm_set
-from search.synthetic import write_folder
+from search.embedded.synthetic import write_folder
 
 
 def _rows(images: torch.Tensor) -> set[bytes]:

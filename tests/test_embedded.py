@@ -11,12 +11,12 @@ import torch
 
 import search.embedded as embedded
 from run_search import main
-from search import synthetic
 from search.data import embedded_set
+from search.embedded import synthetic
+from search.embedded.train import boundary_at, lr_at
+from search.embedded.train import main as train_main
 from search.evaluate import evaluate, predict
 from search.models import load_model
-from search.train_embedded import boundary_at, lr_at
-from search.train_embedded import main as train_main
 from spaces import ModelSpec, Schedule
 from spaces.presets import paper_presets
 

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from reducers import apply_schedule, last_forward_state
 from reducers.losses import cut_loss_of, distillation_kl, feature_mse, token_cut_loss
 from run_search import main
-from search import synthetic
 from search.data import NO_LABEL, FolderStream, embedded_set
+from search.embedded import synthetic
 from search.finetune import CHECKPOINT, FinetuneSettings, finetune, load_job, lr_at, train_stream
 from search.models import DEFAULT_MODEL, data_config, load_model
 from search.report import export_configs

@@ -262,7 +262,7 @@ print(json.dumps(results))
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, Path]]:
-    from search.synthetic import write_folder
+    from search.embedded.synthetic import write_folder
 
     root = tmp_path_factory.mktemp("bad")
     write_folder(root / "data40", "heldout", 40)  # a folder of 40 labelled images
@@ -290,7 +290,7 @@ def test_bad_input_exit_2_and_nothing_written(case: str, bad_runs) -> None:
 def test_relative_checkpoint_and_data_paths_reach_the_workers(tmp_path: Path) -> None:
     """Ray Tune runs trials in their own directories; relative paths given on the command line still work."""
     from search.embedded import WEIGHTS
-    from search.synthetic import write_folder
+    from search.embedded.synthetic import write_folder
 
     write_folder(tmp_path / "val", "heldout", 40)
     shutil.copy(WEIGHTS, tmp_path / "weights.safetensors")

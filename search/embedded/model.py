@@ -1,7 +1,8 @@
-"""The embedded default model: a small 12-block ViT trained on ``search.synthetic``.
+"""The embedded default model: a small 12-block ViT trained on ``search.embedded.synthetic``.
 
-Importing this module registers ``tokensched_vit_shapes`` in timm's registry, with a
-pretrained_cfg whose ``file`` is the safetensors shipped in ``search/weights/``, so
+Importing this module (or ``search.embedded``) registers ``tokensched_vit_shapes`` in timm's
+registry, with a pretrained_cfg whose ``file`` is the safetensors shipped in
+``search/embedded/weights/``, so
 
     import search.embedded  # noqa: F401  (registers the model)
     model = timm.create_model("tokensched_vit_shapes", pretrained=True)
@@ -10,9 +11,9 @@ loads the trained weights offline. The model is a plain timm ``VisionTransformer
 (``Block``/``Attention``, class token, ``global_pool="token"``): 64x64 images, 8x8 patches
 (64 patch tokens + CLS), 12 blocks, width 128, 4 heads, MLP ratio 4. Inputs are float
 images in ``[0, 1]`` normalised with the ``mean``/``std`` of the pretrained_cfg
-(``search.synthetic.normalize`` does exactly that).
+(``search.embedded.synthetic.normalize`` does exactly that).
 
-The shipped weights come from ``python -m search.train_embedded --out search/weights/
+The shipped weights come from ``python -m search.embedded.train --out search/embedded/weights/
 --steps 1500`` (seed 0, batch 128, 2 threads, count curriculum ``--count-gap 0.4``): 47.2
 minutes on 2 CPU cores, held-out top-1 99.10 % on ``make_split("heldout", 2000)``, which
 evaluates in 9-12 s on 2 cores (batch 256).
@@ -26,7 +27,7 @@ from typing import Any
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from search.synthetic import IMAGE_SIZE, MEAN, NUM_CLASSES, STD
+from search.embedded.synthetic import IMAGE_SIZE, MEAN, NUM_CLASSES, STD
 
 __all__ = ["ARCH", "NAME", "WEIGHTS_DIR", "WEIGHTS", "default_cfgs", "tokensched_vit_shapes"]
 
@@ -60,7 +61,7 @@ default_cfgs = generate_default_cfgs({
         first_conv="patch_embed.proj",
         classifier="head",
         license="apache-2.0",
-        notes=("Trained from scratch on search.synthetic (shapes on clutter) by python -m search.train_embedded.",),
+        notes=("Trained from scratch on search.embedded.synthetic (shapes on clutter) by python -m search.embedded.train.",),
     ),
 })
 

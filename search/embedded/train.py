@@ -1,9 +1,9 @@
 """Train the embedded default model (``tokensched_vit_shapes``) on the synthetic data set.
 
-    python -m search.train_embedded --out search/weights/ --steps 1500 [--seed 0] [--overwrite]
-    python -m search.train_embedded --out search/weights/ --minutes 40
+    python -m search.embedded.train --out search/embedded/weights/ --steps 1500 [--seed 0] [--overwrite]
+    python -m search.embedded.train --out search/embedded/weights/ --minutes 40
 
-Every step draws a fresh batch from the seeded stream (``search.synthetic.stream_batch``),
+Every step draws a fresh batch from the seeded stream (``search.embedded.synthetic.stream_batch``),
 so the data are effectively infinite and their order is fixed by ``--seed``: the same
 command with the same ``--steps`` and thread count reproduces the same weights. AdamW,
 linear warm-up then cosine decay, label smoothing, gradient clipping, a clutter curriculum
@@ -41,7 +41,7 @@ from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 
 from search import embedded
-from search.synthetic import COUNTS, make_split, normalize, stream_batch
+from search.embedded.synthetic import COUNTS, make_split, normalize, stream_batch
 
 __all__ = ["boundary_at", "clutter_at", "evaluate_heldout", "init_pos_embed", "lr_at", "main", "train"]
 
@@ -214,7 +214,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m search.train_embedded", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m search.embedded.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for tokensched_vit_shapes.safetensors")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--steps", type=int, help="number of training steps (exactly reproducible)")
