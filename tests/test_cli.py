@@ -1,4 +1,4 @@
-"""run_search.py gmacs: output contract and one-line errors with exit code 2."""
+"""The command line (run_search.py, tokensched) and gmacs: output contract and one-line errors with exit code 2."""
 
 from __future__ import annotations
 
@@ -37,6 +37,29 @@ def test_script_runs_as_a_program() -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["gmacs"] == pytest.approx(2.95, abs=0.01)
+
+
+def test_tokensched_console_command_is_the_same_command_line() -> None:
+    """pyproject installs `tokensched` (search.cli:console); it answers as `python run_search.py` does."""
+    import shutil
+    from importlib.metadata import entry_points
+
+    import search.cli
+
+    assert '\n[project.scripts]\ntokensched = "search.cli:console"' in (ROOT / "pyproject.toml").read_text()
+    installed = entry_points(group="console_scripts", name="tokensched")
+    if not installed:
+        pytest.skip("tokensched is not installed: pip install -e .")
+    assert next(iter(installed)).load() is search.cli.console
+    command = shutil.which("tokensched") or str(Path(sys.executable).parent / "tokensched")
+    proc = subprocess.run([command, "gmacs", "--model", DEIT_S, "--preset", "ppt", "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["gmacs"] == pytest.approx(2.95, abs=0.01)
+    usage = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: tokensched ")
+    bad = subprocess.run([command, "evall"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown command 'evall'") and bad.stdout == ""
 
 
 def _schedule_file(tmp_path: Path, text: str) -> str:
