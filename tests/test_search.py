@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -93,6 +94,10 @@ def test_smoke_search_writes_every_output(smoke) -> None:
     for key in ("versions", "device", "batch_size", "precision", "seed", "sampler", "budget_gmacs", "command"):
         assert key in run
     assert run["sampler"] == "nsga2" and "preset" in proc.stdout.lower()
+    # stdout holds the closing table only (header, rule, rows, verdicts); Ray's boxes and hints nowhere
+    table = re.compile(r" *id  kind |-+$| *\d*  (search|preset) |preset \S+: ")
+    assert all(table.match(line) for line in proc.stdout.splitlines()), proc.stdout
+    assert "tensorboard" not in (proc.stdout + proc.stderr).lower() and "╭" not in proc.stdout + proc.stderr
 
 
 def test_front_is_non_dominated_and_feasible(smoke) -> None:
