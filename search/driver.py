@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from search import pareto, report, run_dir
-from search.worker import FAULT_KEY, FinetuneJob, WorkerSetup
+from search.worker import FAULT_KEY, STOP_KEY, FinetuneJob, WorkerSetup, schedule_from_params
 from spaces import Schedule, gmacs
 from spaces.presets import effective_key, presets_in_range
 from spaces.search_space import FRACTION_RANGE, SearchSpace, cheapest_gmacs, preset_params
@@ -69,7 +69,7 @@ def _settings(cfg: SearchConfig) -> dict[str, Any]:
         "data": s.data, "num_images": s.num_images, "seed": cfg.seed, "budget": cfg.budget,
         "budget_gmacs": round(space.budget_gmacs or 0.0, 9), "baseline_gmacs": gmacs(Schedule.empty(space.spec)),
         "min_gmacs": None if space.min_gmacs is None else round(space.min_gmacs, 9),
-        "confirm_images": s.confirm_images, "presets": cfg.presets,
+        "confirm_images": s.confirm_images, "presets": cfg.presets, "stop_chunk": s.stop_chunk,
         "space": space.name, "methods": list(space.methods), "objectives": list(s.objectives), "sampler": cfg.sampler,
         "trials": cfg.trials, "device": s.device, "batch_size": s.batch_size, "precision": "fp32",
         "timing": dict(s.timing) if s.timing else None, "concurrency": cfg.concurrency,
@@ -164,7 +164,18 @@ def _init_ray(cfg: SearchConfig) -> str | None:
     return f"http://{url}" if url and not url.startswith("http") else url
 
 
-def _searcher(cfg: SearchConfig, storage):  # type: ignore[no-untyped-def]
+def stop_bar(records: list[dict[str, Any]], at_gmacs: float) -> float | None:
+    """The accuracy a new trial of `at_gmacs` must be able to reach to enter the front: the best
+    screening accuracy measured so far (presets included) at no more GMACs; None when there is none."""
+    reached = [r["accuracy"] for r in records if r.get("fidelity", "screen") == "screen" and r.get("state") == "COMPLETE"
+               and r.get("feasible") and _finite(r.get("accuracy")) and _finite(r.get("gmacs"))
+               and r["gmacs"] <= at_gmacs + 1e-12]
+    return max(reached, default=None)
+
+
+def _searcher(cfg: SearchConfig, storage, records: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
+    """Ray's OptunaSearch on the run's study; each suggestion carries the early-stopping bar computed
+    from `records` (kept up to date by the trial recorder)."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -180,6 +191,10 @@ def _searcher(cfg: SearchConfig, storage):  # type: ignore[no-untyped-def]
             config = super().suggest(trial_id)
             if isinstance(config, dict) and self.suggested in faults:
                 config = {**config, FAULT_KEY: faults[self.suggested]}
+            if isinstance(config, dict) and cfg.setup.stop_chunk and "accuracy" in cfg.setup.objectives:
+                bar = stop_bar(records, gmacs(schedule_from_params(cfg.setup.space, config)))
+                if bar is not None:
+                    config = {**config, STOP_KEY: bar}
             if isinstance(config, dict):
                 self.suggested += 1
             return config
@@ -211,7 +226,7 @@ def _label_optuna_trial(searcher, trial_id: str, record: dict[str, Any]) -> None
             ot.set_user_attr(key, record[key])
 
 
-def _callback(cfg: SearchConfig, searcher, progress):  # type: ignore[no-untyped-def]
+def _callback(cfg: SearchConfig, searcher, progress, records: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
     from ray import tune
 
     objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
@@ -220,24 +235,25 @@ def _callback(cfg: SearchConfig, searcher, progress):  # type: ignore[no-untyped
     class Recorder(tune.Callback):
         """Appends each finished trial to trials.jsonl and advances the progress bar."""
 
-        records = _latest(run_dir.read_records(cfg.out))  # read once; then kept in step with the file
-
         def _record(self, trial, state: str, result: dict[str, Any] | None) -> None:  # type: ignore[no-untyped-def]
             params = {k: v for k, v in trial.config.items() if not k.startswith("__")}
             record = {"trial": _optuna_number(searcher, trial.trial_id), "ray_trial": trial.trial_id, "state": state,
-                      "preset": None, "fidelity": "screen", "params": params}
+                      "preset": None, "fidelity": "screen", "params": params, "stop_below": trial.config.get(STOP_KEY)}
             if result is not None:
                 record.update({k: result.get(k) for k in (
                     "accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup", "images_per_s", "feasible",
-                    "summary", "schedule", "eval_seconds", "load_seconds", "trial_seconds")})
+                    "summary", "schedule", "eval_seconds", "load_seconds", "trial_seconds", "num_images")})
+                if result.get("stopped"):  # scored on its first images only: never on the front
+                    record["fidelity"] = STOPPED
                 record["seconds"] = result.get("eval_seconds")
                 if isinstance(record.get("schedule"), str):  # reported as JSON text (Tune's loggers want scalars)
                     record["schedule"] = json.loads(record["schedule"])
                 _label_optuna_trial(searcher, trial.trial_id, record)  # before Tune tells Optuna the result
             run_dir.append_record(cfg.out, record)
-            self.records.append(record)
-            front = report.front_records(self.records, objectives)
-            points = _points(self.records, objectives)
+            records.append(record)
+            screened = [r for r in records if r.get("fidelity", "screen") == "screen"]
+            front = report.front_records(screened, objectives)
+            points = _points(screened, objectives)
             hv = pareto.hypervolume(points[0], [o.direction for o in objectives], reference) if len(points[0]) else 0.0
             progress.set_postfix(front=len(front), hv=f"{hv:.4f}")
             progress.update(1)
@@ -284,7 +300,8 @@ def _run_tune(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type:
     remaining = cfg.trials - finished
     if remaining <= 0:
         return
-    searcher, limited = _searcher(cfg, storage)
+    records = _latest(run_dir.read_records(cfg.out))  # read once; then kept in step with the file
+    searcher, limited = _searcher(cfg, storage, records)
     progress = tqdm(total=cfg.trials, initial=finished, desc="trials", unit="trial", file=sys.stderr)
     setup_resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     tuner = tune.Tuner(
@@ -293,18 +310,25 @@ def _run_tune(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type:
         run_config=tune.RunConfig(
             storage_path=str((cfg.out / "ray").resolve()), name=f"tune-{len(run.get('resumed', [])) + 1}",
             failure_config=tune.FailureConfig(max_failures=cfg.retries),
-            verbose=0, callbacks=[_callback(cfg, searcher, progress)],
+            verbose=0, callbacks=[_callback(cfg, searcher, progress, records)],
         ),
     )
     tuner.fit()
     progress.close()
 
 
+def _batches(items: list[Any], concurrency: int, most: int = 8) -> list[list[Any]]:
+    """Items dealt round-robin into at least `concurrency` batches of at most `most` each (one Ray
+    trial per batch: the trial's start-up is paid once per batch, not once per item)."""
+    count = min(len(items), max(concurrency, math.ceil(len(items) / most)))
+    return [items[i::count] for i in range(count)] if items else []
+
+
 def _run_fixed(cfg: SearchConfig, run: dict[str, Any], items: list[dict[str, Any]], stage: str, desc: str,
                on_result) -> None:  # type: ignore[no-untyped-def]
-    """Evaluate fixed schedules as Ray trials (reused actors, the search's concurrency). Each item
-    holds ``schedule`` (a dict) and ``images`` ("screen" or "confirm"); ``on_result(item, trial_id,
-    state, result)`` records each outcome."""
+    """Evaluate fixed schedules in batches of Ray trials (reused actors, the search's concurrency).
+    Each item holds ``schedule`` (a dict) and ``images`` ("screen" or "confirm"); ``on_result(item,
+    record_id, state, result)`` records each outcome, under an id of its own (``<ray trial>-<index>``)."""
     from ray import tune
     from tqdm import tqdm
 
@@ -315,16 +339,24 @@ def _run_fixed(cfg: SearchConfig, run: dict[str, Any], items: list[dict[str, Any
     progress = tqdm(total=len(items), desc=desc, unit="schedule", file=sys.stderr)
 
     class FixedRecorder(tune.Callback):
+        def __init__(self) -> None:
+            self.reported: dict[str, int] = {}  # Ray trial -> items recorded
+
         def on_trial_result(self, iteration, trials, trial, result, **info):  # type: ignore[no-untyped-def]
+            index = int(result["item"])
             state = "COMPLETE" if _finite(result.get("accuracy")) else "FAIL"
-            on_result(trial.config["item"], trial.trial_id, state, result)
+            on_result(trial.config["items"][index], f"{trial.trial_id}-{index}", state, result)
+            self.reported[trial.trial_id] = index + 1
             progress.update(1)
 
         def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
-            on_result(trial.config["item"], trial.trial_id, "FAIL", None)
-            progress.update(1)
+            batch = trial.config["items"]
+            for index in range(self.reported.get(trial.trial_id, 0), len(batch)):  # the ones it did not reach
+                on_result(batch[index], f"{trial.trial_id}-{index}", "FAIL", None)
+                progress.update(1)
 
-    _fit_grid(cfg, run, tune.with_parameters(fixed_trainable, setup=cfg.setup), "item", items, stage, FixedRecorder())
+    _fit_grid(cfg, run, tune.with_parameters(fixed_trainable, setup=cfg.setup), "items",
+              _batches(items, cfg.concurrency), stage, FixedRecorder())
     progress.close()
 
 
@@ -345,7 +377,7 @@ def _fit_grid(cfg: SearchConfig, run: dict[str, Any], trainable, key: str, items
     ).fit()
 
 
-_RESULT_KEYS = ("accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup", "images_per_s", "feasible",
+_RESULT_KEYS = ("accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup", "images_per_s", "feasible", "error",
                 "summary", "eval_seconds", "trial_seconds", "num_images")
 
 
@@ -435,7 +467,7 @@ def _run_confirm(cfg: SearchConfig, run: dict[str, Any]) -> None:
                                           "speedup", "images_per_s")}
         rec.update({"ray_trial": trial_id, "of_ray_trial": item["of"], "state": state, "fidelity": "confirm",
                     "screen_accuracy": screen.get("accuracy")})
-        rec.update({k: (result or {}).get(k) for k in ("accuracy", "agreement", "top1", "top5", "kl",
+        rec.update({k: (result or {}).get(k) for k in ("accuracy", "agreement", "top1", "top5", "kl", "error",
                                                         "eval_seconds", "trial_seconds", "num_images")})
         rec["confirmed_accuracy"] = rec["accuracy"]
         run_dir.append_record(cfg.out, rec)
@@ -481,6 +513,9 @@ def run(cfg: SearchConfig) -> SearchOutcome:
         "tune": round(toc - presets_done, 3), "confirm": round(confirmed - toc, 3),
         "finetune": round(time.perf_counter() - confirmed, 3)})
     return finish(cfg, run)
+
+
+STOPPED = "stopped"  # the fidelity of a searched trial stopped early: scored on its first images only
 
 
 def fidelity_name(steps: int) -> str:
@@ -624,7 +659,7 @@ def _front_pool(every: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool
     finetuned = [r for r in every if str(r.get("fidelity", "")).startswith("finetune")]
     confirmed = [r for r in every if r.get("fidelity") == "confirm"]
     if not confirmed:
-        return highest_fidelity(every), bool(finetuned)
+        return highest_fidelity([r for r in every if r.get("fidelity") != STOPPED]), bool(finetuned)
     tuned = {r.get("trial"): r for r in highest_fidelity(finetuned) if r.get("state") == "COMPLETE"}
     pool = [tuned.pop(r.get("trial")) if r.get("trial") in tuned else r for r in confirmed]
     return pool + list(tuned.values()), bool(finetuned)

@@ -136,15 +136,74 @@ def throughput(model: nn.Module, schedule: Schedule, *, batch_size: int = 64, im
     )
 
 
+def accuracy_upper_bound(correct: int, seen: int, total: int, alpha: float) -> float:
+    """A one-sided (1 - alpha) upper confidence bound on the accuracy over all `total` images, after
+    `correct` of the first `seen` (in random order, so a sample drawn without replacement): the
+    continuity-corrected Wilson score bound with the finite-population correction, never above what
+    the unseen images could add if all were right."""
+    if seen >= total:
+        return correct / total
+    z = statistics.NormalDist().inv_cdf(1.0 - alpha)
+    n = seen * (total - 1) / (total - seen)  # the sample size the correction amounts to
+    rate = correct / seen
+    if rate >= 1.0:
+        return 1.0
+    root = math.sqrt(max(0.0, z * z + 2 - 1 / n + 4 * rate * (n * (1 - rate) - 1)))
+    bound = (2 * n * rate + z * z + 1 + z * root) / (2 * (n + z * z))
+    return min(bound, (correct + total - seen) / total)
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Stop a screening once it cannot reach `below` (an accuracy in [0, 1]): after each chunk of
+    `chunk` images, stop when the upper bound on the full set's accuracy falls under it. `alpha`
+    holds over all the checks together (Bonferroni)."""
+
+    below: float
+    chunk: int = 250
+    alpha: float = 0.05
+
+
+@torch.inference_mode()
+def predict_until(model: nn.Module, data: TensorSet, labels_or_reference: Tensor, stop: EarlyStop, *,
+                  batch_size: int = 256) -> Tensor:
+    """Logits of the first images of `data`, chunk by chunk, until ``stop`` says the accuracy over
+    the whole set cannot reach its bar (counting top-1 against `labels_or_reference`: labels, or
+    the reference's predictions). Returns the logits of the images seen (all of them if never stopped)."""
+    device = next(model.parameters()).device
+    model.eval()
+    total = len(data)
+    checks = max(1, math.ceil(total / stop.chunk) - 1)
+    logits: list[Tensor] = []
+    seen = correct = 0
+    for x, _ in data.batches(batch_size, device):
+        out = model(x).float().cpu()
+        logits.append(out)
+        correct += int((out.argmax(1) == labels_or_reference[seen:seen + out.shape[0]]).sum())
+        seen += out.shape[0]
+        at_check = seen // stop.chunk > (seen - out.shape[0]) // stop.chunk
+        if seen < total and at_check and accuracy_upper_bound(correct, seen, total, stop.alpha / checks) < stop.below:
+            break
+    return torch.cat(logits)
+
+
 def evaluate(model: nn.Module, schedule: Schedule, data: TensorSet, reference: Tensor, *, batch_size: int = 256,
-             timing: dict | None = None) -> dict:
-    """Everything the CLI and the search report for one schedule (one flat dict)."""
+             timing: dict | None = None, early_stop: EarlyStop | None = None) -> dict:
+    """Everything the CLI and the search report for one schedule (one flat dict). With
+    ``early_stop``, the accuracy may come from the first images only: ``stopped`` says so and
+    ``num_images`` how many."""
     apply_schedule(model, schedule)
     try:
-        acc = accuracy(predict(model, data, batch_size=batch_size), data.labels, reference)
+        if early_stop is None:
+            logits = predict(model, data, batch_size=batch_size)
+        else:
+            target = data.labels if data.has_labels else reference.argmax(1)
+            logits = predict_until(model, data, target, early_stop, batch_size=batch_size)
     finally:
         remove_schedule(model)
-    out = {"schedule": schedule.name, "summary": schedule.summary(), **asdict(acc),
+    seen = logits.shape[0]
+    acc = accuracy(logits, data.labels[:seen], reference[:seen])
+    out = {"schedule": schedule.name, "summary": schedule.summary(), **asdict(acc), "stopped": seen < len(data),
            "gmacs": gmacs(schedule), "baseline_gmacs": gmacs(Schedule.empty(schedule.model))}
     if timing is not None:
         speed = throughput(model, schedule, **timing)

@@ -24,12 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from search.data import TIMM_CROP_SCALE, TensorSet, load_confirm_set, load_eval_set
-from search.evaluate import evaluate, predict
+from search.evaluate import EarlyStop, evaluate, predict
 from search.models import data_config, load_model
 from spaces import Schedule
 from spaces.search_space import SearchSpace
 
 FAULT_KEY = "__fault"  # test hook: the driver may mark a trial to raise or return NaN
+STOP_KEY = "__stop_below"  # the driver's bar for early stopping: the best accuracy measured at no more GMACs
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class WorkerSetup:
     objectives: tuple[str, ...] = ("accuracy", "gmacs")
     trial_timeout: float | None = None  # seconds; a trial running longer ends its worker process (a FAIL)
     confirm_images: int = 2000  # images disjoint from the screening set, for re-scoring the front
+    stop_chunk: int | None = 250  # screen searched trials in chunks of this many images, stopping early; None: never
 
 
 @dataclass
@@ -119,15 +121,21 @@ def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str) -> dict[
 
 
 def fixed_trainable(config: dict[str, Any], setup: WorkerSetup) -> None:
-    """Ray Tune function trainable for one fixed schedule: ``config["item"]`` holds its
-    ``schedule`` (a dict) and ``images`` ("screen" or "confirm")."""
+    """Ray Tune function trainable for a batch of fixed schedules: ``config["items"]`` lists them,
+    each with its ``schedule`` (a dict) and ``images`` ("screen" or "confirm"). One report per
+    schedule, carrying its index (``item``); a schedule that raises is reported with a NaN accuracy
+    and its error, and the batch goes on."""
     from ray import tune
 
-    item = config["item"]
-    start = time.perf_counter()
-    metrics = evaluate_fixed(setup, Schedule.from_dict(item["schedule"]), item["images"])
-    metrics["trial_seconds"] = time.perf_counter() - start
-    tune.report(metrics)
+    for index, item in enumerate(config["items"]):
+        start = time.perf_counter()
+        try:
+            with deadline(setup.trial_timeout):
+                metrics = evaluate_fixed(setup, Schedule.from_dict(item["schedule"]), item["images"])
+        except Exception as exc:  # noqa: BLE001 - recorded as this schedule's FAIL, the others still run
+            metrics = {"accuracy": float("nan"), "error": f"{type(exc).__name__}: {exc}"}
+        metrics.update({"item": index, "trial_seconds": time.perf_counter() - start})
+        tune.report(metrics)
 
 
 def schedule_from_params(space: SearchSpace, params: dict[str, Any]) -> Schedule:
@@ -149,8 +157,12 @@ def evaluate_params(setup: WorkerSetup, params: dict[str, Any]) -> dict[str, Any
     schedule = schedule_from_params(setup.space, params)
     start = time.perf_counter()
     timing = dict(setup.timing) if setup.timing is not None else None
-    result = evaluate(ctx.model, schedule, ctx.data, ctx.reference, batch_size=setup.batch_size, timing=timing)
+    below = params.get(STOP_KEY)
+    stop = EarlyStop(below, chunk=setup.stop_chunk) if setup.stop_chunk and below is not None else None
+    result = evaluate(ctx.model, schedule, ctx.data, ctx.reference, batch_size=setup.batch_size, timing=timing,
+                      early_stop=stop)
     metrics = {**_metrics(setup, schedule, result), "schedule": schedule.to_dict(),
+               "stopped": result["stopped"], "num_images": result["num_images"],
                "eval_seconds": time.perf_counter() - start, "load_seconds": ctx.load_seconds if ctx.trials == 1 else 0.0}
     if fault == "nan":
         metrics["accuracy"] = float("nan")

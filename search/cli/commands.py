@@ -12,10 +12,10 @@ from search.cli.checks import check_device, check_out_dir, check_search_inputs
 
 
 def _resolve_schedule(args: argparse.Namespace, spec):  # type: ignore[no-untyped-def]
-    from spaces import Schedule
+    from spaces import Schedule, from_preset
 
     if args.preset is not None:
-        return _check_merge_counts(Schedule.from_preset(args.preset, spec), f"--preset {args.preset}")
+        return _check_merge_counts(from_preset(args.preset, spec), f"--preset {args.preset}")
     try:
         schedule = Schedule.load(args.schedule)
     except UnicodeDecodeError:
@@ -177,6 +177,7 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
                         data=args.data, num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
                         device=args.device, threads=max(1, int(args.cpus_per_trial)), timing=timing,
                         objectives=objectives, confirm_images=args.confirm_images,
+                        stop_chunk=args.stop_chunk or None,
                         trial_timeout=args.trial_timeout)
     faults = {int(k): v for k, v in (item.split(":") for item in _split(args.fail_trials))}
     job = None

@@ -120,6 +120,10 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confirm-images", type=_positive_int, default=2000,
                    help="images disjoint from the screening set on which the front and the presets are re-scored "
                         "(default 2000)")
+    p.add_argument("--stop-chunk", type=_non_negative_int, default=250,
+                   help="screen each searched trial in chunks of this many images and stop it once a 95%% upper "
+                        "bound of its accuracy falls below the best accuracy measured at no more GMACs "
+                        "(default 250; 0: always screen every image)")
     p.add_argument("--min-gmacs", default=None,
                    help="the cheapest the front should reach, like --budget (default: the cheapest preset under the budget)")
     p.add_argument("--finetune-top", type=_non_negative_int, default=0,

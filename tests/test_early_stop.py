@@ -1,0 +1,126 @@
+"""Multi-fidelity screening (issue 18 item 5): a searched trial is screened in chunks and stopped
+once an upper confidence bound of its accuracy falls below the best accuracy already measured at
+no more GMACs; stopped trials are tagged and never enter the front."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from search import driver, run_dir
+from search.data import TensorSet
+from search.evaluate import EarlyStop, accuracy_upper_bound, predict_until
+from search.models import model_spec
+from search.worker import WorkerSetup
+from spaces import Schedule, gmacs
+from spaces.search_space import SearchSpace
+
+
+def test_upper_bound_known_cases() -> None:
+    assert accuracy_upper_bound(70, 100, 100, 0.05) == pytest.approx(0.7)  # everything seen: exact
+    assert accuracy_upper_bound(0, 10, 1000, 0.05) > 0.0  # nothing right yet is not proof of zero
+    assert accuracy_upper_bound(10, 10, 1000, 0.05) == pytest.approx(1.0)
+    low, high = accuracy_upper_bound(200, 250, 2000, 0.01), accuracy_upper_bound(200, 250, 2000, 0.1)
+    assert 0.8 < high < low < 1.0  # a stricter alpha gives a higher bound
+    assert accuracy_upper_bound(400, 500, 2000, 0.05) < accuracy_upper_bound(200, 250, 2000, 0.05)  # more seen: tighter
+
+
+def test_upper_bound_covers_the_full_set_accuracy() -> None:
+    """Over random orders of a fixed set, the bound at any of the checks falls below the set's true
+    accuracy at most alpha of the time (it holds over all the checks together)."""
+    rng = random.Random(0)
+    total, chunk, alpha = 2000, 250, 0.05
+    checks = total // chunk - 1
+    for rate in (0.6, 0.9, 0.98, 0.995):
+        outcomes = [1] * round(rate * total) + [0] * (total - round(rate * total))
+        misses = 0
+        for _ in range(400):
+            rng.shuffle(outcomes)
+            seen = correct = 0
+            for k in range(1, checks + 1):
+                correct += sum(outcomes[seen:k * chunk])
+                seen = k * chunk
+                if accuracy_upper_bound(correct, seen, total, alpha / checks) < rate:
+                    misses += 1
+                    break
+        assert misses / 400 <= alpha
+
+
+class _ByFirstPixel(nn.Module):
+    """Predicts class 0 when an image's first pixel is bright, else class 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        bright = (x[:, 0, 0, 0] > 0).float()
+        return torch.stack([bright, 1 - bright], dim=1)
+
+
+def _set(correct: int, total: int, seed: int = 0) -> TensorSet:
+    """`total` images of class 0, the first pixel bright on `correct` of them, in a seeded order."""
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    images = torch.zeros(total, 3, 2, 2, dtype=torch.uint8)
+    images[order[:correct], 0, 0, 0] = 255
+    return TensorSet(images, torch.zeros(total, dtype=torch.long), (0.5,) * 3, (0.5,) * 3, "test")
+
+
+def test_predict_until_stops_a_hopeless_trial_after_one_chunk() -> None:
+    data = _set(600, 1000)
+    logits = predict_until(_ByFirstPixel(), data, data.labels, EarlyStop(0.95, chunk=250), batch_size=50)
+    assert logits.shape == (250, 2)
+
+
+def test_predict_until_never_stops_a_trial_that_can_reach_the_bar() -> None:
+    data = _set(960, 1000)
+    for bar in (0.5, 0.95, 0.96):  # 0.96 is what it scores: it must be allowed to show it
+        logits = predict_until(_ByFirstPixel(), data, data.labels, EarlyStop(bar, chunk=250), batch_size=50)
+        assert logits.shape == (1000, 2)
+
+
+def test_stop_bar_is_the_best_screened_accuracy_at_no_more_gmacs() -> None:
+    records = [
+        {"fidelity": "screen", "state": "COMPLETE", "feasible": True, "accuracy": 0.9, "gmacs": 0.10},
+        {"fidelity": "screen", "state": "COMPLETE", "feasible": True, "accuracy": 0.95, "gmacs": 0.20},
+        {"fidelity": "screen", "state": "FAIL", "feasible": True, "accuracy": None, "gmacs": 0.05},
+        {"fidelity": driver.STOPPED, "state": "COMPLETE", "feasible": True, "accuracy": 0.99, "gmacs": 0.05},
+        {"fidelity": "confirm", "state": "COMPLETE", "feasible": True, "accuracy": 0.99, "gmacs": 0.05},
+        {"fidelity": "screen", "state": "COMPLETE", "feasible": False, "accuracy": 0.99, "gmacs": 0.05},
+    ]
+    assert driver.stop_bar(records, 0.05) is None
+    assert driver.stop_bar(records, 0.15) == 0.9
+    assert driver.stop_bar(records, 0.20) == 0.95
+
+
+def test_a_stopped_trial_never_enters_the_front(tmp_path: Path) -> None:
+    """finish() on a trial log where a stopped trial scored best on its first images at the fewest
+    GMACs: it is in trials.csv, tagged, and not on the front (with and without confirmation)."""
+    spec = model_spec("tokensched_vit_shapes")
+    budget = 0.65 * gmacs(Schedule.empty(spec))
+    space = SearchSpace("per-layer", spec, budget_gmacs=budget)
+    setup = WorkerSetup(space=space, model="tokensched_vit_shapes")
+
+    def record(n: int, fidelity: str, acc: float, g: float) -> dict:
+        return {"trial": n, "ray_trial": f"t{n}-{fidelity}", "state": "COMPLETE", "preset": None, "fidelity": fidelity,
+                "params": {}, "accuracy": acc, "gmacs": g, "feasible": True, "summary": f"s{n}",
+                "schedule": Schedule.from_preset("tome:4", spec).to_dict()}
+
+    for confirm in (False, True):
+        out = tmp_path / f"confirm-{confirm}"
+        out.mkdir()
+        lines = [record(0, "screen", 0.90, 0.5 * budget), record(1, driver.STOPPED, 0.99, 0.3 * budget)]
+        if confirm:
+            lines.append({**record(0, "confirm", 0.89, 0.5 * budget), "of_ray_trial": "t0-screen"})
+        (out / run_dir.TRIALS_LOG).write_text("".join(json.dumps(r) + "\n" for r in lines))
+        cfg = driver.SearchConfig(setup=setup, budget="65%", out=out, presets=False)
+        outcome = driver.finish(cfg, {"model": spec.name, "checkpoint": None, "data": None, "budget_gmacs": budget})
+        assert [r["trial"] for r in outcome.front] == [0]
+        front = json.loads((out / "front.json").read_text())
+        assert [r["trial"] for r in front["front"]] == [0]
+        assert driver.STOPPED in (out / "trials.csv").read_text()

@@ -1,0 +1,40 @@
+"""Fixed schedules (presets, confirmations) run in batches of Ray trials, one report per schedule."""
+
+from __future__ import annotations
+
+from search.driver import _batches
+
+
+def test_batches_cover_every_item_once_and_balance() -> None:
+    items = list(range(29))
+    batches = _batches(items, concurrency=2)
+    assert len(batches) == 4 and max(map(len, batches)) <= 8  # at most 8 a batch, at least one per slot
+    assert sorted(i for b in batches for i in b) == items
+    assert max(map(len, batches)) - min(map(len, batches)) <= 1
+    assert _batches(items[:3], concurrency=8) == [[0], [1], [2]]  # never an empty batch
+    assert _batches([], concurrency=2) == []
+    assert len(_batches(items, concurrency=16)) == 16
+
+
+def test_a_failing_schedule_is_reported_and_the_batch_goes_on(monkeypatch) -> None:
+    import math
+
+    from ray import tune
+
+    from search.models import DEFAULT_MODEL, model_spec
+    from search.worker import WorkerSetup, fixed_trainable
+    from spaces import Schedule, gmacs
+    from spaces.search_space import SearchSpace
+
+    spec = model_spec(DEFAULT_MODEL)
+    space = SearchSpace("per-layer", spec, budget_gmacs=gmacs(Schedule.empty(spec)))
+    setup = WorkerSetup(space=space, model=DEFAULT_MODEL, num_images=48, batch_size=48, confirm_images=48)
+    good = Schedule.from_preset("tome:4", spec).to_dict()
+    broken = {**good, "layers": [{"method": "no-such-method"}]}
+    reports: list[dict] = []
+    monkeypatch.setattr(tune, "report", reports.append)
+    fixed_trainable({"items": [{"schedule": good, "images": "screen"}, {"schedule": broken, "images": "screen"},
+                               {"schedule": good, "images": "confirm"}]}, setup)
+    assert [r["item"] for r in reports] == [0, 1, 2]
+    assert math.isfinite(reports[0]["accuracy"]) and math.isfinite(reports[2]["accuracy"])
+    assert math.isnan(reports[1]["accuracy"]) and "no-such-method" in reports[1]["error"]
