@@ -201,7 +201,8 @@ def _searcher(cfg: SearchConfig, storage, records: list[dict[str, Any]]):  # typ
 
     searcher = _Searcher(
         space=cfg.setup.space.optuna_space, metric=[o.name for o in objectives],
-        mode=[o.direction for o in objectives], sampler=run_dir.sampler(cfg.sampler, run_dir.segment_seed(cfg.seed, cfg.out)),
+        mode=[o.direction for o in objectives],
+        sampler=run_dir.sampler(cfg.sampler, run_dir.segment_seed(cfg.seed, cfg.out), cfg.setup.space),
         storage=storage, study_name=f"{STUDY_PREFIX}-{cfg.out.resolve().name}",
     )
     return searcher, ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency)
@@ -386,7 +387,7 @@ def _study(cfg: SearchConfig, storage):  # type: ignore[no-untyped-def]
     import optuna
 
     directions = ["maximize" if pareto.OBJECTIVES[o].direction == "max" else "minimize" for o in cfg.setup.objectives]
-    return optuna.create_study(storage=storage, sampler=run_dir.sampler(cfg.sampler, cfg.seed),
+    return optuna.create_study(storage=storage, sampler=run_dir.sampler(cfg.sampler, cfg.seed, cfg.setup.space),
                                study_name=f"{STUDY_PREFIX}-{cfg.out.resolve().name}", directions=directions,
                                load_if_exists=True)
 

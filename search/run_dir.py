@@ -209,14 +209,17 @@ def segment_seed(seed: int, out: Path) -> int:
     return seed + len(resumed)
 
 
-def sampler(name: str, seed: int):  # type: ignore[no-untyped-def]
-    """Pinned explicitly (PITFALLS 5: Optuna 5 changed the defaults)."""
+def sampler(name: str, seed: int, space=None):  # type: ignore[no-untyped-def]
+    """Pinned explicitly (PITFALLS 5: Optuna 5 changed the defaults). With the search `space`, the
+    local moves never repeat a schedule and move along its budget share."""
     import optuna
 
     if name.startswith("local-"):  # local moves around the front, the rest from the named sampler
-        from search.samplers import LocalMoveSampler
+        from search.samplers import LocalMoveSampler, ScheduleKey
+        from spaces.search_space import BUDGET_PARAM
 
-        return LocalMoveSampler(sampler(name.removeprefix("local-"), seed), seed=seed)
+        key = ScheduleKey(space) if space is not None else None
+        return LocalMoveSampler(sampler(name.removeprefix("local-"), seed), seed=seed, key=key, axis=BUDGET_PARAM)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
     if name == "tpe":

@@ -1,18 +1,24 @@
 """Local moves around the front: an Optuna sampler that wraps another one.
 
 A share of the trials is a small move from a point of the current Pareto front (the presets
-told to the study included): a parent drawn from the front, one to three of its parameters
-changed (a float by a Gaussian step of 15 % of its range, an integer by one or two, a
-categorical to another choice), every other parameter copied. The rest of the trials come from
+told to the study included): a parent drawn from the front, then either a move along the
+cost axis alone (the space's `axis` parameter, the budget share: the same schedule shape at a
+little more or less GMACs, filling the gaps between front points) or one to three of its
+parameters changed (a float by a Gaussian step of 15 % of its range, an integer by one or two, a
+categorical to another choice), every other parameter copied. With a `key` (what the
+parameters run, e.g. the schedule's token counts and plans), a move that would run what an
+earlier trial ran is drawn again: most of a per-layer space's parameters are idle in any one
+schedule, and a move of an idle one only repeats its parent. The rest of the trials come from
 the wrapped sampler (NSGA-II, TPE, ...), which also sees every trial. A front of strong presets
-is where a better schedule is most likely to be found (one block's method changed, the budget
-share moved), and a population-based sampler reaches it only slowly in a 60-trial run.
+is where a better schedule is most likely to be found, and a population-based sampler reaches
+it only slowly in a 60-trial run.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
@@ -24,19 +30,28 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.pareto import non_dominated
 
-__all__ = ["LocalMoveSampler"]
+__all__ = ["LocalMoveSampler", "ScheduleKey"]
 
-_PARENT = "local:parent"  # system attrs of a local trial: its parent's number and the moved parameters
+_PARENT = "local:parent"  # system attrs of a local trial: its parent's number, the moved parameters, all values
 _MOVED = "local:moved"
+_PARAMS = "local:params"
 
 
 class LocalMoveSampler(BaseSampler):
-    """``share`` of the trials move locally from the front; the others are ``base``'s."""
+    """``share`` of the trials move locally from the front; the others are ``base``'s.
 
-    def __init__(self, base: BaseSampler, *, share: float = 0.5, seed: int | None = None) -> None:
+    ``axis`` names the parameter a cost-axis move changes (``axis_share`` of the local moves, by
+    a Gaussian step of ``axis_step`` of its range); ``key(params)`` says what a trial runs, so no
+    local move repeats one (up to ``attempts`` draws)."""
+
+    def __init__(self, base: BaseSampler, *, share: float = 0.5, seed: int | None = None,
+                 key: Callable[[dict[str, Any]], Hashable] | None = None, axis: str | None = None,
+                 axis_share: float = 0.4, axis_step: float = 0.05, attempts: int = 20) -> None:
         self.base = base
         self.share = share
+        self.key, self.axis, self.axis_share, self.axis_step, self.attempts = key, axis, axis_share, axis_step, attempts
         self._rng = random.Random(seed)
+        self._keys: dict[int, Hashable] = {}  # trial number -> key of its parameters
 
     # --- which trials move locally ------------------------------------------------------------
     def _front(self, study: Study) -> list[FrozenTrial]:
@@ -49,6 +64,29 @@ class LocalMoveSampler(BaseSampler):
         mask = non_dominated(np.array([t.values for t in done]), directions)
         return [t for t, keep in zip(done, mask, strict=True) if keep]
 
+    def _seen(self, study: Study) -> set[Hashable]:
+        """Keys of every trial that ran or runs (cached by trial number)."""
+        assert self.key is not None
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+            if t.number not in self._keys and t.params:
+                try:
+                    self._keys[t.number] = self.key(t.params)
+                except Exception:  # noqa: BLE001 - a trial whose parameters do not build: nothing to repeat
+                    self._keys[t.number] = None
+        return set(self._keys.values())
+
+    def _draw(self, parent: FrozenTrial) -> tuple[list[str], dict[str, Any]]:
+        names = sorted(parent.params)
+        if self.axis in parent.params and self._rng.random() < self.axis_share:
+            moved = [self.axis]
+        else:
+            moved = self._rng.sample(names, k=min(len(names), self._rng.randint(1, 3)))
+        params = dict(parent.params)
+        for name in moved:
+            step = self.axis_step if name == self.axis else 0.15
+            params[name] = self._move(params[name], parent.distributions[name], step)
+        return moved, params
+
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         self.base.before_trial(study, trial)
         if trial.system_attrs.get("fixed_params") or self._rng.random() >= self.share:
@@ -56,18 +94,27 @@ class LocalMoveSampler(BaseSampler):
         front = self._front(study)
         if not front:
             return
-        parent = self._rng.choice(front)
-        names = sorted(parent.params)
-        moved = self._rng.sample(names, k=min(len(names), self._rng.randint(1, 3)))
+        seen = self._seen(study) if self.key is not None else set()
+        for _ in range(self.attempts):
+            parent = self._rng.choice(front)
+            moved, params = self._draw(parent)
+            if self.key is None or self._key_of(params) not in seen:
+                break
+        else:
+            return  # every draw repeated a trial: the base sampler's turn
         study._storage.set_trial_system_attr(trial._trial_id, _PARENT, parent.number)
         study._storage.set_trial_system_attr(trial._trial_id, _MOVED, moved)
+        study._storage.set_trial_system_attr(trial._trial_id, _PARAMS, params)
 
-    def _local(self, study: Study, trial: FrozenTrial) -> tuple[FrozenTrial, list[str]] | None:
-        number = study._storage.get_trial(trial._trial_id).system_attrs.get(_PARENT)
-        if number is None:
-            return None
-        moved = study._storage.get_trial(trial._trial_id).system_attrs.get(_MOVED, [])
-        return study.get_trials(deepcopy=False)[number], moved
+    def _key_of(self, params: dict[str, Any]) -> Hashable:
+        assert self.key is not None
+        try:
+            return self.key(params)
+        except Exception:  # noqa: BLE001 - parameters that do not build are never a repeat
+            return object()
+
+    def _local(self, study: Study, trial: FrozenTrial) -> dict[str, Any] | None:
+        return study._storage.get_trial(trial._trial_id).system_attrs.get(_PARAMS)
 
     # --- the sampler interface ----------------------------------------------------------------
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -85,21 +132,20 @@ class LocalMoveSampler(BaseSampler):
                            param_distribution: BaseDistribution) -> Any:
         local = self._local(study, trial)
         if local is not None:
-            parent, moved = local
-            value = parent.params.get(param_name)
+            value = local.get(param_name)
             if value is not None and param_distribution._contains(param_distribution.to_internal_repr(value)):
-                return self._move(value, param_distribution) if param_name in moved else value
+                return value
         return self.base.sample_independent(study, trial, param_name, param_distribution)
 
-    def _move(self, value: Any, dist: BaseDistribution) -> Any:
+    def _move(self, value: Any, dist: BaseDistribution, step: float = 0.15) -> Any:
         if isinstance(dist, CategoricalDistribution):
             others = [c for c in dist.choices if c != value]
             return self._rng.choice(others) if others else value
         if isinstance(dist, IntDistribution):
-            step = self._rng.choice([-2, -1, 1, 2]) * dist.step
-            return int(min(dist.high, max(dist.low, value + step)))
+            delta = self._rng.choice([-2, -1, 1, 2]) * dist.step
+            return int(min(dist.high, max(dist.low, value + delta)))
         if isinstance(dist, FloatDistribution):
-            return float(min(dist.high, max(dist.low, value + self._rng.gauss(0.0, 0.15 * (dist.high - dist.low)))))
+            return float(min(dist.high, max(dist.low, value + self._rng.gauss(0.0, step * (dist.high - dist.low)))))
         return value
 
     def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
@@ -107,3 +153,16 @@ class LocalMoveSampler(BaseSampler):
 
     def reseed_rng(self) -> None:
         self.base.reseed_rng()
+
+
+class ScheduleKey:
+    """What a trial's parameters run in `space` (``spaces.presets.effective_key`` of its schedule);
+    picklable, as Ray Tune saves its searcher."""
+
+    def __init__(self, space) -> None:  # type: ignore[no-untyped-def]
+        self.space = space
+
+    def __call__(self, params: dict[str, Any]) -> Hashable:
+        from spaces.presets import effective_key
+
+        return effective_key(self.space(optuna.trial.FixedTrial(params)))

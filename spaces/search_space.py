@@ -39,6 +39,9 @@ class TrialLike(Protocol):
     def suggest_categorical(self, name: str, choices: Any) -> Any: ...
 
 
+BUDGET_PARAM = "budget.fraction"  # the share of the budget a trial aims at (its cost axis)
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """A named space for one model, method set and budget; call it with a trial."""
@@ -73,7 +76,7 @@ class SearchSpace:
     def __call__(self, trial: TrialLike) -> Schedule:
         schedule = _BUILDERS[self.name](trial, self)
         if self.budget_gmacs is not None:
-            fraction = trial.suggest_float("budget.fraction", *self.fraction_range)
+            fraction = trial.suggest_float(BUDGET_PARAM, *self.fraction_range)
             schedule = fit_target(schedule, fraction * self.budget_gmacs)
             if hasattr(trial, "set_constraint"):
                 trial.set_constraint("budget_gmacs", gmacs(schedule) - self.budget_gmacs)
@@ -272,9 +275,9 @@ def preset_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any] | No
     first = min(reducing[0] if reducing else 0, _first_reducing_max(space.spec.depth))
     params: dict[str, Any] = {"prop_attn": schedule.prop_attn, "layers.first": first}
     if space.budget_gmacs is not None:
-        params["budget.fraction"] = gmacs(schedule) / space.budget_gmacs
+        params[BUDGET_PARAM] = gmacs(schedule) / space.budget_gmacs
         low, high = space.fraction_range
-        if not low <= params["budget.fraction"] <= high:
+        if not low <= params[BUDGET_PARAM] <= high:
             return None
     for i, plan in enumerate(schedule.layers):
         if plan.method != "none" and plan.method not in space.methods:

@@ -43,3 +43,50 @@ def test_local_sampler_is_seeded() -> None:
         study.optimize(_objective, n_trials=30)
         runs.append([t.params for t in study.trials])
     assert runs[0] == runs[1]
+
+
+def test_local_moves_never_repeat_what_ran_and_move_along_the_axis() -> None:
+    """With a key (here: c is idle unless n > 5, x counts to one decimal), no local trial runs what an
+    earlier trial ran; about 40 % of them move the axis parameter alone, by a small step."""
+    from search.samplers import LocalMoveSampler
+
+    def key(params: dict) -> tuple:
+        return round(params["x"], 1), params["n"], params["c"] if params["n"] > 5 else None
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    local = LocalMoveSampler(optuna.samplers.RandomSampler(seed=1), seed=1, key=key, axis="x")
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=local)
+    study.optimize(_objective, n_trials=80)
+    seen = set()
+    moved_axis = 0
+    for t in study.trials:
+        if "local:parent" in t.system_attrs:
+            assert key(t.params) not in seen
+            if t.system_attrs["local:moved"] == ["x"]:
+                moved_axis += 1
+                assert abs(t.params["x"] - study.trials[t.system_attrs["local:parent"]].params["x"]) < 0.3
+        seen.add(key(t.params))
+    local_trials = sum("local:parent" in t.system_attrs for t in study.trials)
+    assert local_trials >= 20 and 0.2 <= moved_axis / local_trials <= 0.6
+
+
+def test_schedule_key_sees_through_idle_parameters() -> None:
+    """Two per-layer trials that differ only in a block's parameter its method does not use run the same."""
+    from search.models import DEFAULT_MODEL, model_spec
+    from search.samplers import ScheduleKey
+    from spaces import Schedule, gmacs
+    from spaces.search_space import SearchSpace
+
+    spec = model_spec(DEFAULT_MODEL)
+    space = SearchSpace("per-layer", spec, budget_gmacs=0.65 * gmacs(Schedule.empty(spec)))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    space(trial)
+    params = dict(trial.params)
+    params["layers.first"] = 0
+    for i in range(spec.depth):
+        params[f"layer{i:02d}.method"] = "merge"
+    changed = {**params, "layer03.alpha": 1.0 - params["layer03.alpha"]}  # condense's, idle under merge
+    key = ScheduleKey(space)
+    assert key(params) == key(changed)
+    assert key(params) != key({**params, "budget.fraction": params["budget.fraction"] * 0.8})
