@@ -50,7 +50,7 @@ import search.embedded  # noqa: E402, F401  (registers tokensched_vit_shapes)
 from bench import official_adapters as oa  # noqa: E402
 from reducers import apply_schedule  # noqa: E402
 from search.embedded.synthetic import make_split, normalize  # noqa: E402
-from spaces import Schedule  # noqa: E402
+from spaces import from_preset  # noqa: E402
 
 TOL = 1e-4  # preset vs official (DESIGN.md: "max difference below 1e-4")
 TOL_OFF = 1e-5  # official with reduction off vs plain timm
@@ -181,7 +181,7 @@ def preset_row(src: Path, preset: str, name: str, model: nn.Module, images: Tens
     n = len(images)
     schedule, ours_err = None, ""
     try:
-        schedule = Schedule.from_preset(preset, model)
+        schedule = from_preset(preset, model)
     except Exception as err:  # noqa: BLE001
         ours_err = f"ours: {_why(err)}"
     try:

@@ -34,7 +34,7 @@ from search.data import TensorSet, embedded_set  # noqa: E402
 from search.embedded import synthetic  # noqa: E402
 from search.evaluate import evaluate, predict  # noqa: E402
 from search.models import load_model  # noqa: E402
-from spaces import ModelSpec, Schedule  # noqa: E402
+from spaces import ModelSpec, Schedule, from_preset  # noqa: E402
 from spaces.schedule import DEFAULT_PPT_THRESHOLD  # noqa: E402
 
 PRESETS = "none,ppt,tome:4,evit:0.5,idlevit:0.5,tcvit:0.5,evit:0.4,tome:6"
@@ -165,7 +165,7 @@ def main() -> int:
     print("| preset | GMACs share | top-1 | speed-up (measured) | images/s |\n|---|---|---|---|---|")
     names = args.presets.split(",")
     for name in names:
-        r = evaluate(model, Schedule.from_preset(name, spec), data, reference,
+        r = evaluate(model, from_preset(name, spec), data, reference,
                      timing={"batch_size": 64, "repeats": args.repeats})
         print(f"| `{name}` | {100 * r['gmacs'] / r['baseline_gmacs']:.0f} % | {100 * r['top1']:.2f} | "
               f"{r['speedup']:.2f} ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {r['images_per_s']:.0f} |")
@@ -173,7 +173,7 @@ def main() -> int:
           " ppt: the unscaled threshold 7e-5):")
     print("| preset | GMACs share (official / variant) | top-1 official | top-1 variant |\n|---|---|---|---|")
     for name in names:
-        official = Schedule.from_preset(name, spec)
+        official = from_preset(name, spec)
         variant = our_variant(official)
         if variant is None:
             continue
@@ -182,7 +182,7 @@ def main() -> int:
         print(f"| `{name}` | {100 * a['gmacs'] / a['baseline_gmacs']:.0f} % / {100 * b['gmacs'] / b['baseline_gmacs']:.0f} % "
               f"| {100 * a['top1']:.2f} | {100 * b['top1']:.2f} |")
     for name in names:
-        official = Schedule.from_preset(name, spec)
+        official = from_preset(name, spec)
         if not any(plan.method == "adaptive" for plan in official.layers):
             continue
         print(f"\n`{name}`: share of images on PPT's pruning path per block (the rest pool):")
@@ -201,14 +201,14 @@ def main() -> int:
     print("| preset | " + " | ".join(str(k) for k in range(1, int(tiles.max()) + 1)) + " |")
     print("|---" * (int(tiles.max()) + 1) + "|")
     for name in names:
-        row = count_right_by_tiles(predict_under(model, Schedule.from_preset(name, spec), data), data.labels, tiles)
+        row = count_right_by_tiles(predict_under(model, from_preset(name, spec), data), data.labels, tiles)
         print(f"| `{name}` | " + " | ".join(f"{100 * a:.1f}" for a in row) + " |")
     print("\nclass token alone after block k (top-1):")
     print("| k | " + " | ".join(str(k) for k in range(len(model.blocks))) + " |")
     print("|---" * (len(model.blocks) + 1) + "|")
     print("| top-1 | " + " | ".join(f"{100 * a:.1f}" for a in cls_readiness(model, data)) + " |")
     for name in names:
-        schedule = Schedule.from_preset(name, spec)
+        schedule = from_preset(name, spec)
         if {plan.method for plan in schedule.layers} - {"none"} != {"merge"}:
             continue  # the trace follows ToMe's merges only
         print(f"\n`{name}`: what the merges do to the tile tokens (per image, mean of {len(data)}; "

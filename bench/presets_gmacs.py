@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from search.models import model_spec  # noqa: E402
-from spaces import Schedule, gmacs  # noqa: E402
+from spaces import from_preset, gmacs  # noqa: E402
 from spaces.presets import diffrate_presets  # noqa: E402
 
 # REFERENCE.md, DeiT-S
@@ -39,7 +39,7 @@ def rows(model: str) -> list[tuple[str, float | None, float, float, float]]:
     for preset in ["none", *PAPER, "tome:13,-1", "tcvit:0.7", "tcvit:0.5"]:
         if preset.startswith("diffrate") and preset not in diffrate_presets(spec.name):
             continue  # published for DeiT-S only
-        s = Schedule.from_preset(preset, spec)
+        s = from_preset(preset, spec)
         idle = preset.startswith("idlevit")
         paper_conv = gmacs(s, norms=False, overhead=idle)
         paper = PAPER.get(preset, 4.6 if preset == "none" else None)

@@ -36,7 +36,7 @@ from torch import nn  # noqa: E402
 
 from reducers import apply_schedule  # noqa: E402
 from search.evaluate import time_call, timed_pairs  # noqa: E402
-from spaces import ModelSpec, Schedule, gmacs  # noqa: E402
+from spaces import ModelSpec, Schedule, from_preset, gmacs  # noqa: E402
 
 # method -> (preset family, kind of its numeric argument)
 METHODS: dict[str, tuple[str, str]] = {
@@ -71,7 +71,7 @@ def closest_preset(family: str, kind: str, spec: ModelSpec, target: float) -> tu
         args = [f"{k / 100:.2f}" for k in range(5, 101)]
     else:
         args = [str(r) for r in range(spec.num_patches // 2 + 1)]
-    schedules = [Schedule.from_preset(f"{family}:{a}", spec) for a in args]
+    schedules = [from_preset(f"{family}:{a}", spec) for a in args]
     best = min(schedules, key=lambda s: abs(gmacs(s) - target))
     return best.name, best
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from spaces.model_spec import ModelSpec
 from spaces.schedule import LayerPlan, Schedule, ppt_threshold
@@ -208,6 +209,13 @@ def build_preset(name: str, spec: ModelSpec) -> Schedule:
         example = {"tome": "tome:13", "diffrate": "diffrate:2.9"}.get(family, f"{family}:0.7")
         raise ValueError(f"preset {name!r} needs an argument, e.g. {example}")
     return _BUILDERS[family](args, spec, name.strip())
+
+
+def from_preset(name: str, model: Any) -> Schedule:
+    """A paper's own schedule by name, e.g. ``tome:13``, ``evit:0.7``, ``idlevit:0.7``, ``ppt``, for a
+    ModelSpec or a timm VisionTransformer."""
+    spec = model if isinstance(model, ModelSpec) else ModelSpec.from_model(model)
+    return build_preset(name, spec)
 
 
 def family_presets(spec: ModelSpec) -> list[str]:

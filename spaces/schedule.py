@@ -241,14 +241,6 @@ class Schedule:
     def empty(cls, model: ModelSpec) -> Schedule:
         return cls(model=model, layers=(LayerPlan(),) * model.depth, name="none")
 
-    @classmethod
-    def from_preset(cls, name: str, model: Any) -> Schedule:
-        """A paper's own schedule by name, e.g. ``tome:13``, ``evit:0.7``, ``idlevit:0.7``, ``ppt``."""
-        from spaces.presets import build_preset
-
-        spec = model if isinstance(model, ModelSpec) else ModelSpec.from_model(model)
-        return build_preset(name, spec)
-
     @property
     def is_identity(self) -> bool:
         return all(p.method == "none" for p in self.layers)

@@ -11,7 +11,7 @@ import pytest
 
 from run_search import main
 from search.models import model_spec
-from spaces import LayerPlan, Schedule
+from spaces import LayerPlan, Schedule, from_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 DEIT_S = "deit_small_patch16_224"
@@ -26,7 +26,7 @@ def test_gmacs_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_gmacs_table_and_schedule_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = Schedule.from_preset("tome:13", model_spec(DEIT_S)).save(tmp_path / "tome.yaml")
+    path = from_preset("tome:13", model_spec(DEIT_S)).save(tmp_path / "tome.yaml")
     assert main(["gmacs", "--model", DEIT_S, "--schedule", str(path)]) == 0
     out = capsys.readouterr().out
     assert "GMACs     2.712" in out and "tokens leaving the last block: 41" in out
@@ -70,10 +70,10 @@ def _schedule_file(tmp_path: Path, text: str) -> str:
 
 def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     deit_s = model_spec(DEIT_S)
-    good = Schedule.from_preset("evit:0.7", deit_s).to_dict()
+    good = from_preset("evit:0.7", deit_s).to_dict()
     unknown_method = dict(good, layers=[{"method": "drop"}] * 12)
     keep_zero = dict(good, layers=[{"method": "prune", "keep": 0.0}] * 12)
-    tiny = Schedule.from_preset("evit:0.7", model_spec("deit_tiny_patch16_224")).save(tmp_path / "tiny.yaml")
+    tiny = from_preset("evit:0.7", model_spec("deit_tiny_patch16_224")).save(tmp_path / "tiny.yaml")
     short = Schedule(model_spec("deit_base_patch16_224"), (LayerPlan(),) * 12).to_dict()
     short["model"]["depth"], short["layers"] = 6, short["layers"][:6]
     unknown_fuse = dict(good, layers=[dict(p, fuse_weights="mean") if p["method"] == "prune" else p

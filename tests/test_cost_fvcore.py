@@ -21,7 +21,7 @@ from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 from reducers import apply_schedule, last_forward_state, remove_schedule
-from spaces import LayerPlan, ModelSpec, Schedule, macs, tokens_entering
+from spaces import LayerPlan, ModelSpec, Schedule, from_preset, macs, tokens_entering
 from spaces.schedule import DEFAULT_PPT_THRESHOLD, METHODS
 
 MODELS = ("deit_small_patch16_224", "deit_tiny_patch16_224")
@@ -36,7 +36,7 @@ def _everywhere(plan: LayerPlan) -> Callable[[ModelSpec], Schedule]:
 
 
 def _preset(name: str) -> Callable[[ModelSpec], Schedule]:
-    return lambda spec: Schedule.from_preset(name, spec)
+    return lambda spec: from_preset(name, spec)
 
 
 def _deit_s_only(name: str) -> Callable[[ModelSpec], Schedule]:
@@ -45,7 +45,7 @@ def _deit_s_only(name: str) -> Callable[[ModelSpec], Schedule]:
     def build(spec: ModelSpec) -> Schedule:
         if spec.name != "deit_small_patch16_224":
             pytest.skip(f"{name} is published for DeiT-S only")
-        return Schedule.from_preset(name, spec)
+        return from_preset(name, spec)
 
     return build
 

@@ -17,7 +17,7 @@ from search.embedded.train import boundary_at, lr_at
 from search.embedded.train import main as train_main
 from search.evaluate import evaluate, predict
 from search.models import load_model
-from spaces import ModelSpec, Schedule
+from spaces import ModelSpec, Schedule, from_preset
 from spaces.presets import paper_presets
 
 needs_weights = pytest.mark.skipif(not embedded.WEIGHTS.is_file(),
@@ -205,7 +205,7 @@ def test_every_preset_evaluates_and_empty_agrees_exactly(model) -> None:
     empty = evaluate(model, Schedule.empty(spec), few, reference)
     assert empty["agreement"] == 1.0
     for preset in paper_presets()[::4] + ["tome:4,-1", "idlevit-code:0.7"]:
-        out = evaluate(model, Schedule.from_preset(preset, spec), few, reference)
+        out = evaluate(model, from_preset(preset, spec), few, reference)
         assert 0.0 <= out["top1"] <= 1.0 and out["gmacs"] < empty["gmacs"], preset
 
 

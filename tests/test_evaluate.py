@@ -14,7 +14,7 @@ from run_search import main
 from search.data import balanced_subset, folder_set
 from search.evaluate import accuracy, evaluate, predict, throughput, timed_pairs
 from search.models import data_config, load_checkpoint
-from spaces import ModelSpec, Schedule
+from spaces import ModelSpec, Schedule, from_preset
 from tests.images import write_image_folder
 
 TINY = "deit_tiny_patch16_224"
@@ -56,7 +56,7 @@ def test_empty_schedule_agrees_exactly_and_reduction_is_scored(tiny, folder: Pat
     same = evaluate(tiny, Schedule.empty(spec), data, reference, batch_size=4)
     assert same["agreement"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-7)
     assert same["gmacs"] == same["baseline_gmacs"]
-    reduced = evaluate(tiny, Schedule.from_preset("tome:4", spec), data, reference, batch_size=4)
+    reduced = evaluate(tiny, from_preset("tome:4", spec), data, reference, batch_size=4)
     assert reduced["gmacs"] < same["gmacs"] and 0.0 <= reduced["agreement"] <= 1.0
     assert type(tiny).__name__ == "VisionTransformer"  # evaluate leaves the model unpatched
 
@@ -85,7 +85,7 @@ def test_timed_pairs_alternate_abba() -> None:
 
 
 def test_throughput_positive_and_repeatable(tiny) -> None:
-    schedule = Schedule.from_preset("tome:4", tiny)
+    schedule = from_preset("tome:4", tiny)
     # One forward of this model takes a few ms, so a sample must repeat it to outlast timer noise.
     runs = [throughput(tiny, schedule, batch_size=8, warmup=2, repeats=7, min_time_s=0.2) for _ in range(2)]
     for run in runs:

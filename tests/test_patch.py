@@ -7,7 +7,7 @@ import timm
 import torch
 
 from reducers import apply_schedule, current_schedule, last_forward_state, remove_schedule
-from spaces import LayerPlan, ModelSpec, Schedule, tokens_entering
+from spaces import LayerPlan, ModelSpec, Schedule, from_preset, tokens_entering
 
 # (timm name, kwargs): small images keep the suite fast; the architectures are the real ones.
 MODELS = {
@@ -113,7 +113,7 @@ def test_fused_and_unfused_agree_under_reduction(fused: bool) -> None:
 def test_state_dict_keys_and_loading_unchanged() -> None:
     model = _model("deit3_layerscale")
     keys = list(model.state_dict())
-    apply_schedule(model, Schedule.from_preset("tome:4", model))
+    apply_schedule(model, from_preset("tome:4", model))
     assert list(model.state_dict()) == keys
     fresh = _model("deit3_layerscale")
     model.load_state_dict(fresh.state_dict())  # a timm checkpoint loads into the patched model
@@ -123,8 +123,8 @@ def test_state_dict_keys_and_loading_unchanged() -> None:
 def test_reapply_replaces_and_remove_restores_classes() -> None:
     model = _model("deit_tiny")
     cls, block_cls = type(model), type(model.blocks[0])
-    apply_schedule(model, Schedule.from_preset("evit:0.7", model))
-    apply_schedule(model, Schedule.from_preset("tome:4", model))
+    apply_schedule(model, from_preset("evit:0.7", model))
+    apply_schedule(model, from_preset("tome:4", model))
     assert current_schedule(model).name == "tome:4"
     remove_schedule(model)
     assert type(model) is cls and type(model.blocks[0]) is block_cls
@@ -147,10 +147,10 @@ def test_rejects_non_vit_other_depth_and_no_class_token() -> None:
     deit = _model("deit_tiny")
     other = ModelSpec.from_model(_model("deit_base"))
     with pytest.raises(ValueError, match="depth"):
-        apply_schedule(deit, Schedule.from_preset("evit:0.7", other))
+        apply_schedule(deit, from_preset("evit:0.7", other))
     gap = timm.create_model("deit_tiny_patch16_224", img_size=64, class_token=False, global_pool="avg")
     with pytest.raises(ValueError, match="no class token"):
-        apply_schedule(gap, Schedule.from_preset("evit:0.7", gap))
-    apply_schedule(gap, Schedule.from_preset("tome:4", gap))  # ToMe needs no CLS
+        apply_schedule(gap, from_preset("evit:0.7", gap))
+    apply_schedule(gap, from_preset("tome:4", gap))  # ToMe needs no CLS
     with torch.inference_mode():
         assert gap(torch.randn(1, 3, 64, 64)).shape == (1, 1000)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from search.models import model_spec
-from spaces import LayerPlan, Schedule, breakdown, gmacs, kept_count
+from spaces import LayerPlan, Schedule, breakdown, from_preset, gmacs, kept_count
 from spaces.presets import paper_presets, tome_r_per_block
 
 
@@ -34,7 +34,7 @@ def test_unreduced_deit_s_is_4_6(deit_s) -> None:
 
 @pytest.mark.parametrize("preset,paper", list(TOME.items()) + list(EVIT.items()) + [("ppt", 2.94)])
 def test_presets_reproduce_paper_gmacs(deit_s, preset: str, paper: float) -> None:
-    schedule = Schedule.from_preset(preset, deit_s)
+    schedule = from_preset(preset, deit_s)
     ours = gmacs(schedule, norms=False, overhead=False)
     if preset in ROUNDED_ONLY:
         assert round(ours, 1) == paper and abs(ours - paper) < 0.04, (preset, ours)
@@ -46,23 +46,23 @@ def test_presets_reproduce_paper_gmacs(deit_s, preset: str, paper: float) -> Non
 
 @pytest.mark.parametrize("preset,paper", list(IDLEVIT.items()))
 def test_idlevit_within_0_1_of_paper(deit_s, preset: str, paper: float) -> None:
-    schedule = Schedule.from_preset(preset, deit_s)
+    schedule = from_preset(preset, deit_s)
     assert gmacs(schedule, norms=False) == pytest.approx(paper, abs=0.1)
     assert gmacs(schedule) == pytest.approx(paper, abs=0.1)
 
 
 def test_idlevit_code_layout_is_3_24_at_0_7(deit_s) -> None:
     # REFERENCE.md: the official code idles blocks 4-11 in stages 3/3/2 -> 3.24 at k=0.7
-    assert gmacs(Schedule.from_preset("idlevit-code:0.7", deit_s)) == pytest.approx(3.24, abs=0.03)
+    assert gmacs(from_preset("idlevit-code:0.7", deit_s)) == pytest.approx(3.24, abs=0.03)
 
 
 def test_token_counts_of_the_papers(deit_s) -> None:
-    tome13 = Schedule.from_preset("tome:13", deit_s)
+    tome13 = from_preset("tome:13", deit_s)
     assert tome13.tokens_entering()[:2] == [197, 184] and tome13.tokens_entering()[11] == 54
     assert breakdown(tome13)[-1].tokens_out == 41
-    evit = Schedule.from_preset("evit:0.7", deit_s).tokens_entering()
+    evit = from_preset("evit:0.7", deit_s).tokens_entering()
     assert (evit[3], evit[4], evit[7], evit[10]) == (197, 140, 100, 72)
-    ppt = Schedule.from_preset("ppt", deit_s)
+    ppt = from_preset("ppt", deit_s)
     assert [ppt.tokens_entering()[i] for i in (3, 4, 7, 10)] == [197, 147, 97, 49]
 
 
@@ -75,7 +75,7 @@ DIFFRATE = {"diffrate:2.3": 2.327226, "diffrate:2.5": 2.504742, "diffrate:2.7": 
 
 @pytest.mark.parametrize("preset,theirs", list(DIFFRATE.items()))
 def test_diffrate_presets_reproduce_the_published_gmacs(deit_s, preset: str, theirs: float) -> None:
-    schedule = Schedule.from_preset(preset, deit_s)
+    schedule = from_preset(preset, deit_s)
     ours = gmacs(schedule, norms=False, overhead=False)
     assert ours == pytest.approx(float(preset.split(":")[1]), abs=0.03)
     # Their formula counts the class token as a patch in the embedding (+0.0003 G), nothing else differs.
@@ -84,12 +84,12 @@ def test_diffrate_presets_reproduce_the_published_gmacs(deit_s, preset: str, the
 
 
 def test_diffrate_token_counts_follow_the_published_lists(deit_s) -> None:
-    schedule = Schedule.from_preset("diffrate:2.9", deit_s)
+    schedule = from_preset("diffrate:2.9", deit_s)
     rows = breakdown(schedule)
     assert [r.tokens_out for r in rows] == [197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3]
     assert schedule.layers[0].method == "none" and schedule.layers[1].kept == (195, 193)
     # "2.5": blocks 6 and 7 publish prune counts above what enters them (no-ops, as in their code).
-    rows = breakdown(Schedule.from_preset("diffrate:2.5", deit_s))
+    rows = breakdown(from_preset("diffrate:2.5", deit_s))
     assert [r.tokens_out for r in rows] == [197, 186, 160, 133, 119, 107, 96, 82, 66, 43, 37, 3]
     assert "diffrate:2.9" in paper_presets("deit_small_patch16_224")
     assert not any(p.startswith("diffrate") for p in paper_presets("deit_tiny_patch16_224"))
@@ -101,40 +101,40 @@ def test_diffrate_token_counts_follow_the_published_lists(deit_s) -> None:
 ])
 def test_diffrate_bad_levels(deit_s, preset: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        Schedule.from_preset(preset, deit_s)
+        from_preset(preset, deit_s)
 
 
 def test_diffrate_for_a_model_without_a_published_schedule() -> None:
     with pytest.raises(ValueError, match="no schedule for deit_tiny_patch16_224; available: deit_small_patch16_224"):
-        Schedule.from_preset("diffrate:2.9", model_spec("deit_tiny_patch16_224"))
+        from_preset("diffrate:2.9", model_spec("deit_tiny_patch16_224"))
 
 
 def test_idlevit_active_counts_are_the_official_int(deit_s) -> None:
     # IdleViT's code: int(196 * k**s) patch tokens active, CLS on top: 137.2, 96.04, 67.23 at k=0.7.
-    schedule = Schedule.from_preset("idlevit:0.7", deit_s)
+    schedule = from_preset("idlevit:0.7", deit_s)
     assert [p.active(196) for p in schedule.layers[3::3]] == [137, 96, 67]
     assert [p.method for p in schedule.layers] == ["none"] * 3 + ["idle"] * 9  # infer.py: blocks 3-11
-    code = Schedule.from_preset("idlevit-code:0.7", deit_s)
+    code = from_preset("idlevit-code:0.7", deit_s)
     assert [p.method for p in code.layers] == ["none"] * 4 + ["idle"] * 8  # main.py: blocks 4-11
     assert [p.active(196) for p in code.layers[4:]] == [137] * 3 + [96] * 3 + [67] * 2
     assert LayerPlan("idle", keep=0.7, rank="softmax").active(196) == 138  # our variant: ceil
 
 
 def test_ppt_threshold_is_official_on_196_patches_and_scaled_elsewhere(deit_s) -> None:
-    assert Schedule.from_preset("ppt", deit_s).layers[3].threshold == 7e-5
+    assert from_preset("ppt", deit_s).layers[3].threshold == 7e-5
     embedded = dataclasses.replace(deit_s, name="small", num_patches=64)
-    assert Schedule.from_preset("ppt", embedded).layers[3].threshold == pytest.approx(7e-5 * (196 / 64) ** 2)
+    assert from_preset("ppt", embedded).layers[3].threshold == pytest.approx(7e-5 * (196 / 64) ** 2)
 
 
 def test_schema_1_files_load_as_the_rules_they_were_made_with(deit_s) -> None:
-    old = Schedule.from_preset("evit:0.7", deit_s).to_dict()
+    old = from_preset("evit:0.7", deit_s).to_dict()
     old["schema_version"] = 1
     for plan in old["layers"]:
         plan.pop("fuse_weights", None)
     old["layers"][0] = {"method": "idle", "keep": 0.7}
     loaded = Schedule.from_dict(old)
     assert loaded.layers[3].fuse_weights == "normalized" and loaded.layers[0].rank == "softmax"
-    assert Schedule.from_dict(Schedule.from_preset("evit:0.7", deit_s).to_dict()).layers[3].fuse_weights == "raw"
+    assert Schedule.from_dict(from_preset("evit:0.7", deit_s).to_dict()).layers[3].fuse_weights == "raw"
 
 
 def test_tome_decreasing_schedule() -> None:
@@ -152,14 +152,14 @@ def test_counting_rule() -> None:
 @pytest.mark.parametrize("preset", paper_presets("deit_small_patch16_224") + ["tome:13,-1", "idlevit-code:0.5", "ppt:30", "none"])
 @pytest.mark.parametrize("fmt", ["yaml", "json"])
 def test_round_trip(deit_s, tmp_path, preset: str, fmt: str) -> None:
-    schedule = Schedule.from_preset(preset, deit_s)
+    schedule = from_preset(preset, deit_s)
     path = schedule.save(tmp_path / f"s.{fmt}")
     assert Schedule.load(path) == schedule
     assert Schedule.from_text(path.read_text()).to_dict() == schedule.to_dict()
 
 
 def test_frozen(deit_s) -> None:
-    schedule = Schedule.from_preset("evit:0.7", deit_s)
+    schedule = from_preset("evit:0.7", deit_s)
     with pytest.raises(dataclasses.FrozenInstanceError):
         schedule.name = "x"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -192,7 +192,7 @@ def test_layer_plan_validation(kwargs: dict, match: str) -> None:
 ])
 def test_bad_presets(deit_s, preset: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        Schedule.from_preset(preset, deit_s)
+        from_preset(preset, deit_s)
 
 
 def test_wrong_depth_and_malformed_files(deit_s, tmp_path) -> None:
@@ -218,7 +218,7 @@ def test_effective_key_equates_schedules_that_run_the_same(deit_s) -> None:
 
     from spaces.presets import effective_key
 
-    tome = Schedule.from_preset("tome:8", deit_s)
+    tome = from_preset("tome:8", deit_s)
     entering = tome.patch_tokens_entering()
     as_keeps = replace(tome, layers=tuple(LayerPlan("merge", keep=(n - p.removed(n)) / n)
                                           for p, n in zip(tome.layers, entering, strict=False)))

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from search.models import DEFAULT_MODEL, model_spec
-from spaces import Schedule, gmacs
+from spaces import Schedule, from_preset, gmacs
 from spaces.budget import parse_budget
 from spaces.search_space import REDUCING, SPACES, SearchSpace, cheapest_gmacs, preset_params
 
@@ -76,7 +76,7 @@ def test_a_start_too_late_for_the_budget_moves_earlier(spec, name: str) -> None:
 @pytest.mark.parametrize("preset", ["evit:0.5", "evit:0.6", "ppt", "idlevit:0.5", "idlevit:0.6", "tcvit:0.5"])
 def test_presets_that_fit_are_rebuilt_exactly_by_the_per_layer_space(spec, preset: str) -> None:
     space = _space(spec)
-    schedule = Schedule.from_preset(preset, spec)
+    schedule = from_preset(preset, spec)
     params = preset_params(schedule, space)
     assert params is not None, preset
     assert params["layers.first"] == 3  # every one of these papers starts at the fourth block
@@ -86,9 +86,9 @@ def test_presets_that_fit_are_rebuilt_exactly_by_the_per_layer_space(spec, prese
 
 
 def test_presets_over_the_budget_or_outside_the_methods_are_not_enqueued(spec) -> None:
-    assert preset_params(Schedule.from_preset("evit:0.9", spec), _space(spec)) is None  # above 65 %
+    assert preset_params(from_preset("evit:0.9", spec), _space(spec)) is None  # above 65 %
     prune_only = SearchSpace("per-layer", spec, methods=("prune",), budget_gmacs=_space(spec).budget_gmacs)
-    assert preset_params(Schedule.from_preset("ppt", spec), prune_only) is None
+    assert preset_params(from_preset("ppt", spec), prune_only) is None
 
 
 @pytest.mark.parametrize("name", SPACES)
