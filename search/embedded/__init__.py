@@ -5,7 +5,7 @@
 - ``search.embedded.train``: the training command, ``python -m search.embedded.train --out DIR --steps N``.
 
 Importing the package registers the model with timm. The rest of ``search/`` treats it as any
-other timm model and data set.
+other timm model and data set; docs/embedded-task.md tells why the task looks the way it does.
 """
 
 from search.embedded.model import ARCH, NAME, WEIGHTS, WEIGHTS_DIR, tokensched_vit_shapes

@@ -19,24 +19,7 @@ that carries no label information: a smooth coloured texture, short strokes, sma
 rings, all drawn in the same colour distribution as the objects. Object tokens are a minority
 (5-31 of 64, mean ~16).
 
-Why a count, and why with no gap at the class boundary: on earlier versions of this set (a
-solid or outlined marker beside the body; then few = 1-2 and many = 4-6 tiles) every paper
-preset at about half the GMACs lost under a point once the model had converged, because the
-tokens the label needs were the salient ones that every reducer keeps and the margin between
-the classes was wide. Pruning does shift a count: dropping tokens changes the share of tiles
-among the tokens that attention averages over (EViT's fused token and IdleViT's idle tokens do
-not stand for the tokens they replace; ToMe-style merging keeps the share through token sizes
-and proportional attention). With 3 tiles still "few" and 4 already "many", a shift of half a
-tile changes the class, so the trade-off shows. Only the images next to the boundary can
-change class (a preset that shifts the count leaves 1, 2, 5 and 6 tiles right), so nine in ten
-images sit there: with the three counts of each range drawn uniformly, as on an earlier version
-of this set, EViT and TC-ViT at half the GMACs lost 1.2 and 1.9 points. RESULTS.md section 3
-measures it.
-
-A first version used five outline shapes (circle, square, triangle, diamond, cross, then
-3x3-cell pentominoes) as the 5-way half of the label; a from-scratch 12-block ViT on 2 CPU
-cores stayed near chance on the shape after 30k images, so the 5-way half is a texture
-that each body patch shows.
+Why a count, why nine images in ten at the boundary, and the versions tried before: docs/embedded-task.md.
 
 Drawing is vectorised over the batch: every mark is a signed distance function evaluated
 in a small window around it, blended into the canvas with one gather/scatter; the only
