@@ -17,7 +17,7 @@ from search.data import TensorSet
 from search.evaluate import EarlyStop, accuracy_upper_bound, predict_until
 from search.models import model_spec
 from search.worker import WorkerSetup
-from spaces import Schedule, gmacs
+from spaces import Schedule, from_preset, gmacs
 from spaces.search_space import SearchSpace
 
 
@@ -109,7 +109,7 @@ def test_a_stopped_trial_never_enters_the_front(tmp_path: Path) -> None:
     def record(n: int, fidelity: str, acc: float, g: float) -> dict:
         return {"trial": n, "ray_trial": f"t{n}-{fidelity}", "state": "COMPLETE", "preset": None, "fidelity": fidelity,
                 "params": {}, "accuracy": acc, "gmacs": g, "feasible": True, "summary": f"s{n}",
-                "schedule": Schedule.from_preset("tome:4", spec).to_dict()}
+                "schedule": from_preset("tome:4", spec).to_dict()}
 
     for confirm in (False, True):
         out = tmp_path / f"confirm-{confirm}"

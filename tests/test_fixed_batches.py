@@ -23,13 +23,13 @@ def test_a_failing_schedule_is_reported_and_the_batch_goes_on(monkeypatch) -> No
 
     from search.models import DEFAULT_MODEL, model_spec
     from search.worker import WorkerSetup, fixed_trainable
-    from spaces import Schedule, gmacs
+    from spaces import Schedule, from_preset, gmacs
     from spaces.search_space import SearchSpace
 
     spec = model_spec(DEFAULT_MODEL)
     space = SearchSpace("per-layer", spec, budget_gmacs=gmacs(Schedule.empty(spec)))
     setup = WorkerSetup(space=space, model=DEFAULT_MODEL, num_images=48, batch_size=48, confirm_images=48)
-    good = Schedule.from_preset("tome:4", spec).to_dict()
+    good = from_preset("tome:4", spec).to_dict()
     broken = {**good, "layers": [{"method": "no-such-method"}]}
     reports: list[dict] = []
     monkeypatch.setattr(tune, "report", reports.append)
