@@ -566,9 +566,11 @@ def _run_finetunes(cfg: SearchConfig, run: dict[str, Any]) -> None:
             record = {k: screen.get(k) for k in ("trial", "preset", "params", "summary", "schedule", "feasible",
                                                   "speedup", "images_per_s", "gmacs")}
             record.update({"ray_trial": trial.trial_id, "state": state, "fidelity": fidelity})
-            if result is not None:
-                record.update({k: result.get(k) for k in ("accuracy", "agreement", "top1", "top5", "kl", "weights",
+            if result is not None:  # accuracy on the confirmation images, as every record the front is built from
+                record.update({k: result.get(k) for k in ("agreement", "top1", "top5", "kl", "weights",
                                                           "finetune_seconds", "trial_seconds")})
+                record.update({"accuracy": result.get("confirmed_accuracy"), "screen_accuracy": result.get("accuracy"),
+                               "confirmed_accuracy": result.get("confirmed_accuracy")})
             else:
                 record["accuracy"] = None
             run_dir.append_record(cfg.out, record)

@@ -100,8 +100,8 @@ def _metrics(setup: WorkerSetup, schedule: Schedule, result: dict[str, Any]) -> 
     """One evaluation's result as the flat record the driver reads (accuracy: top-1, or agreement
     without labels)."""
     return {
-        "accuracy": result["top1"] if result["top1"] is not None else result["agreement"],
-        "agreement": result["agreement"], "top1": result["top1"], "top5": result["top5"], "kl": result["kl"],
+        "accuracy": _accuracy(result), "agreement": result["agreement"], "top1": result["top1"], "top5": result["top5"],
+        "kl": result["kl"],
         "gmacs": result["gmacs"], "baseline_gmacs": result["baseline_gmacs"],
         "speedup": result.get("speedup"), "images_per_s": result.get("images_per_s"),
         "feasible": setup.space.budget_gmacs is None or result["gmacs"] <= setup.space.budget_gmacs + 1e-12,
@@ -222,24 +222,33 @@ class FinetuneJob:
 
 def finetune_params(setup: WorkerSetup, job: FinetuneJob, trial: int, params: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune a copy of the worker's model on one candidate's schedule, then re-screen it."""
+    return finetune_schedule(setup, job, schedule_from_params(setup.space, params), Path(job.out_root) / f"{trial:04d}")
+
+
+def finetune_schedule(setup: WorkerSetup, job: FinetuneJob, schedule: Schedule, out_dir: Path) -> dict[str, Any]:
+    """Fine-tune a copy of the worker's model on `schedule` (weights to `out_dir`), then re-screen it."""
     from search import finetune
 
     ctx = context(setup)
-    schedule = schedule_from_params(setup.space, params)
     student = copy.deepcopy(ctx.model)  # the cached model stays the unreduced reference
     extra = {"lr": job.lr} if job.lr is not None else {}
     settings = finetune.FinetuneSettings(steps=job.steps, batch_size=job.batch_size, seed=setup.seed, **extra)
     batches = finetune.train_stream(job.data, data_config(student), job.batch_size, setup.seed,
                                     num_classes=student.num_classes, crop_scale=job.crop_scale)
-    out_dir = Path(job.out_root) / f"{trial:04d}"
     start = time.perf_counter()
     finetune.finetune(student, schedule, batches, settings, out_dir=out_dir, device=setup.device, log=lambda *a: None)
     train_seconds = time.perf_counter() - start
     result = evaluate(student, schedule, ctx.data, ctx.reference, batch_size=setup.batch_size, timing=None)
-    accuracy = result["top1"] if result["top1"] is not None else result["agreement"]
-    return {"accuracy": accuracy, "agreement": result["agreement"], "top1": result["top1"], "top5": result["top5"],
-            "kl": result["kl"], "gmacs": result["gmacs"], "finetune_seconds": train_seconds,
-            "weights": str(out_dir / "model.safetensors")}
+    confirm_data, confirm_reference = confirm_context(setup)
+    confirmed = evaluate(student, schedule, confirm_data, confirm_reference, batch_size=setup.batch_size, timing=None)
+    return {"accuracy": _accuracy(result), "confirmed_accuracy": _accuracy(confirmed), "agreement": result["agreement"],
+            "top1": result["top1"], "top5": result["top5"], "kl": result["kl"], "gmacs": result["gmacs"],
+            "finetune_seconds": train_seconds, "weights": str(out_dir / "model.safetensors")}
+
+
+def _accuracy(result: dict[str, Any]) -> float:
+    """Top-1, or the agreement with the unreduced model without labels."""
+    return result["top1"] if result["top1"] is not None else result["agreement"]
 
 
 def finetune_trainable(config: dict[str, Any], setup: WorkerSetup, job: FinetuneJob) -> None:

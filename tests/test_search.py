@@ -336,6 +336,8 @@ def test_promoted_candidates_are_fine_tuned_and_carry_a_fidelity(tmp_path: Path)
     records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     tuned = [r for r in records if r["fidelity"] == "finetune:3"]
     assert len(tuned) == 2 and all(r["state"] == "COMPLETE" for r in tuned)
+    # scored on the confirmation images like every record the front is built from, the screening beside
+    assert all(r["accuracy"] == r["confirmed_accuracy"] and r["screen_accuracy"] is not None for r in tuned)
     screened = {r["trial"]: r for r in records if r["fidelity"] == "screen"}
     for r in tuned:  # same schedule and cost, new accuracy, weights on disk
         assert r["trial"] in screened and r["gmacs"] == screened[r["trial"]]["gmacs"]
