@@ -1,15 +1,17 @@
-"""Search efficiency: hypervolume against trials for each sampler, and the cost of a trial.
+"""Search efficiency: hypervolume against trials for each sampler over seeds, and the cost of a trial.
 
-    python bench/search.py [--trials 40] [--reference-trials 120] [--budget 65%] [--num-images 1000]
-                           [--samplers nsga2,tpe,random] [--out runs/bench_search]
+    python bench/search.py [--trials 60] [--reference-trials 240] [--seeds 0,1,2] [--budget 65%]
+                           [--num-images 1000] [--samplers local-nsga2,nsga2,random] [--out runs/bench_search]
     python bench/search.py --cost runs/<run>     # the cost split of one finished search
 
-Runs the real search (`run_search.py`, local Ray) once per sampler on the embedded default,
-same seed, same budget, same fixed reference point (PITFALLS 18), plus one long random
-search as a reference for what is reachable. Prints the hypervolume after 10, 20, ... trials
-for each, and the per-trial overhead: the time the search spends outside evaluation (Ray
-scheduling, Optuna sampling and storage, the driver's bookkeeping), as a fraction of the
-time spent evaluating. Writes <out>/hypervolume.csv and <out>/hypervolume.png.
+Runs the real search (`run_search.py`, local Ray, presets excluded so it measures the search
+itself) once per sampler and seed on the embedded default, same budget, same fixed reference
+point (PITFALLS 18), plus one long random search per seed as a reference for what is reachable.
+Every searched trial counts, the early-stopped ones included (they are never on the front).
+Prints the median over seeds of the hypervolume after 10, 20, ... trials for each sampler, the
+two verdicts of issue 18 item 6 (the first sampler after --trials against random after
+--reference-trials; the first sampler against random at every checkpoint), and the per-trial
+overhead. Writes <out>/hypervolume.csv, <out>/hypervolume.png and <out>/summary.json.
 """
 
 from __future__ import annotations
@@ -31,32 +33,39 @@ from search import pareto, report  # noqa: E402
 from search.run_dir import read_records  # noqa: E402
 
 
-def run_search(out: Path, sampler: str, trials: int, args: argparse.Namespace) -> None:
+def run_search(out: Path, sampler: str, trials: int, seed: int, args: argparse.Namespace) -> None:
     if (out / "run.json").is_file():
         print(f"reusing finished run {out}", file=sys.stderr)
         return
     cmd = [sys.executable, "run_search.py", "--budget", args.budget, "--sampler", sampler, "--trials", str(trials),
-           "--num-images", str(args.num_images), "--seed", str(args.seed), "--out", str(out), "--no-presets",
-           "--concurrency", str(args.concurrency)]
+           "--num-images", str(args.num_images), "--seed", str(seed), "--out", str(out), "--no-presets",
+           "--concurrency", str(args.concurrency), "--confirm-images", str(args.confirm_images)]
     print("$", " ".join(cmd[1:]), file=sys.stderr)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
 def history(out: Path) -> tuple[list[float], dict]:
+    """Hypervolume after each searched trial, in the order they finished (stopped trials count as
+    trials and add nothing; confirmation records are not trials)."""
     run = json.loads((out / "run.json").read_text())
     objectives = [pareto.OBJECTIVES[o] for o in run["objectives"]]
-    records = [r for r in read_records(out)]
-    ok = [r.get("state") == "COMPLETE" and bool(r.get("feasible")) for r in records]
+    records = [r for r in read_records(out) if r.get("fidelity", "screen") in ("screen", "stopped")
+               and not r.get("preset")]
+    ok = [r.get("state") == "COMPLETE" and bool(r.get("feasible")) and r.get("fidelity", "screen") == "screen"
+          for r in records]
     points = np.array([[r.get(o.name) if r.get(o.name) is not None else np.nan for o in objectives] for r in records])
+    points = points.reshape(-1, len(objectives))
     ref = pareto.reference_point(objectives, baseline_gmacs=run["baseline_gmacs"])
-    hv = pareto.hypervolume_history(points, np.array(ok), [o.direction for o in objectives], ref)
+    hv = pareto.hypervolume_history(points, np.array(ok, dtype=bool), [o.direction for o in objectives], ref)
     return hv, run
 
 
 def overhead(out: Path, run: dict) -> dict[str, float]:
-    """Time outside evaluation as a fraction of evaluation time (the worker's one-off load excluded)."""
-    records = read_records(out)
+    """Time outside evaluation as a fraction of evaluation time (the worker's one-off load excluded),
+    over the searched trials (the tune stage)."""
+    records = [r for r in read_records(out) if r.get("fidelity", "screen") in ("screen", "stopped")
+               and not r.get("preset")]
     evaluating = sum(r.get("eval_seconds") or 0.0 for r in records)
     loading = sum(r.get("load_seconds") or 0.0 for r in records)
     tune = sum(t["tune"] for t in run.get("timing_s", []))
@@ -80,15 +89,20 @@ def print_cost(out: Path) -> None:
           f"{100 * c['in_trial_fraction']:.1f} %)")
 
 
+def _median_at(histories: list[list[float]], trials: int) -> float:
+    return float(np.median([h[min(trials, len(h)) - 1] if h else 0.0 for h in histories]))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--reference-trials", type=int, default=120)
+    p.add_argument("--trials", type=int, default=60)
+    p.add_argument("--reference-trials", type=int, default=240)
     p.add_argument("--budget", default="65%")
     p.add_argument("--num-images", type=int, default=1000)
-    p.add_argument("--samplers", default="nsga2,tpe,random")
+    p.add_argument("--confirm-images", type=int, default=100, help="the search re-scores its front; not used here")
+    p.add_argument("--samplers", default="local-nsga2,nsga2,random", help="the first is the one judged")
     p.add_argument("--concurrency", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default="runs/bench_search")
     p.add_argument("--cost", type=Path, default=None, help="only print the cost split of this finished run")
     args = p.parse_args()
@@ -100,27 +114,49 @@ def main() -> int:
         return 0
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
-    runs = {s: (out / s, s, args.trials) for s in args.samplers.split(",")}
+    seeds = [int(x) for x in args.seeds.split(",")]
+    samplers = args.samplers.split(",")
+    runs = {s: (s, args.trials) for s in samplers}
     if args.reference_trials:
-        runs["random-long"] = (out / "random-long", "random", args.reference_trials)
-    histories, costs = {}, {}
-    for label, (path, sampler, trials) in runs.items():
-        run_search(path, sampler, trials, args)
-        histories[label], run = history(path)
-        costs[label] = overhead(path, run)
-    report.plot_hypervolume(out, histories)
-    marks = list(range(10, max(len(h) for h in histories.values()) + 1, 10))
-    print(f"hypervolume (accuracy x GMACs, fixed reference) on {run['model']}, budget {args.budget}, "
-          f"{args.num_images} screening images, seed {args.seed}")
+        runs["random-long"] = ("random", args.reference_trials)
+    histories: dict[str, list[list[float]]] = {label: [] for label in runs}
+    costs: dict[str, list[dict]] = {label: [] for label in runs}
+    for seed in seeds:
+        for label, (sampler, trials) in runs.items():
+            path = out / f"{label}-seed{seed}"
+            run_search(path, sampler, trials, seed, args)
+            h, run = history(path)
+            histories[label].append(h)
+            costs[label].append(overhead(path, run))
+    medians = {label: [_median_at(hs, m) for m in range(1, max(map(len, hs)) + 1)] for label, hs in histories.items()}
+    report.plot_hypervolume(out, medians)
+    marks = list(range(10, max(len(h) for h in medians.values()) + 1, 10))
+    print(f"median hypervolume over seeds {seeds} (accuracy x GMACs, fixed reference) on {run['model']}, "
+          f"budget {args.budget}, {args.num_images} screening images, presets excluded")
     print(f"{'sampler':12s}" + "".join(f"{m:>9d}" for m in marks))
-    for label, h in histories.items():
+    for label, h in medians.items():
         print(f"{label:12s}" + "".join(f"{h[m - 1]:9.4f}" if m <= len(h) else " " * 9 for m in marks))
-    print("\nper-trial cost")
+    judged, verdicts = samplers[0], {}
+    if "random" in runs and args.reference_trials:
+        ours, theirs = _median_at(histories[judged], args.trials), _median_at(histories["random-long"],
+                                                                              args.reference_trials)
+        verdicts["budget"] = ours >= theirs
+        print(f"\n{judged} after {args.trials} trials {ours:.4f} vs random after {args.reference_trials} "
+              f"{theirs:.4f}: {'PASS' if ours >= theirs else 'FAIL'}")
+    if "random" in runs:
+        behind = [m for m in marks if m <= args.trials and
+                  _median_at(histories[judged], m) < _median_at(histories["random"], m)]
+        verdicts["every_checkpoint"] = not behind
+        print(f"{judged} ahead of random at every checkpoint: {'PASS' if not behind else f'FAIL at {behind}'}")
+    print("\nper-trial cost (median over seeds)")
     print(f"{'sampler':12s} {'trials':>6s} {'s/trial':>8s} {'eval s':>8s} {'overhead':>9s}")
-    for label, c in costs.items():
-        print(f"{label:12s} {c['trials']:6d} {c['seconds_per_trial']:8.2f} {c['eval_s']:8.1f} "
-              f"{100 * c['overhead_fraction']:8.1f}%")
-    (out / "summary.json").write_text(json.dumps({"histories": histories, "costs": costs}, indent=2))
+    for label, cs in costs.items():
+        med = {k: float(np.median([c[k] for c in cs])) for k in ("trials", "seconds_per_trial", "eval_s",
+                                                                  "overhead_fraction")}
+        print(f"{label:12s} {int(med['trials']):6d} {med['seconds_per_trial']:8.2f} {med['eval_s']:8.1f} "
+              f"{100 * med['overhead_fraction']:8.1f}%")
+    (out / "summary.json").write_text(json.dumps({"seeds": seeds, "histories": histories, "medians": medians,
+                                                  "verdicts": verdicts, "costs": costs}, indent=2))
     return 0
 
 
