@@ -347,7 +347,8 @@ def front_table(front: Sequence[dict], presets: Sequence[dict], objectives: Sequ
     head = f"{'id':>6}  {'kind':<7}" + "".join(f"{o.name:>13}" for o in objectives) + extra + "  summary"
     lines = [head, "-" * len(head)]
     in_front = {id(r) for r in front}
-    for r in [*front, *(p for p in presets if id(p) not in in_front)]:
+    by_cost = sorted(presets, key=lambda p: (-(_value(p, "gmacs") or 0.0), str(p.get("preset"))))
+    for r in [*front, *(p for p in by_cost if id(p) not in in_front)]:
         kind = "preset" if r.get("preset") else "search"
         vals = "".join(f"{'-' if (v := _value(r, o.name)) is None else f'{v:.4g}':>13}" for o in objectives)
         if confirmed:
@@ -356,6 +357,10 @@ def front_table(front: Sequence[dict], presets: Sequence[dict], objectives: Sequ
         label = label if len(label) <= 60 else label[:57] + "..."
         trial = "" if r.get("trial") is None else r.get("trial")
         lines.append(f"{trial:>6}  {kind:<7}{vals}  {'* ' if kind == 'preset' else ''}{label}")
-    for p, note in preset_verdicts(front, presets, objectives, searched):
+    verdicts = preset_verdicts(front, by_cost, objectives, searched)
+    for p, note in verdicts:
         lines.append(f"preset {p.get('preset')}: {note}")
+    if verdicts:
+        beaten = sum(note.startswith("dominated") for _, note in verdicts)
+        lines.append(f"the search dominates {beaten} of {len(verdicts)} presets (most GMACs first above)")
     return "\n".join(lines)

@@ -228,6 +228,9 @@ def test_front_table(records):
     assert all(len(line) < 150 for line in lines)
     assert "preset ToMe r=8: dominated by search trial(s) 2" in table
     assert "preset unreduced: not beaten" in table
+    assert lines[-1] == "the search dominates 1 of 2 presets (most GMACs first above)"
+    verdicts = [line for line in lines if line.startswith("preset ")]
+    assert verdicts == sorted(verdicts, key=lambda v: "ToMe" in v)  # unreduced (more GMACs) before ToMe r=8
 
 
 def test_preset_verdicts_name_what_dominates_or_matches() -> None:
