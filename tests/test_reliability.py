@@ -44,9 +44,9 @@ def _other_checkpoint(path: Path) -> Path:
 
 def _finetune_config(path: Path) -> Path:
     from search.models import DEFAULT_MODEL, model_spec
-    from spaces import Schedule
+    from spaces import from_preset
 
-    schedule = Schedule.from_preset("evit:0.7", model_spec(DEFAULT_MODEL))
+    schedule = from_preset("evit:0.7", model_spec(DEFAULT_MODEL))
     path.write_text(yaml.safe_dump({"schedule": schedule.to_dict(), "source": {"model": DEFAULT_MODEL}}))
     return path
 
