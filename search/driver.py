@@ -38,7 +38,7 @@ class SearchConfig:
     budget: str
     out: Path
     trials: int = 60
-    sampler: str = "nsga2"
+    sampler: str = "local-nsga2"
     resume: bool = False
     storage: str | None = None
     ray_address: str | None = None
@@ -52,6 +52,7 @@ class SearchConfig:
     finetune_top: int = 0  # promote this many screened candidates to a short fine-tune
     finetune: FinetuneJob | None = None  # how (steps, data, batch); needed when finetune_top > 0
     retries: int = 0  # Ray FailureConfig: a failed or killed trial is run again this many times
+    fault_finetunes: dict[int, str] = field(default_factory=dict)  # test hook: candidate index -> "raise" | "hang"
 
 
 @dataclass
@@ -570,9 +571,9 @@ def _run_finetunes(cfg: SearchConfig, run: dict[str, Any]) -> None:
                 record.update({k: result.get(k) for k in ("agreement", "top1", "top5", "kl", "weights",
                                                           "finetune_seconds", "trial_seconds")})
                 record.update({"accuracy": result.get("confirmed_accuracy"), "screen_accuracy": result.get("accuracy"),
-                               "confirmed_accuracy": result.get("confirmed_accuracy")})
+                               "confirmed_accuracy": result.get("confirmed_accuracy"), "error": result.get("error")})
             else:
-                record["accuracy"] = None
+                record.update({"accuracy": None, "error": "its worker ended (past --finetune-timeout, or killed)"})
             run_dir.append_record(cfg.out, record)
             progress.update(1)
 
@@ -582,7 +583,9 @@ def _run_finetunes(cfg: SearchConfig, run: dict[str, Any]) -> None:
         def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
             self._record(trial, "FAIL", None)
 
-    space = [{"trial": r["trial"], "params": r["params"]} for r in candidates]
+    faults = cfg.fault_finetunes  # test hook: the candidate's fault rides in its parameters
+    space = [{"trial": r["trial"], "params": {**r["params"], **({FAULT_KEY: faults[i]} if i in faults else {})}}
+             for i, r in enumerate(candidates)]
     _fit_grid(cfg, run, tune.with_parameters(finetune_trainable, setup=cfg.setup, job=job), "candidate", space,
               "finetune", FinetuneRecorder())
     progress.close()

@@ -93,7 +93,7 @@ def test_smoke_search_writes_every_output(smoke) -> None:
     run = json.loads((out / "run.json").read_text())
     for key in ("versions", "device", "batch_size", "precision", "seed", "sampler", "budget_gmacs", "command"):
         assert key in run
-    assert run["sampler"] == "nsga2" and "preset" in proc.stdout.lower()
+    assert run["sampler"] == "local-nsga2" and "preset" in proc.stdout.lower()
     # stdout holds the closing table only (header, rule, rows, verdicts); Ray's boxes and hints nowhere
     table = re.compile(r" *id  kind |-+$| *\d*  (search|preset) |preset \S+: |the search dominates \d+ of \d+ presets")
     assert all(table.match(line) for line in proc.stdout.splitlines()), proc.stdout

@@ -101,7 +101,9 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", required=True, help="GMACs budget: 3.0GMACs, '3.0 GMACs', 65%% (of the unreduced model) or 0.65x")
     p.add_argument("--space", default="per-layer", help=f"search space: {', '.join(SPACES)} (default per-layer)")
     p.add_argument("--methods", default=",".join(REDUCING), help=f"methods to choose from (default {','.join(REDUCING)})")
-    p.add_argument("--sampler", default="nsga2", help=f"Optuna sampler: {', '.join(SAMPLERS)} (default nsga2)")
+    p.add_argument("--sampler", default="local-nsga2",
+                   help=f"Optuna sampler: {', '.join(SAMPLERS)} (default local-nsga2: half the trials move a point of "
+                        "the front, presets included, the other half NSGA-II's)")
     p.add_argument("--objectives", default="accuracy,gmacs",
                    help=f"objectives, comma-separated from {', '.join(OBJECTIVES)} (default accuracy,gmacs)")
     p.add_argument("--trials", type=_positive_int, default=60,
@@ -138,9 +140,13 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trial-timeout", type=_positive_float, default=None,
                    help="seconds a screening trial may run; a longer one ends its worker and is recorded as FAIL "
                         "(default: no limit)")
+    p.add_argument("--finetune-timeout", type=_positive_float, default=None,
+                   help="seconds a short fine-tune may run; a longer one ends its worker and is recorded as FAIL "
+                        "(default: no limit)")
     p.add_argument("--retries", type=_non_negative_int, default=0,
                    help="times a failed or killed trial is run again (Ray's FailureConfig; default 0)")
     p.add_argument("--fail-trials", default="", help=argparse.SUPPRESS)  # test hook: "3:raise,5:nan"
+    p.add_argument("--fail-finetunes", default="", help=argparse.SUPPRESS)  # test hook: "0:raise,1:hang"
 
 
 def _int_at_least(minimum: int):  # type: ignore[no-untyped-def]
