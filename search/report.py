@@ -189,8 +189,9 @@ def plot_front(
     """front.png (matplotlib) and front.html (plotly, self-contained): GMACs against the first
     non-GMACs objective; trials, infeasible/failed, the front, presets and the budget.
 
-    With ``screen_front`` (the off-the-shelf front of a run whose best candidates were
-    fine-tuned), that front is drawn too, dashed, under the final one."""
+    With ``screen_front`` (the front on the screening images, off the shelf, of a run whose final
+    front is confirmed on other images or fine-tuned), that front is drawn too, dashed, under the
+    final one."""
     import plotly.graph_objects as go
 
     plt = _pyplot()
@@ -207,7 +208,7 @@ def plot_front(
         ox, oy = _staircase(screen_front, y)
         ax.step(ox, oy, where="post", color="tab:purple", lw=1.2, ls="--")
         ax.scatter([_value(r, "gmacs") for r in screen_front], [_value(r, y.name) for r in screen_front],
-                   s=30, facecolors="none", edgecolors="tab:purple", label=f"off-the-shelf front ({len(screen_front)})")
+                   s=30, facecolors="none", edgecolors="tab:purple", label=f"screening front, off the shelf ({len(screen_front)})")
     ax.step(sx, sy, where="post", color="tab:red", lw=1.5)
     for rs, label, kw, _ in layers:
         ax.scatter([_value(r, "gmacs") for r in rs], [_value(r, y.name) for r in rs], label=label, **kw)
@@ -227,7 +228,7 @@ def plot_front(
     if screen_front:
         ox, oy = _staircase(screen_front, y)
         pfig.add_trace(go.Scatter(x=ox, y=oy, mode="lines+markers", line={"shape": "hv", "color": "purple", "dash": "dash"},
-                                  name="off-the-shelf front", hovertext=[_hover(r, objectives) for r in screen_front]))
+                                  name="screening front, off the shelf", hovertext=[_hover(r, objectives) for r in screen_front]))
     for rs, label, _, marker in layers:
         pfig.add_trace(go.Scatter(
             x=[_value(r, "gmacs") for r in rs], y=[_value(r, y.name) for r in rs], name=label, marker=marker,
