@@ -260,3 +260,32 @@ def test_settle_stale_trials_after_a_kill_in_the_preset_injection(tmp_path: Path
     assert [t.state for t in waiting] == [TrialState.FAIL]
     lines = [json.loads(x) for x in (tmp_path / run_dir.TRIALS_LOG).read_text().splitlines()]
     assert [(r["trial"], r["preset"], r["state"]) for r in lines] == [(searched.number, None, "FAIL")]
+
+
+# --- hung and failing trials: --trial-timeout, the fine-tune stage, kills during fine-tunes and the report ---
+
+SHORT = ["--budget", "65%", *FAST, "--no-presets", "--confirm-images", "40", "--min-gmacs", "60%"]
+FINETUNE = ["--finetune-steps", "3", "--finetune-batch", "8"]
+
+
+def _searched(out: Path) -> list:
+    return [t for t in _study_trials(out) if "preset" not in t.user_attrs]
+
+
+@pytest.mark.slow
+def test_hung_trial_ends_at_trial_timeout_as_a_fail(tmp_path: Path) -> None:
+    """Item 14: the second suggestion hangs (test hook); --trial-timeout ends its worker, the trial
+    is a FAIL in trials.jsonl and in the study, the other trials are evaluated and the run ends."""
+    out = tmp_path / "hang"
+    proc = _search(*SHORT, "--trials", "3", "--out", str(out), "--fail-trials", "1:hang", "--trial-timeout", "20")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    screen = [r for r in _records(out) if r["fidelity"] == "screen"]
+    assert sorted(r["state"] for r in screen) == ["COMPLETE", "COMPLETE", "FAIL"]
+    hung = next(r for r in screen if r["state"] == "FAIL")
+    assert hung.get("accuracy") is None and hung["params"]
+    by_number = {t.number: t for t in _searched(out)}
+    assert sorted(t.state.name for t in by_number.values()) == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert by_number[hung["trial"]].state.name == "FAIL"
+    assert {r["trial"] for r in screen if r["state"] == "COMPLETE"} == \
+        {n for n, t in by_number.items() if t.state.name == "COMPLETE"}
+    assert (out / "front.json").is_file()
