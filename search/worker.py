@@ -218,10 +218,17 @@ class FinetuneJob:
     batch_size: int = 64
     lr: float | None = None  # None: FinetuneSettings' default
     crop_scale: float = TIMM_CROP_SCALE  # smallest area of the random-resized crop on `data`
+    timeout: float | None = None  # seconds a fine-tune may run; a longer one ends its worker (a FAIL)
 
 
 def finetune_params(setup: WorkerSetup, job: FinetuneJob, trial: int, params: dict[str, Any]) -> dict[str, Any]:
-    """Fine-tune a copy of the worker's model on one candidate's schedule, then re-screen it."""
+    """Fine-tune a copy of the worker's model on one candidate's schedule, then re-screen it.
+    ``params[FAULT_KEY]`` (test hook): "raise" fails it, "hang" hangs it."""
+    fault = params.get(FAULT_KEY)
+    if fault == "raise":
+        raise RuntimeError("injected failure (test hook)")
+    if fault == "hang":
+        time.sleep(1e6)
     return finetune_schedule(setup, job, schedule_from_params(setup.space, params), Path(job.out_root) / f"{trial:04d}")
 
 
@@ -253,11 +260,16 @@ def _accuracy(result: dict[str, Any]) -> float:
 
 def finetune_trainable(config: dict[str, Any], setup: WorkerSetup, job: FinetuneJob) -> None:
     """Ray Tune function trainable for one promoted candidate: ``config["candidate"]`` holds
-    its Optuna trial number and parameters."""
+    its Optuna trial number and parameters. One that raises is reported with a NaN accuracy and
+    its error; one running past ``job.timeout`` ends its worker (Ray records the trial's error)."""
     from ray import tune
 
     candidate = config["candidate"]
     start = time.perf_counter()
-    metrics = finetune_params(setup, job, int(candidate["trial"]), candidate["params"])
+    try:
+        with deadline(job.timeout):
+            metrics = finetune_params(setup, job, int(candidate["trial"]), candidate["params"])
+    except Exception as exc:  # noqa: BLE001 - recorded as this candidate's FAIL, the others still run
+        metrics = {"accuracy": float("nan"), "error": f"{type(exc).__name__}: {exc}"}
     metrics["trial_seconds"] = time.perf_counter() - start
     tune.report(metrics)

@@ -77,6 +77,15 @@ SEARCH_CASES: dict[str, tuple[list[str], str]] = {
     "out is a file [8]": (["--out", "{tmp}/a_file"], "is a file"),
     "out under a file [8]": (["--out", "{tmp}/a_file/run"], "is a file"),
     "out under /proc [8]": (["--out", "/proc/tokensched/run"], "cannot create a directory"),
+    "zero trial-timeout [14]": (["--trial-timeout", "0"], "--trial-timeout: must be > 0"),
+    "zero finetune-timeout [14]": (["--finetune-top", "1", "--finetune-timeout", "0"],
+                                   "--finetune-timeout: must be > 0"),
+    "negative finetune-timeout [14]": (["--finetune-top", "1", "--finetune-timeout=-5"],
+                                       "--finetune-timeout: must be > 0"),
+    "nan finetune-timeout [14]": (["--finetune-top", "1", "--finetune-timeout", "nan"],
+                                  "--finetune-timeout: must be > 0"),
+    "word finetune-timeout [14]": (["--finetune-top", "1", "--finetune-timeout", "soon"],
+                                   "--finetune-timeout: not a number"),
 }
 
 # Bad input of the other commands.
@@ -289,3 +298,23 @@ def test_hung_trial_ends_at_trial_timeout_as_a_fail(tmp_path: Path) -> None:
     assert {r["trial"] for r in screen if r["state"] == "COMPLETE"} == \
         {n for n, t in by_number.items() if t.state.name == "COMPLETE"}
     assert (out / "front.json").is_file()
+
+
+@pytest.mark.slow
+def test_failing_and_hung_finetunes_are_fails_the_others_complete(tmp_path: Path) -> None:
+    """Item 14, the fine-tune stage: of three promoted candidates one raises and one hangs (test
+    hook); --finetune-timeout ends the hung one's worker; both are FAIL records with their reason,
+    the third completes and the report is written."""
+    out = tmp_path / "ft"
+    proc = _search(*SHORT, "--trials", "4", "--out", str(out), "--finetune-top", "3", *FINETUNE,
+                   "--fail-finetunes", "0:raise,1:hang", "--finetune-timeout", "20")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tuned = [r for r in _records(out) if r["fidelity"] == "finetune:3"]
+    assert len(tuned) == 3 and len({r["trial"] for r in tuned}) == 3
+    failed = sorted(r["error"] for r in tuned if r["state"] == "FAIL")
+    assert len(failed) == 2 and "injected failure" in failed[0] and "past --finetune-timeout" in failed[1], failed
+    done = [r for r in tuned if r["state"] == "COMPLETE"]
+    assert len(done) == 1 and Path(done[0]["weights"]).is_file()
+    assert all(r["accuracy"] is None for r in tuned if r["state"] == "FAIL")
+    front = json.loads((out / "front.json").read_text())["front"]
+    assert front and {r["fidelity"] for r in front} <= {"confirm", "finetune:3"}

@@ -179,17 +179,20 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
                         objectives=objectives, confirm_images=args.confirm_images,
                         stop_chunk=args.stop_chunk or None,
                         trial_timeout=args.trial_timeout)
-    faults = {int(k): v for k, v in (item.split(":") for item in _split(args.fail_trials))}
+    faults, ft_faults = ({int(k): v for k, v in (item.split(":") for item in _split(text))}
+                         for text in (args.fail_trials, args.fail_finetunes))
     job = None
     if args.finetune_top:
         job = FinetuneJob(steps=args.finetune_steps, out_root="", data=args.finetune_data,
-                          batch_size=args.finetune_batch, lr=args.finetune_lr, crop_scale=args.finetune_crop_scale)
+                          batch_size=args.finetune_batch, lr=args.finetune_lr, crop_scale=args.finetune_crop_scale,
+                          timeout=args.finetune_timeout)
     return SearchConfig(setup=setup, budget=args.budget, out=Path(args.out) if args.out else default_out(),
                         trials=args.trials, sampler=args.sampler, resume=args.resume, storage=args.storage,
                         ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,
                         gpus_per_trial=args.gpus_per_trial, concurrency=args.concurrency,
                         presets=not args.no_presets, seed=args.seed, command=command_line(list(argv)),
-                        fault_trials=faults, finetune_top=args.finetune_top, finetune=job, retries=args.retries)
+                        fault_trials=faults, finetune_top=args.finetune_top, finetune=job, retries=args.retries,
+                        fault_finetunes=ft_faults)
 
 
 def cmd_search(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
