@@ -233,24 +233,46 @@ def finetune_params(setup: WorkerSetup, job: FinetuneJob, trial: int, params: di
 
 
 def finetune_schedule(setup: WorkerSetup, job: FinetuneJob, schedule: Schedule, out_dir: Path) -> dict[str, Any]:
-    """Fine-tune a copy of the worker's model on `schedule` (weights to `out_dir`), then re-screen it."""
+    """Fine-tune a copy of the worker's model on `schedule` (weights to `out_dir`), then re-screen it.
+    Weights this fine-tune already finished in `out_dir` (the driver was killed before it recorded
+    them) are scored again, not trained again."""
     from search import finetune
 
     ctx = context(setup)
     student = copy.deepcopy(ctx.model)  # the cached model stays the unreduced reference
     extra = {"lr": job.lr} if job.lr is not None else {}
     settings = finetune.FinetuneSettings(steps=job.steps, batch_size=job.batch_size, seed=setup.seed, **extra)
-    batches = finetune.train_stream(job.data, data_config(student), job.batch_size, setup.seed,
-                                    num_classes=student.num_classes, crop_scale=job.crop_scale)
-    start = time.perf_counter()
-    finetune.finetune(student, schedule, batches, settings, out_dir=out_dir, device=setup.device, log=lambda *a: None)
-    train_seconds = time.perf_counter() - start
+    if (out_dir / finetune.WEIGHTS).is_file():
+        train_seconds = _load_finished(student, schedule, settings, out_dir)
+    else:
+        batches = finetune.train_stream(job.data, data_config(student), job.batch_size, setup.seed,
+                                        num_classes=student.num_classes, crop_scale=job.crop_scale)
+        start = time.perf_counter()
+        finetune.finetune(student, schedule, batches, settings, out_dir=out_dir, device=setup.device,
+                          log=lambda *a: None)
+        train_seconds = time.perf_counter() - start
     result = evaluate(student, schedule, ctx.data, ctx.reference, batch_size=setup.batch_size, timing=None)
     confirm_data, confirm_reference = confirm_context(setup)
     confirmed = evaluate(student, schedule, confirm_data, confirm_reference, batch_size=setup.batch_size, timing=None)
     return {"accuracy": _accuracy(result), "confirmed_accuracy": _accuracy(confirmed), "agreement": result["agreement"],
             "top1": result["top1"], "top5": result["top5"], "kl": result["kl"], "gmacs": result["gmacs"],
             "finetune_seconds": train_seconds, "weights": str(out_dir / "model.safetensors")}
+
+
+def _load_finished(student: nn.Module, schedule: Schedule, settings: Any, out_dir: Path) -> float:
+    """Load the weights a fine-tune finished in `out_dir` into `student`; returns its training seconds.
+    ValueError when they were written for another schedule or other settings (nothing is overwritten)."""
+    from safetensors.torch import load_file
+
+    from search import finetune
+
+    written = json.loads((out_dir / finetune.METRICS).read_text())
+    if Schedule.load(out_dir / finetune.SCHEDULE_FILE).to_dict() != schedule.to_dict() \
+            or written.get("settings") != json.loads(json.dumps(settings.to_dict())):
+        raise ValueError(f"{out_dir / finetune.WEIGHTS} exists for another schedule or other settings; "
+                         "nothing is overwritten")
+    student.load_state_dict(load_file(str(out_dir / finetune.WEIGHTS)))
+    return float(written["seconds"])
 
 
 def _accuracy(result: dict[str, Any]) -> float:

@@ -300,6 +300,34 @@ def test_hung_trial_ends_at_trial_timeout_as_a_fail(tmp_path: Path) -> None:
     assert (out / "front.json").is_file()
 
 
+def test_finished_finetune_is_scored_again_not_refused(tmp_path: Path) -> None:
+    """A kill of the driver after a fine-tune wrote its weights but before its record: the rerun
+    on resume scores those weights (finetune refuses to overwrite them); weights of other settings
+    are still refused."""
+    import optuna
+
+    from search.models import model_spec
+    from search.worker import FinetuneJob, WorkerSetup, finetune_params
+    from spaces import Schedule, gmacs
+    from spaces.search_space import SearchSpace
+
+    spec = model_spec("tokensched_vit_shapes")
+    space = SearchSpace("per-layer", spec, budget_gmacs=0.65 * gmacs(Schedule.empty(spec)))
+    setup = WorkerSetup(space=space, model="tokensched_vit_shapes", num_images=48, batch_size=48, confirm_images=40)
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    space(trial)
+    job = FinetuneJob(steps=3, out_root=str(tmp_path), batch_size=8)
+    first = finetune_params(setup, job, 7, trial.params)
+    weights = tmp_path / "0007" / "model.safetensors"
+    written = weights.read_bytes()
+    again = finetune_params(setup, job, 7, trial.params)
+    assert weights.read_bytes() == written
+    for key in ("accuracy", "confirmed_accuracy", "agreement", "kl", "weights"):
+        assert again[key] == first[key], key
+    with pytest.raises(ValueError, match="nothing is overwritten"):
+        finetune_params(setup, FinetuneJob(steps=4, out_root=str(tmp_path), batch_size=8), 7, trial.params)
+
+
 @pytest.mark.slow
 def test_failing_and_hung_finetunes_are_fails_the_others_complete(tmp_path: Path) -> None:
     """Item 14, the fine-tune stage: of three promoted candidates one raises and one hangs (test
@@ -318,3 +346,61 @@ def test_failing_and_hung_finetunes_are_fails_the_others_complete(tmp_path: Path
     assert all(r["accuracy"] is None for r in tuned if r["state"] == "FAIL")
     front = json.loads((out / "front.json").read_text())["front"]
     assert front and {r["fidelity"] for r in front} <= {"confirm", "finetune:3"}
+
+
+def _killed_when(args: list[str], ready, what: str) -> None:  # type: ignore[no-untyped-def]
+    """Run a search and SIGKILL its process group as soon as `ready()` holds; it must still run then."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "run_search.py", *args], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not ready() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the search ended (exit {proc.returncode}) before {what}"
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_kill_during_finetunes_then_during_the_report_resumes(tmp_path: Path) -> None:
+    """Kill points of issue 21: kill -9 once a promoted candidate's weights are written (before the
+    driver records them), resume and kill -9 once the report has begun (trials.csv, written first);
+    a last --resume exits 0 with every trial and fine-tune once, nothing lost, every output written."""
+    out = tmp_path / "run"
+    args = [*SHORT, "--trials", "4", "--out", str(out), "--finetune-top", "2", *FINETUNE]
+    _killed_when(args, lambda: any((out / "promoted").glob("*/model.safetensors")), "a fine-tune's weights")
+    tuned = [r for r in _records(out) if r["fidelity"] == "finetune:3" and r["state"] == "COMPLETE"]
+    assert len(tuned) < 2 and not (out / "trials.csv").exists()  # killed during the fine-tunes
+
+    _killed_when([*args, "--resume"], lambda: (out / "trials.csv").exists(), "the report")
+    assert "front_size" not in json.loads((out / "run.json").read_text())  # killed before the report's end
+    before = _records(out)
+
+    resumed = _search(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = _records(out)
+    assert records == before  # the search, confirmations and fine-tunes were done: only the report ran again
+    searched = _searched(out)
+    complete = [t for t in searched if t.state.name == "COMPLETE"]
+    assert len(complete) == 4 and len(searched) == 4  # nothing interrupted: the kills came after the search
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 4
+    screen = [r for r in records if r["fidelity"] == "screen"]
+    assert sorted(r["trial"] for r in screen) == sorted(t.number for t in complete)  # none twice, none lost
+    tuned = [r for r in records if r["fidelity"] == "finetune:3"]
+    assert [r["state"] for r in tuned] == ["COMPLETE", "COMPLETE"] and len({r["trial"] for r in tuned}) == 2
+    assert all(Path(r["weights"]).is_file() for r in tuned)
+    for name in ("trials.csv", "front.csv", "front.json", "front.png", "front.html", "hypervolume.csv",
+                 "hypervolume.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "run.json").read_text())["front_size"] >= 1
+    import pandas as pd
+
+    assert set(pd.read_csv(out / "trials.csv")["ray_trial"]) == {r["ray_trial"] for r in records}
+    front = json.loads((out / "front.json").read_text())["front"]
+    assert sorted(p.name for p in (out / "configs").glob("*.yaml")) == sorted(f"{r['trial']:04d}.yaml" for r in front)
+    assert not list(out.glob(".configs-*"))
