@@ -24,7 +24,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(ROOT))
 
 from search import pareto  # noqa: E402
-from search.run_dir import read_records  # noqa: E402
+from search.run_dir import model_args, read_records  # noqa: E402
 
 
 def main() -> int:
@@ -54,8 +54,8 @@ def main() -> int:
                 and r.get("state") == "COMPLETE"]
     stopped = [r for r in searched if r["fidelity"] == "stopped"]
     spec = model_spec(run["model"])
-    setup = WorkerSetup(space=SearchSpace(run["space"], spec, budget_gmacs=run["budget_gmacs"]), model=run["model"],
-                        checkpoint=run["checkpoint"], data=run["data"], num_images=run["num_images"], seed=run["seed"],
+    setup = WorkerSetup(space=SearchSpace(run["space"], spec, budget_gmacs=run["budget_gmacs"]), **model_args(run),
+                        data=run["data"], num_images=run["num_images"], seed=run["seed"],
                         batch_size=run["batch_size"], threads=2, confirm_images=run["confirm_images"])
     start = time.perf_counter()
     wrong, would_enter = [], []

@@ -27,7 +27,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(ROOT))
 
 from search import pareto  # noqa: E402
-from search.run_dir import read_records  # noqa: E402
+from search.run_dir import model_args, read_records  # noqa: E402
 
 
 def spread_candidates(records: list[dict], count: int) -> list[dict]:
@@ -99,8 +99,8 @@ def main() -> int:
                 and r.get("feasible") and r.get("schedule")]
     chosen = spread_candidates(screened, args.candidates)
     spec = model_spec(run["model"])
-    setup = WorkerSetup(space=SearchSpace(run["space"], spec), model=run["model"], checkpoint=run["checkpoint"],
-                        data=run["data"], num_images=run["num_images"], seed=run["seed"],
+    setup = WorkerSetup(space=SearchSpace(run["space"], spec), **model_args(run), data=run["data"],
+                        num_images=run["num_images"], seed=run["seed"],
                         batch_size=run["batch_size"], threads=2, confirm_images=run["confirm_images"])
     job = FinetuneJob(steps=args.steps, out_root=str(out), batch_size=args.batch)
     rows = []

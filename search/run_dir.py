@@ -271,3 +271,14 @@ INTERRUPTED = "interrupted"  # user attr of a trial the driver was killed during
 def counts_against_budget(trial) -> bool:  # type: ignore[no-untyped-def]
     """Whether a finished Optuna trial counts towards --trials: not one that was only interrupted."""
     return trial.state.is_finished() and not trial.user_attrs.get(INTERRUPTED)
+
+
+def model_args(run: dict[str, Any]) -> dict[str, Any]:
+    """The worker's model arguments of a finished run (run.json): the embedded default's trained
+    weights when the command named no --model (run.json names the model either way)."""
+    import shlex
+
+    named = any(a == "--model" or a.startswith("--model=") for a in shlex.split(run.get("command") or ""))
+    if not named and not run.get("checkpoint"):
+        return {"model": None, "pretrained": False, "checkpoint": None}
+    return {"model": run["model"], "pretrained": bool(run.get("pretrained")), "checkpoint": run.get("checkpoint")}
