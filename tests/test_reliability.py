@@ -78,6 +78,8 @@ SEARCH_CASES: dict[str, tuple[list[str], str]] = {
     "out under a file [8]": (["--out", "{tmp}/a_file/run"], "is a file"),
     "out under /proc [8]": (["--out", "/proc/tokensched/run"], "cannot create a directory"),
     "zero trial-timeout [14]": (["--trial-timeout", "0"], "--trial-timeout: must be > 0"),
+    "negative stop-chunk": (["--stop-chunk=-1"], "--stop-chunk: must be >= 0"),
+    "stop-chunk not a number": (["--stop-chunk", "half"], "--stop-chunk"),
     "zero finetune-timeout [14]": (["--finetune-top", "1", "--finetune-timeout", "0"],
                                    "--finetune-timeout: must be > 0"),
     "negative finetune-timeout [14]": (["--finetune-top", "1", "--finetune-timeout=-5"],
