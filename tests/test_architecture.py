@@ -75,13 +75,16 @@ RULES = {
         {i for i in GRAPH[m] if _under(i, "reducers", "search")} | (EXTERNAL[m] & {"torch", "timm", "ray"})),
     "3 timm: only reducers/patch.py of reducers and spaces": lambda m: (
         _under(m, "reducers", "spaces") and m != "reducers.patch" and EXTERNAL[m] & {"timm"}),
-    "4 evaluation, data, models, fine-tuning, report, embedded: no Optuna or Ray": lambda m: _under(
-        m, "search.evaluate", "search.data", "search.models", "search.finetune", "search.report", "search.embedded",
+    "4 evaluation, data, models, fine-tuning, report, config, outcome, embedded: no Optuna or Ray": lambda m: _under(
+        m, "search.evaluate", "search.data", "search.models", "search.finetune", "search.report", "search.config",
+        "search.outcome", "search.embedded",
     ) and EXTERNAL[m] & {"optuna", "ray"},
     "5 embedded: nothing else of tokensched": lambda m: _under(m, "search.embedded") and {
         i for i in GRAPH[m] if not _under(i, "search.embedded") and i != "search"},
     "6 cli: imported by run_search.py only": lambda m: not _under(m, "search.cli", "run_search") and {
         i for i in GRAPH[m] if _under(i, "search.cli")},
+    "8 driver: imported by the command line only": lambda m: not _under(m, "search.cli", "search.driver") and (
+        GRAPH[m] & {"search.driver"}),
 }
 
 

@@ -12,10 +12,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from search import driver, run_dir
+from search import run_dir
+from search.config import SearchConfig
 from search.data import TensorSet
 from search.evaluate import EarlyStop, accuracy_upper_bound, predict_until
 from search.models import model_spec
+from search.outcome import STOPPED, finish
+from search.tune_stage import stop_bar
 from search.worker import WorkerSetup
 from spaces import Schedule, from_preset, gmacs
 from spaces.search_space import SearchSpace
@@ -89,13 +92,13 @@ def test_stop_bar_is_the_best_screened_accuracy_at_no_more_gmacs() -> None:
         {"fidelity": "screen", "state": "COMPLETE", "feasible": True, "accuracy": 0.9, "gmacs": 0.10},
         {"fidelity": "screen", "state": "COMPLETE", "feasible": True, "accuracy": 0.95, "gmacs": 0.20},
         {"fidelity": "screen", "state": "FAIL", "feasible": True, "accuracy": None, "gmacs": 0.05},
-        {"fidelity": driver.STOPPED, "state": "COMPLETE", "feasible": True, "accuracy": 0.99, "gmacs": 0.05},
+        {"fidelity": STOPPED, "state": "COMPLETE", "feasible": True, "accuracy": 0.99, "gmacs": 0.05},
         {"fidelity": "confirm", "state": "COMPLETE", "feasible": True, "accuracy": 0.99, "gmacs": 0.05},
         {"fidelity": "screen", "state": "COMPLETE", "feasible": False, "accuracy": 0.99, "gmacs": 0.05},
     ]
-    assert driver.stop_bar(records, 0.05) is None
-    assert driver.stop_bar(records, 0.15) == 0.9
-    assert driver.stop_bar(records, 0.20) == 0.95
+    assert stop_bar(records, 0.05) is None
+    assert stop_bar(records, 0.15) == 0.9
+    assert stop_bar(records, 0.20) == 0.95
 
 
 def test_a_stopped_trial_never_enters_the_front(tmp_path: Path) -> None:
@@ -114,13 +117,13 @@ def test_a_stopped_trial_never_enters_the_front(tmp_path: Path) -> None:
     for confirm in (False, True):
         out = tmp_path / f"confirm-{confirm}"
         out.mkdir()
-        lines = [record(0, "screen", 0.90, 0.5 * budget), record(1, driver.STOPPED, 0.99, 0.3 * budget)]
+        lines = [record(0, "screen", 0.90, 0.5 * budget), record(1, STOPPED, 0.99, 0.3 * budget)]
         if confirm:
             lines.append({**record(0, "confirm", 0.89, 0.5 * budget), "of_ray_trial": "t0-screen"})
         (out / run_dir.TRIALS_LOG).write_text("".join(json.dumps(r) + "\n" for r in lines))
-        cfg = driver.SearchConfig(setup=setup, budget="65%", out=out, presets=False)
-        outcome = driver.finish(cfg, {"model": spec.name, "checkpoint": None, "data": None, "budget_gmacs": budget})
+        cfg = SearchConfig(setup=setup, budget="65%", out=out, presets=False)
+        outcome = finish(cfg, {"model": spec.name, "checkpoint": None, "data": None, "budget_gmacs": budget})
         assert [r["trial"] for r in outcome.front] == [0]
         front = json.loads((out / "front.json").read_text())
         assert [r["trial"] for r in front["front"]] == [0]
-        assert driver.STOPPED in (out / "trials.csv").read_text()
+        assert STOPPED in (out / "trials.csv").read_text()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from search.driver import _batches
+from search.fixed_stage import _batches
 
 
 def test_batches_cover_every_item_once_and_balance() -> None:

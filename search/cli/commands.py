@@ -130,7 +130,8 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
     from dataclasses import replace
     from pathlib import Path
 
-    from search.driver import SearchConfig, command_line, default_min_gmacs
+    from search.config import SearchConfig
+    from search.driver import command_line, default_min_gmacs
     from search.models import DEFAULT_MODEL, model_spec
     from search.pareto import OBJECTIVES
     from search.run_dir import SAMPLERS, default_out

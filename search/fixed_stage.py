@@ -1,0 +1,181 @@
+"""Fixed schedules as batches of Ray trials: every preset in range on the screening images (then
+told to the study as finished trials), and the confirmation of the candidates on images disjoint
+from the screening images."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+from search import pareto, report, run_dir
+from search.config import STUDY_PREFIX, SearchConfig
+from search.outcome import finite, latest_records
+from search.tune_stage import DASHBOARD_ATTRS
+from spaces import Schedule
+from spaces.presets import presets_in_range
+from spaces.search_space import SearchSpace, preset_params
+
+
+def run_presets(space: SearchSpace) -> list[Schedule]:
+    """Every preset of every family whose GMACs lie between the space's min_gmacs and its budget
+    (spaces.presets.presets_in_range), evaluated in every run as fixed schedules."""
+    return presets_in_range(space.spec, space.budget_gmacs, space.min_gmacs)
+
+
+def _batches(items: list[Any], concurrency: int, most: int = 8) -> list[list[Any]]:
+    """Items dealt round-robin into at least `concurrency` batches of at most `most` each (one Ray
+    trial per batch: the trial's start-up is paid once per batch, not once per item)."""
+    count = min(len(items), max(concurrency, math.ceil(len(items) / most)))
+    return [items[i::count] for i in range(count)] if items else []
+
+
+def _run_fixed(cfg: SearchConfig, run: dict[str, Any], items: list[dict[str, Any]], stage: str, desc: str,
+               on_result) -> None:  # type: ignore[no-untyped-def]
+    """Evaluate fixed schedules in batches of Ray trials (reused actors, the search's concurrency).
+    Each item holds ``schedule`` (a dict) and ``images`` ("screen" or "confirm"); ``on_result(item,
+    record_id, state, result)`` records each outcome, under an id of its own (``<ray trial>-<index>``)."""
+    from ray import tune
+    from tqdm import tqdm
+
+    from search.worker import fixed_trainable
+
+    if not items:
+        return
+    progress = tqdm(total=len(items), desc=desc, unit="schedule", file=sys.stderr)
+
+    class FixedRecorder(tune.Callback):
+        def __init__(self) -> None:
+            self.reported: dict[str, int] = {}  # Ray trial -> items recorded
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):  # type: ignore[no-untyped-def]
+            index = int(result["item"])
+            state = "COMPLETE" if finite(result.get("accuracy")) else "FAIL"
+            on_result(trial.config["items"][index], f"{trial.trial_id}-{index}", state, result)
+            self.reported[trial.trial_id] = index + 1
+            progress.update(1)
+
+        def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
+            batch = trial.config["items"]
+            for index in range(self.reported.get(trial.trial_id, 0), len(batch)):  # the ones it did not reach
+                on_result(batch[index], f"{trial.trial_id}-{index}", "FAIL", None)
+                progress.update(1)
+
+    fit_grid(cfg, run, tune.with_parameters(fixed_trainable, setup=cfg.setup), "items",
+              _batches(items, cfg.concurrency), stage, FixedRecorder())
+    progress.close()
+
+
+def fit_grid(cfg: SearchConfig, run: dict[str, Any], trainable, key: str, items: list[Any], stage: str,
+              callback) -> None:  # type: ignore[no-untyped-def]
+    """One Ray trial per item (``config[key]``), in reused actors with the search's resources per
+    trial and concurrency; Tune's records go to <out>/ray/<stage>-<segment>."""
+    from ray import tune
+
+    resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
+    tune.Tuner(
+        tune.with_resources(trainable, resources),
+        param_space={key: tune.grid_search(items)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.concurrency, reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str((cfg.out / "ray").resolve()),
+                                  name=f"{stage}-{len(run.get('resumed', [])) + 1}", verbose=0,
+                                  callbacks=[callback]),
+    ).fit()
+
+
+_RESULT_KEYS = ("accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup", "images_per_s", "feasible", "error",
+                "summary", "eval_seconds", "trial_seconds", "num_images")
+
+
+def _study(cfg: SearchConfig, storage):  # type: ignore[no-untyped-def]
+    """The run's Optuna study (created here; Ray's OptunaSearch loads the same one)."""
+    import optuna
+
+    directions = ["maximize" if pareto.OBJECTIVES[o].direction == "max" else "minimize" for o in cfg.setup.objectives]
+    return optuna.create_study(storage=storage, sampler=run_dir.sampler(cfg.sampler, cfg.seed, cfg.setup.space),
+                               study_name=f"{STUDY_PREFIX}-{cfg.out.resolve().name}", directions=directions,
+                               load_if_exists=True)
+
+
+def _inject_preset(cfg: SearchConfig, study, record: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:  # type: ignore[no-untyped-def]
+    """Tell the study a measured preset as a finished trial, so the sampler can build on it (a parent
+    for NSGA-II, a good point for TPE). Returns its trial number and parameters, or None when the
+    space cannot express the preset."""
+    import optuna
+
+    space = cfg.setup.space
+    schedule = Schedule.from_dict(record["schedule"])
+    params = preset_params(schedule, space)
+    if params is None:
+        return None
+    study.enqueue_trial(params, user_attrs={"preset": record["preset"]})
+    trial = study.ask()
+    rebuilt = space(trial)
+    if rebuilt.tokens_entering() != schedule.tokens_entering():  # the enqueued point did not come back
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return None
+    for key in DASHBOARD_ATTRS:
+        if record.get(key) is not None:
+            trial.set_user_attr(key, record[key])
+    study.tell(trial, [record[o] for o in cfg.setup.objectives])
+    return trial.number, params
+
+
+def evaluate_presets(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type: ignore[no-untyped-def]
+    """Every preset in range, evaluated on the screening images as a fixed schedule and recorded; the
+    ones the space can express are then told to the study as finished trials."""
+    study = _study(cfg, storage)
+    if not cfg.presets:
+        return
+    records = latest_records(run_dir.read_records(cfg.out))
+    done = {r["preset"] for r in records if r.get("preset") and r.get("fidelity", "screen") == "screen"}
+    items = [{"preset": s.name, "schedule": s.to_dict(), "images": "screen"}
+             for s in run_presets(cfg.setup.space) if s.name not in done]
+
+    def record(item: dict[str, Any], trial_id: str, state: str, result: dict[str, Any] | None) -> None:
+        rec = {"trial": None, "ray_trial": trial_id, "state": state, "preset": item["preset"], "fidelity": "screen",
+               "params": None, "schedule": item["schedule"]}
+        rec.update({k: (result or {}).get(k) for k in _RESULT_KEYS})
+        rec["seconds"] = rec.get("eval_seconds")
+        run_dir.append_record(cfg.out, rec)
+
+    _run_fixed(cfg, run, items, "presets", "presets", record)
+    told = {t.user_attrs.get("preset") for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    for rec in latest_records(run_dir.read_records(cfg.out)):
+        if rec.get("preset") and rec.get("state") == "COMPLETE" and rec.get("fidelity", "screen") == "screen" \
+                and rec["preset"] not in told and all(finite(rec.get(o)) for o in cfg.setup.objectives):
+            told_as = _inject_preset(cfg, study, rec)
+            if told_as is not None:  # same ray_trial: the new line replaces the record
+                run_dir.append_record(cfg.out, {**rec, "trial": told_as[0], "params": told_as[1]})
+
+
+def _confirm_candidates(cfg: SearchConfig, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What is re-scored on the confirmation images: every preset, and the searched schedules on the
+    screening front of the searched trials."""
+    objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
+    screened = [r for r in records if r.get("fidelity", "screen") == "screen" and r.get("state") == "COMPLETE"]
+    presets = [r for r in screened if r.get("preset")]
+    searched = report.front_records([r for r in screened if not r.get("preset")], objectives)
+    return [r for r in [*presets, *searched] if r.get("schedule")]
+
+
+def run_confirm(cfg: SearchConfig, run: dict[str, Any]) -> None:
+    """Re-score the candidates on images disjoint from the screening images (selection optimism)."""
+    records = latest_records(run_dir.read_records(cfg.out))
+    confirmed = {r.get("of_ray_trial") for r in records if r.get("fidelity") == "confirm"}
+    candidates = [r for r in _confirm_candidates(cfg, records) if r["ray_trial"] not in confirmed]
+    items = [{"of": r["ray_trial"], "schedule": r["schedule"], "images": "confirm"} for r in candidates]
+    by_id = {r["ray_trial"]: r for r in candidates}
+
+    def record(item: dict[str, Any], trial_id: str, state: str, result: dict[str, Any] | None) -> None:
+        screen = by_id[item["of"]]
+        rec = {k: screen.get(k) for k in ("trial", "preset", "params", "summary", "schedule", "feasible", "gmacs",
+                                          "speedup", "images_per_s")}
+        rec.update({"ray_trial": trial_id, "of_ray_trial": item["of"], "state": state, "fidelity": "confirm",
+                    "screen_accuracy": screen.get("accuracy")})
+        rec.update({k: (result or {}).get(k) for k in ("accuracy", "agreement", "top1", "top5", "kl", "error",
+                                                        "eval_seconds", "trial_seconds", "num_images")})
+        rec["confirmed_accuracy"] = rec["accuracy"]
+        run_dir.append_record(cfg.out, rec)
+
+    _run_fixed(cfg, run, items, "confirm", "confirm", record)
