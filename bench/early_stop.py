@@ -24,6 +24,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(ROOT))
 
 from search import pareto  # noqa: E402
+from search.outcome import latest_records  # noqa: E402
 from search.run_dir import model_args, read_records  # noqa: E402
 
 
@@ -44,10 +45,7 @@ def main() -> int:
     from spaces.search_space import SearchSpace
 
     torch.set_num_threads(2)
-    latest: dict[str, dict] = {}
-    for r in read_records(args.run):
-        latest[r["ray_trial"]] = r
-    records = list(latest.values())
+    records = latest_records(read_records(args.run))
     screened = [r for r in records if r.get("fidelity", "screen") == "screen" and r.get("state") == "COMPLETE"
                 and r.get("feasible")]
     searched = [r for r in records if not r.get("preset") and r.get("fidelity") in ("screen", "stopped")
