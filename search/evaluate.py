@@ -44,6 +44,18 @@ class Throughput:
     calls_per_sample: int  # forwards in one timed sample (so it lasts at least min_time_s)
 
 
+# Evaluation batch per device type for `--batch-size auto`. On CPU a batch of 64 keeps a block's
+# activations in cache: bench/batch_size.py measures it (docs/RESULTS.md, "Evaluation batch").
+AUTO_BATCH = {"cpu": 64, "cuda": 256}
+
+
+def eval_batch_size(value: int | str, device: str | torch.device) -> int:
+    """`--batch-size`: a number as given, or "auto": the batch AUTO_BATCH names for the device type."""
+    if value != "auto":
+        return int(value)
+    return AUTO_BATCH.get(torch.device(device).type, AUTO_BATCH["cuda"])
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from run_search import main
 from search.data import balanced_subset, folder_set
-from search.evaluate import accuracy, evaluate, predict, throughput, timed_pairs
+from search.evaluate import AUTO_BATCH, accuracy, eval_batch_size, evaluate, predict, throughput, timed_pairs
 from search.models import data_config, load_checkpoint
 from spaces import ModelSpec, Schedule, from_preset
 from tests.images import write_image_folder
@@ -129,7 +129,8 @@ def test_eval_cli_json_on_a_folder(tiny, folder: Path, tmp_path: Path, capsys) -
 
 
 @pytest.mark.parametrize("case", ["missing dir", "empty dir", "no images", "unknown model", "bad checkpoint",
-                                  "missing checkpoint", "no network", "bad count"])
+                                  "missing checkpoint", "no network", "bad count", "bad batch",
+                                  "batch not a number"])
 def test_eval_bad_input(case: str, tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "text").mkdir()
@@ -146,6 +147,8 @@ def test_eval_bad_input(case: str, tmp_path: Path, capsys) -> None:
         "missing checkpoint": (base + ["--checkpoint", str(tmp_path / "x.pth")], "checkpoint not found"),
         "no network": (base + ["--pretrained"], "could not load pretrained weights"),
         "bad count": (base + ["--num-images", "0"], "must be positive"),
+        "bad batch": (base + ["--batch-size", "0"], "must be positive"),
+        "batch not a number": (base + ["--batch-size", "big"], "'big' is not an integer"),
     }[case]
     code, out, err = _run(argv, capsys)
     lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
@@ -176,3 +179,9 @@ def test_make_data_folder_scores_like_the_embedded_tensors(tmp_path: Path, capsy
     code, out, err = _run(["make-data", str(tmp_path / "none"), "--num-images", "0"], capsys)
     assert code == 2 and err.count("\n") == 1 and "must be positive" in err and not (tmp_path / "none").exists()
     assert sorted(root.rglob("*.png")) == before
+
+
+def test_auto_batch_size_is_per_device_type_and_a_number_is_kept() -> None:
+    assert eval_batch_size("auto", "cpu") == AUTO_BATCH["cpu"] == 64
+    assert eval_batch_size("auto", "cuda:1") == AUTO_BATCH["cuda"]
+    assert eval_batch_size(48, "cpu") == 48

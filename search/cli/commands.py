@@ -93,10 +93,11 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from search.evaluate import evaluate, predict
+    from search.evaluate import eval_batch_size, evaluate, predict
 
     model, spec, data = _load(args)
     schedule = _resolve_schedule(args, spec)
+    args.batch_size = eval_batch_size(args.batch_size, args.device)
     reference = predict(model, data, batch_size=args.batch_size)
     amp = torch.bfloat16 if args.device == "cpu" else torch.float16
     timing = None if args.no_timing else {"batch_size": args.timing_batch, "repeats": args.repeats,
@@ -132,6 +133,7 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
 
     from search.config import SearchConfig
     from search.driver import command_line, default_min_gmacs
+    from search.evaluate import eval_batch_size
     from search.models import DEFAULT_MODEL, model_spec
     from search.pareto import OBJECTIVES
     from search.run_dir import SAMPLERS, default_out
@@ -175,8 +177,9 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
             raise ValueError(f"--finetune-lr must be positive, got {args.finetune_lr}")
     check_search_inputs(args)
     setup = WorkerSetup(space=space, model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                        data=args.data, num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
-                        device=args.device, threads=max(1, int(args.cpus_per_trial)), timing=timing,
+                        data=args.data, num_images=args.num_images, seed=args.seed,
+                        batch_size=eval_batch_size(args.batch_size, args.device), device=args.device,
+                        threads=max(1, int(args.cpus_per_trial)), timing=timing,
                         objectives=objectives, confirm_images=args.confirm_images,
                         stop_chunk=args.stop_chunk or None,
                         trial_timeout=args.trial_timeout)

@@ -36,7 +36,8 @@ def build_parser(prog: str = "run_search.py") -> argparse.ArgumentParser:
     _add_model_args(e)
     _add_schedule_args(e)
     e.add_argument("--num-images", type=_positive_int, default=2000, help="screening subset size (default 2000)")
-    e.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch (default 256)")
+    e.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help="evaluation batch, or auto (default): 64 on CPU, 256 on CUDA")
     e.add_argument("--timing-batch", type=_positive_int, default=64, help="throughput batch (default 64)")
     e.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats, median reported (default 5)")
     e.add_argument("--no-timing", action="store_true", help="skip the throughput measurement")
@@ -116,7 +117,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-trial", type=_non_negative_float, default=0.0, help="GPUs per trial (default 0)")
     p.add_argument("--concurrency", type=_positive_int, default=2, help="trials at once (default 2)")
     p.add_argument("--num-images", type=_positive_int, default=2000, help="screening subset size (default 2000)")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch (default 256)")
+    p.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help="evaluation batch, or auto (default): 64 on CPU, 256 on CUDA")
     p.add_argument("--timing-batch", type=_positive_int, default=64, help="throughput batch (default 64)")
     p.add_argument("--no-presets", action="store_true", help="do not evaluate the paper presets")
     p.add_argument("--confirm-images", type=_positive_int, default=2000,
@@ -166,6 +168,11 @@ def _int_at_least(minimum: int):  # type: ignore[no-untyped-def]
 
 
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _batch_size(text: str) -> int | str:
+    """argparse type: a positive integer, or "auto" (search.evaluate.eval_batch_size picks per device)."""
+    return "auto" if text == "auto" else _positive_int(text)
 
 
 def _float_above(minimum: float, *, inclusive: bool):  # type: ignore[no-untyped-def]
