@@ -120,12 +120,15 @@ def _callback(cfg: SearchConfig, searcher, progress, records: list[dict[str, Any
     return Recorder()
 
 
-def run_tune(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type: ignore[no-untyped-def]
+def run_tune(cfg: SearchConfig, run: dict[str, Any], storage, *, trainable=None) -> None:  # type: ignore[no-untyped-def]
+    """The searched trials up to --trials. ``trainable``: what each Ray trial runs (default the worker's
+    evaluation, search.worker.trainable; bench/driver.py passes a no-op to time the driver alone)."""
     import optuna
     from ray import tune
     from tqdm import tqdm
 
-    from search.worker import trainable
+    if trainable is None:
+        from search.worker import trainable
 
     study_name = f"{STUDY_PREFIX}-{cfg.out.resolve().name}"
     study = optuna.load_study(study_name=study_name, storage=storage)  # evaluate_presets created it
