@@ -309,3 +309,26 @@ def current_schedule(model: nn.Module) -> Schedule | None:
 def last_forward_state(model: nn.Module) -> ForwardState | None:
     """Bookkeeping of the last forward pass (token counts entering each block, sizes)."""
     return getattr(model, "_ts_state", None)
+
+
+def block_call(model: nn.Module, index: int, x: Tensor, *, size: Tensor | None = None):  # type: ignore[no-untyped-def]
+    """A no-argument call that runs block `index` of a patched model on tokens x [B, N, C], as if
+    they entered it carrying `size` [B, N, 1] (None: every token one patch), resetting the
+    per-forward state each time (for timing one block alone: search/latency.py)."""
+    blk = model.blocks[index]
+    if not isinstance(blk, ReducingBlock):
+        raise ValueError("block_call needs a model patched by apply_schedule")
+
+    def run() -> Tensor:
+        blk._ts_state.reset()  # read at each call: apply_schedule may have swapped the state object
+        blk._ts_state.size = size
+        return blk(x)
+
+    return run
+
+
+def mlp_call(model: nn.Module, index: int, x: Tensor):  # type: ignore[no-untyped-def]
+    """A no-argument call that runs the MLP half of block `index` (norm2, MLP, LayerScale, residual)
+    on tokens x [B, N, C]: what a block's reduction leaves to the tokens it keeps."""
+    blk = model.blocks[index]
+    return lambda: x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))

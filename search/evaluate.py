@@ -148,6 +148,59 @@ def throughput(model: nn.Module, schedule: Schedule, *, batch_size: int = 64, im
     )
 
 
+@torch.inference_mode()
+def throughput_many(model: nn.Module, schedules: list[Schedule], *, batch_size: int = 64,
+                    image_size: tuple[int, int] | None = None, warmup: int = 1, schedule_warmup: int = 1,
+                    repeats: int = 1, min_time_s: float = 0.02,
+                    dtype: torch.dtype = torch.float32) -> list[Throughput]:
+    """`throughput` of many schedules in one process, cheaper: one chain B S1 S1 B S2 S2 B ... in
+    which each schedule sits in an ABBA quartet with the unreduced model and shares its baselines
+    with its neighbours. Each pass (`repeats`; every other pass runs the chain backwards) gives a
+    schedule two ratios: the baseline before it over its first timing, the one after over its
+    second. The unreduced model is warmed up `warmup` calls first, each schedule `schedule_warmup`
+    untimed calls before its quartet."""
+    device = next(model.parameters()).device
+    size = image_size or tuple(model.patch_embed.img_size)
+    x = torch.randn(batch_size, 3, *size, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    model.eval()
+
+    def run() -> None:
+        with autocast:
+            model(x)
+
+    def time_as(schedule: Schedule | None, calls: int) -> float:
+        remove_schedule(model) if schedule is None else apply_schedule(model, schedule)
+        return time_call(run, device, calls)
+
+    for _ in range(warmup):
+        time_as(None, 1)
+    calls = max(1, math.ceil(min_time_s / max(time_as(None, 1), 1e-9)))
+    base: dict[int, list[float]] = {i: [] for i in range(len(schedules))}
+    cand: dict[int, list[float]] = {i: [] for i in range(len(schedules))}
+    for p in range(repeats):
+        order = list(range(len(schedules)))[:: -1 if p % 2 else 1]
+        before = time_as(None, calls)
+        for i in order:
+            for _ in range(schedule_warmup):
+                time_as(schedules[i], 1)
+            first, second = time_as(schedules[i], calls), time_as(schedules[i], calls)
+            after = time_as(None, calls)
+            base[i] += [before, after]
+            cand[i] += [first, second]
+            before = after
+    remove_schedule(model)
+    out = []
+    for i in range(len(schedules)):
+        ratios = [b / c for b, c in zip(base[i], cand[i], strict=True)]
+        out.append(Throughput(
+            images_per_s=batch_size / statistics.median(cand[i]),
+            baseline_images_per_s=batch_size / statistics.median(base[i]),
+            speedup=statistics.median(ratios), speedup_min=min(ratios), speedup_max=max(ratios),
+            batch_size=batch_size, repeats=len(ratios), calls_per_sample=calls))
+    return out
+
+
 def accuracy_upper_bound(correct: int, seen: int, total: int, alpha: float) -> float:
     """A one-sided (1 - alpha) upper confidence bound on the accuracy over all `total` images, after
     `correct` of the first `seen` (in random order, so a sample drawn without replacement): the
