@@ -252,6 +252,12 @@ class Schedule:
             counts.append(plan.patch_tokens_after(counts[-1]))
         return counts
 
+    def first_reducing_block(self) -> int:
+        """The first block whose plan changes the tokens (the depth when none does): every block
+        before it computes what the unreduced model computes."""
+        counts = self.patch_tokens_entering()
+        return next((i for i, plan in enumerate(self.layers) if not plan.is_identity(counts[i])), self.model.depth)
+
     def tokens_entering(self) -> list[int]:
         """All tokens (prefix included) entering each block."""
         p = self.model.num_prefix_tokens

@@ -1,0 +1,100 @@
+"""The shared prefix: a forward from the cached tokens entering block k equals the full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reducers import apply_schedule, remove_schedule
+from reducers.prefix import embed, forward_from, tokens_entering
+from search.data import embedded_set
+from search.evaluate import evaluate, predict
+from search.models import load_model
+from search.prefix_cache import PrefixCache
+from spaces import LayerPlan, ModelSpec, Schedule
+
+PLANS = {
+    "prune": LayerPlan("prune", keep=0.7),
+    "merge": LayerPlan("merge", r=8),
+    "idle": LayerPlan("idle", keep=0.5),
+    "condense": LayerPlan("condense", keep=0.7),
+    "adaptive": LayerPlan("adaptive", r=8, threshold=0.0),
+    "diffrate": LayerPlan("diffrate", keep=0.8, merge_keep=0.8),
+}
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return load_model("tokensched_vit_shapes").eval()  # random weights: nothing to tune the test to
+
+
+@pytest.fixture(scope="module")
+def data():  # type: ignore[no-untyped-def]
+    return embedded_set(24, seed=3)
+
+
+def _schedule(model: torch.nn.Module, method: str, first: int) -> Schedule:
+    spec = ModelSpec.from_model(model)
+    layers = [LayerPlan()] * first + [PLANS[method]] * 2 + [LayerPlan()] * (spec.depth - first - 2)
+    return Schedule(spec, tuple(layers))
+
+
+@pytest.mark.parametrize("first", [0, 3, 6])
+@pytest.mark.parametrize("method", sorted(PLANS))
+def test_forward_from_the_cached_prefix_equals_the_full_forward(model, data, method: str, first: int) -> None:
+    schedule = _schedule(model, method, first)
+    assert schedule.first_reducing_block() == first
+    cache = PrefixCache(model, data, batch_size=10, budget_bytes=1 << 30)
+    tokens = cache.tokens(first)
+    assert (tokens is None) == (first == 0)
+    apply_schedule(model, schedule)
+    try:
+        full = predict(model, data, batch_size=10)
+        begin = None if tokens is None else (first, tokens)
+        from_prefix = predict(model, data, batch_size=10, start=begin)
+    finally:
+        remove_schedule(model)
+    torch.testing.assert_close(from_prefix, full, rtol=0, atol=1e-5)
+
+
+def test_evaluate_with_a_prefix_cache_scores_like_without(model, data) -> None:
+    reference = predict(model, data, batch_size=8)
+    cache = PrefixCache(model, data, batch_size=8, budget_bytes=1 << 30)
+    for first in (3, 6, 3):
+        schedule = _schedule(model, "merge", first)
+        plain = evaluate(model, schedule, data, reference, batch_size=8)
+        cached = evaluate(model, schedule, data, reference, batch_size=8, prefix=cache)
+        assert cached["agreement"] == plain["agreement"] and cached["kl"] == pytest.approx(plain["kl"], abs=1e-6)
+    assert cache.computed_blocks == 6  # blocks 0-2 once, then 3-5 from the cached block 3; block 3 reused
+
+
+def test_prefix_cache_keeps_to_its_budget_and_drops_the_least_recently_used(model, data) -> None:
+    one_block = 24 * 65 * 128 * 4  # images x tokens x width x fp32
+    cache = PrefixCache(model, data, batch_size=8, budget_bytes=2 * one_block)
+    for block in (2, 4, 2, 6):
+        assert cache.tokens(block) is not None
+    assert sorted(cache._blocks) == [2, 6] and cache.nbytes() <= 2 * one_block
+    assert PrefixCache(model, data, batch_size=8, budget_bytes=one_block - 1).tokens(3) is None
+
+
+def test_the_prefix_is_the_unreduced_models(model, data) -> None:
+    x = next(data.batches(4))[0]
+    apply_schedule(model, _schedule(model, "prune", 3))
+    try:
+        with pytest.raises(ValueError, match="remove the schedule"):
+            tokens_entering(model, embed(model, x), 0, 3)
+    finally:
+        remove_schedule(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(forward_from(model, embed(model, x), 0), model(x), rtol=0, atol=1e-6)
+
+
+def test_an_identity_schedule_reuses_the_reference_only_when_told_it_is_this_models(model, data) -> None:
+    spec = ModelSpec.from_model(model)
+    fake = torch.zeros(len(data), model.num_classes)
+    fake[:, 0] = 1.0
+    reused = evaluate(model, Schedule.empty(spec), data, fake, batch_size=8, reference_is_model=True)
+    computed = evaluate(model, Schedule.empty(spec), data, fake, batch_size=8)
+    assert reused["agreement"] == 1.0 and reused["kl"] == 0.0
+    assert computed["kl"] > 0.0
