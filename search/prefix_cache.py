@@ -26,6 +26,12 @@ class PrefixCache:
         self._blocks: OrderedDict[int, Tensor] = OrderedDict()  # least recently used first
         self.computed_blocks = 0  # blocks run over the whole set to fill the cache (bookkeeping)
 
+    def block_bytes(self) -> int:
+        """The size of one block's tokens for the whole set (every token of the unreduced model)."""
+        param = next(self.model.parameters())
+        tokens = self.model.patch_embed.num_patches + self.model.num_prefix_tokens
+        return len(self.data) * tokens * self.model.embed_dim * param.element_size()
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._blocks.values())
 
@@ -33,7 +39,7 @@ class PrefixCache:
     def tokens(self, block: int) -> Tensor | None:
         """The tokens entering `block` (1 <= block <= depth), or None when they do not fit the
         budget or block is 0 (nothing to reuse before the first block)."""
-        if block <= 0:
+        if block <= 0 or self.block_bytes() > self.budget:
             return None
         if block in self._blocks:
             self._blocks.move_to_end(block)
@@ -41,8 +47,6 @@ class PrefixCache:
         start = max((k for k in self._blocks if k < block), default=0)
         tokens = self._run(start, block)
         size = tokens.numel() * tokens.element_size()
-        if size > self.budget:
-            return None
         while self._blocks and self.nbytes() + size > self.budget:
             self._blocks.popitem(last=False)
         self._blocks[block] = tokens

@@ -71,11 +71,13 @@ def test_evaluate_with_a_prefix_cache_scores_like_without(model, data) -> None:
 
 def test_prefix_cache_keeps_to_its_budget_and_drops_the_least_recently_used(model, data) -> None:
     one_block = 24 * 65 * 128 * 4  # images x tokens x width x fp32
+    assert PrefixCache(model, data, batch_size=8, budget_bytes=0).block_bytes() == one_block
     cache = PrefixCache(model, data, batch_size=8, budget_bytes=2 * one_block)
     for block in (2, 4, 2, 6):
         assert cache.tokens(block) is not None
     assert sorted(cache._blocks) == [2, 6] and cache.nbytes() <= 2 * one_block
-    assert PrefixCache(model, data, batch_size=8, budget_bytes=one_block - 1).tokens(3) is None
+    small = PrefixCache(model, data, batch_size=8, budget_bytes=one_block - 1)
+    assert small.tokens(3) is None and small.computed_blocks == 0  # known not to fit: not computed
 
 
 def test_the_prefix_is_the_unreduced_models(model, data) -> None:
