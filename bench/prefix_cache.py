@@ -61,7 +61,7 @@ def main() -> int:
     p.add_argument("--batch-size", default="auto")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--most", type=int, default=None, help="at most this many schedules, evenly spaced (--run)")
+    p.add_argument("--most", type=int, default=None, help="at most this many schedules, evenly spaced")
     args = p.parse_args()
     if (args.run is None) == (args.model is None):
         print("error: give exactly one of --run and --model", file=sys.stderr)
@@ -83,13 +83,14 @@ def main() -> int:
         named = model_args(run)
         model = load_model(named["model"], pretrained=named["pretrained"], checkpoint=named["checkpoint"])
         schedules, images = _run_schedules(args.run), args.num_images or run["num_images"]
-        if args.most and len(schedules) > args.most:
-            schedules = [schedules[round(i * (len(schedules) - 1) / (args.most - 1))] for i in range(args.most)]
+
     else:
         torch.manual_seed(args.seed)
         model = load_model(args.model)
         schedules, images = _drawn_schedules(ModelSpec.from_model(model, name=args.model), args.schedules, args.seed), \
             args.num_images or 256
+    if args.most and len(schedules) > args.most:
+        schedules = [schedules[round(i * (len(schedules) - 1) / (args.most - 1))] for i in range(args.most)]
     data = load_eval_set(None, data_config(model), num_images=images, seed=args.seed, num_classes=model.num_classes)
     reference = predict(model, data, batch_size=batch)
     cache = PrefixCache(model, data, batch_size=batch, budget_bytes=4 << 30)
