@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from search import pareto, report, run_dir
 from search.config import STUDY_PREFIX, SearchConfig
 from search.outcome import finite, latest_records
 from search.tune_stage import DASHBOARD_ATTRS
-from spaces import Schedule
+from spaces import Schedule, gmacs
 from spaces.presets import presets_in_range
 from spaces.search_space import SearchSpace, preset_params
 
@@ -23,11 +24,27 @@ def run_presets(space: SearchSpace) -> list[Schedule]:
     return presets_in_range(space.spec, space.budget_gmacs, space.min_gmacs)
 
 
-def _batches(items: list[Any], concurrency: int, most: int = 8) -> list[list[Any]]:
-    """Items dealt round-robin into at least `concurrency` batches of at most `most` each (one Ray
-    trial per batch: the trial's start-up is paid once per batch, not once per item)."""
-    count = min(len(items), max(concurrency, math.ceil(len(items) / most)))
-    return [items[i::count] for i in range(count)] if items else []
+def _batches(items: list[Any], concurrency: int, most: int = 8,
+             cost: Callable[[Any], float] = lambda item: 1.0) -> list[list[Any]]:
+    """Items dealt into batches of about equal `cost` (one Ray trial per batch: the trial's start-up
+    is paid once per batch, not once per item): enough batches for about `most` items each, rounded
+    up to a multiple of `concurrency`, so the workers finish together. Costliest first, each item to the
+    cheapest batch so far (longest processing time first); the costliest batches first."""
+    if not items:
+        return []
+    count = min(len(items), concurrency * math.ceil(math.ceil(len(items) / most) / concurrency))
+    batches: list[list[Any]] = [[] for _ in range(count)]
+    totals = [0.0] * count
+    for item in sorted(items, key=cost, reverse=True):
+        slot = min(range(count), key=lambda i: (totals[i], len(batches[i])))
+        batches[slot].append(item)
+        totals[slot] += cost(item)
+    return [batches[i] for i in sorted(range(count), key=lambda i: -totals[i])]
+
+
+def _item_cost(item: dict[str, Any]) -> float:
+    """The GMACs of a fixed schedule: its evaluation time goes with them."""
+    return gmacs(Schedule.from_dict(item["schedule"]))
 
 
 def _run_fixed(cfg: SearchConfig, run: dict[str, Any], items: list[dict[str, Any]], stage: str, desc: str,
@@ -62,7 +79,7 @@ def _run_fixed(cfg: SearchConfig, run: dict[str, Any], items: list[dict[str, Any
                 progress.update(1)
 
     fit_grid(cfg, run, tune.with_parameters(fixed_trainable, setup=cfg.setup), "items",
-              _batches(items, cfg.concurrency), stage, FixedRecorder())
+              _batches(items, cfg.concurrency, cost=_item_cost), stage, FixedRecorder())
     progress.close()
 
 

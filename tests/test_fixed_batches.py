@@ -16,6 +16,16 @@ def test_batches_cover_every_item_once_and_balance() -> None:
     assert len(_batches(items, concurrency=16)) == 16
 
 
+def test_batches_balance_their_cost_and_come_costliest_first() -> None:
+    costs = [65, 60, 55, 50, 45, 40, 35, 34, 30, 28, 26, 25, 24, 22, 20, 18, 17, 16, 15, 14]
+    batches = _batches(costs, concurrency=2, most=4, cost=float)
+    assert len(batches) == 6 and sorted(c for b in batches for c in b) == sorted(costs)  # 5 rounded up to 2 x 3
+    totals = [sum(b) for b in batches]
+    assert totals == sorted(totals, reverse=True) and max(totals) - min(totals) <= 15  # dealt round-robin: 82
+    dealt = [costs[i::6] for i in range(6)]
+    assert max(map(sum, dealt)) - min(map(sum, dealt)) > max(totals) - min(totals)
+
+
 def test_a_failing_schedule_is_reported_and_the_batch_goes_on(monkeypatch) -> None:
     import math
 
