@@ -34,6 +34,10 @@ class SearchConfig:
     finetune: FinetuneJob | None = None  # how (steps, data, batch); needed when finetune_top > 0
     retries: int = 0  # Ray FailureConfig: a failed or killed trial is run again this many times
     fault_finetunes: dict[int, str] = field(default_factory=dict)  # test hook: candidate index -> "raise" | "hang"
+    timing_batch: int = 64  # batch of the latency profile and of the re-timed throughput
+    latency_batch: int = 1  # batch of the re-timed latency (batch 1: what an online user waits)
+    latency_profile: str | None = None  # a profile file given on purpose (its key must match the run's)
+    retime: bool = True  # re-time every front point and preset after the confirmation
 
 
 @dataclass

@@ -21,6 +21,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from search.config import SearchConfig, SearchOutcome
 from search.finetune_stage import run_finetunes
 from search.fixed_stage import evaluate_presets, run_confirm
 from search.outcome import finish
+from search.speed_stage import ensure_profile, needs_profile, run_retime
 from search.tune_stage import run_tune
 from spaces import Schedule, gmacs
 from spaces.presets import presets_in_range
@@ -46,6 +48,8 @@ def _settings(cfg: SearchConfig) -> dict[str, Any]:
         "space": space.name, "methods": list(space.methods), "objectives": list(s.objectives), "sampler": cfg.sampler,
         "trials": cfg.trials, "device": s.device, "batch_size": s.batch_size, "precision": "fp32",
         "timing": dict(s.timing) if s.timing else None, "concurrency": cfg.concurrency,
+        "timing_batch": cfg.timing_batch, "latency_batch": cfg.latency_batch, "retime": cfg.retime,
+        "threads": s.threads,
         "cpus_per_trial": cfg.cpus_per_trial, "gpus_per_trial": cfg.gpus_per_trial,
         "storage": cfg.storage or f"sqlite:///{(cfg.out / run_dir.STUDY_DB).resolve()}",
         "versions": run_dir.versions(),
@@ -156,6 +160,9 @@ def run(cfg: SearchConfig) -> SearchOutcome:
         print(f"Ray dashboard: {dashboard}", file=sys.stderr)
     print(f"Optuna study: {run['storage']} (optuna-dashboard {run['storage']})", file=sys.stderr)
     tic = time.perf_counter()
+    if needs_profile(cfg):  # the trials' predicted speed comes from it
+        cfg = replace(cfg, setup=replace(cfg.setup, latency=ensure_profile(cfg, run)))
+    profiled = time.perf_counter()
     evaluate_presets(cfg, run, storage)
     presets_done = time.perf_counter()
     run_tune(cfg, run, storage)
@@ -164,10 +171,14 @@ def run(cfg: SearchConfig) -> SearchOutcome:
     confirmed = time.perf_counter()
     if cfg.finetune_top > 0:
         run_finetunes(cfg, run)
+    finetuned = time.perf_counter()
+    if cfg.retime:
+        run_retime(cfg, run)
     run.setdefault("timing_s", []).append({
-        "ray_init_and_setup": round(tic - start, 3), "presets": round(presets_done - tic, 3),
-        "tune": round(toc - presets_done, 3), "confirm": round(confirmed - toc, 3),
-        "finetune": round(time.perf_counter() - confirmed, 3)})
+        "ray_init_and_setup": round(tic - start, 3), "latency_profile": round(profiled - tic, 3),
+        "presets": round(presets_done - profiled, 3), "tune": round(toc - presets_done, 3),
+        "confirm": round(confirmed - toc, 3), "finetune": round(finetuned - confirmed, 3),
+        "retime": round(time.perf_counter() - finetuned, 3)})
     return finish(cfg, run)
 
 

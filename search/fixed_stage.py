@@ -101,7 +101,7 @@ def fit_grid(cfg: SearchConfig, run: dict[str, Any], trainable, key: str, items:
 
 
 _RESULT_KEYS = ("accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup", "images_per_s", "feasible", "error",
-                "summary", "eval_seconds", "trial_seconds", "num_images")
+                "summary", "eval_seconds", "trial_seconds", "num_images", "predicted_speedup", "predicted_images_per_s")
 
 
 def _study(cfg: SearchConfig, storage):  # type: ignore[no-untyped-def]
@@ -187,7 +187,7 @@ def run_confirm(cfg: SearchConfig, run: dict[str, Any]) -> None:
     def record(item: dict[str, Any], trial_id: str, state: str, result: dict[str, Any] | None) -> None:
         screen = by_id[item["of"]]
         rec = {k: screen.get(k) for k in ("trial", "preset", "params", "summary", "schedule", "feasible", "gmacs",
-                                          "speedup", "images_per_s")}
+                                          "speedup", "images_per_s", "predicted_speedup", "predicted_images_per_s")}
         rec.update({"ray_trial": trial_id, "of_ray_trial": item["of"], "state": state, "fidelity": "confirm",
                     "screen_accuracy": screen.get("accuracy")})
         rec.update({k: (result or {}).get(k) for k in ("accuracy", "agreement", "top1", "top5", "kl", "error",

@@ -7,7 +7,7 @@ import math
 import sys
 from typing import Any
 
-from search import pareto, report, run_dir
+from search import latency, pareto, report, run_dir
 from search.config import EXIT_EMPTY_FRONT, SearchConfig, SearchOutcome
 from spaces import Schedule, gmacs
 from spaces.presets import effective_key
@@ -60,13 +60,7 @@ def finish(cfg: SearchConfig, run: dict[str, Any]) -> SearchOutcome:
     every = latest_records(run_dir.read_records(cfg.out))
     report.write_trials_csv(cfg.out / "trials.csv", every)
     records = [r for r in every if r.get("fidelity", "screen") == "screen"]  # the screening, in trial order
-    best, finetuned = _front_pool(every)
-    presets = [r for r in best if r.get("preset") and r.get("state") == "COMPLETE"]
-    # A sampler can rebuild a preset exactly (a local move of an irrelevant parameter): the preset
-    # stands for it on the front and in the verdict.
-    preset_keys = {effective_key(Schedule.from_dict(p["schedule"])) for p in presets if p.get("schedule")}
-    best = [r for r in best if r.get("preset") or not _runs_a_preset(r, preset_keys)]
-    front = report.front_records(best, objectives, search_only=False)
+    front, presets, best, finetuned = final_front(cfg, every)
     baseline = gmacs(Schedule.empty(cfg.setup.space.spec))
     reference = pareto.reference_point(objectives, baseline_gmacs=baseline)
     import numpy as np
@@ -91,10 +85,31 @@ def finish(cfg: SearchConfig, run: dict[str, Any]) -> SearchOutcome:
            "budget_gmacs": run["budget_gmacs"], "run_dir": str(cfg.out)}
     run_dir.replace_configs(cfg.out, lambda root: report.export_configs(root, front, run=src))  # stale ones go
     searched = [r for r in best if not r.get("preset") and r.get("state") == "COMPLETE"]
-    print(report.front_table(front, presets, objectives, searched))
+    run["latency_error"] = latency.predictor_error([*front, *presets])
+    print(report.front_table(front, presets, objectives, searched, verdict_on=verdict_objectives(objectives)))
     run["front_size"], run["hypervolume"] = len(front), history[-1] if history else 0.0
     run_dir.write_run_json(cfg.out, run)
     return SearchOutcome(cfg.out, records, front, 0)
+
+
+def final_front(cfg: SearchConfig, every: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                                       list[dict[str, Any]], bool]:
+    """The front (on the run's objectives), the presets, the pool both come from, and whether
+    fine-tunes ran, from one record per Ray trial."""
+    objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
+    best, finetuned = _front_pool(every)
+    presets = [r for r in best if r.get("preset") and r.get("state") == "COMPLETE"]
+    # A sampler can rebuild a preset exactly (a local move of an irrelevant parameter): the preset
+    # stands for it on the front and in the verdict.
+    preset_keys = {effective_key(Schedule.from_dict(p["schedule"])) for p in presets if p.get("schedule")}
+    best = [r for r in best if r.get("preset") or not _runs_a_preset(r, preset_keys)]
+    return report.front_records(best, objectives, search_only=False), presets, best, finetuned
+
+
+def verdict_objectives(objectives: list[pareto.Objective]) -> list[pareto.Objective]:
+    """What the verdict on the presets compares: the run's objectives less the predicted speed (a
+    model's estimate, not a measurement; accuracy against GMACs by default)."""
+    return [o for o in objectives if o.name != "predicted_speedup"]
 
 
 def _runs_a_preset(record: dict[str, Any], preset_keys: set[tuple]) -> bool:

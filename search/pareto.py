@@ -48,6 +48,7 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("gmacs", "min"),
         Objective("speedup", "max"),
         Objective("images_per_s", "max"),
+        Objective("predicted_speedup", "max"),  # from the run's latency profile (search/latency.py)
     )
 }
 
@@ -178,7 +179,7 @@ def hv_contributions(points: np.ndarray, directions: Sequence[str], reference: S
     return np.maximum(out, 0.0)  # clip float round-off
 
 
-_REFERENCE_VALUES = {"accuracy": 0.0, "agreement": 0.0, "speedup": 0.0, "images_per_s": 0.0}
+_REFERENCE_VALUES = {"accuracy": 0.0, "agreement": 0.0, "speedup": 0.0, "images_per_s": 0.0, "predicted_speedup": 0.0}
 
 
 def reference_point(objectives: Sequence[Objective], *, baseline_gmacs: float) -> list[float]:

@@ -33,8 +33,13 @@ __all__ = [
 
 COLUMNS = (
     "trial", "state", "preset", "fidelity", "feasible", "accuracy", "screen_accuracy", "confirmed_accuracy",
-    "agreement", "top1", "top5", "gmacs", "speedup", "images_per_s", "seconds", "summary",
+    "agreement", "top1", "top5", "gmacs", "speedup", "images_per_s", "predicted_speedup", "measured_speedup",
+    "predicted_images_per_s", "measured_images_per_s", "latency_ms", "latency_speedup", "seconds", "summary",
 )  # fmt: skip
+# Shown beside the objectives in the closing table when the front was re-timed: (column, record key, format).
+SPEED_COLUMNS = (("measured", "measured_speedup", "{:.2f}x"), ("img/s", "measured_images_per_s", "{:.0f}"),
+                 ("pred img/s", "predicted_images_per_s", "{:.0f}"), ("b1 ms", "latency_ms", "{:.2f}"),
+                 ("b1 x", "latency_speedup", "{:.2f}x"))
 
 
 def _value(record: dict, name: str) -> float | None:
@@ -282,7 +287,10 @@ def export_configs(out_dir: str | Path, front: Sequence[dict], *, run: dict) -> 
             raise FileExistsError(f"refusing to overwrite {p}")
     cfg_dir.mkdir(parents=True, exist_ok=True)
     source = {k: run.get(k) for k in ("model", "checkpoint", "data", "finetune_data", "budget_gmacs", "run_dir")}
-    objective_keys = ("accuracy", "agreement", "top1", "top5", "gmacs", "speedup", "images_per_s")
+    objective_keys = ("accuracy", "agreement", "top1", "top5", "gmacs", "speedup", "images_per_s",
+                      "predicted_speedup", "predicted_images_per_s")
+    speed_keys = ("measured_speedup", "measured_images_per_s", "baseline_images_per_s", "retime_batch", "latency_ms",
+                  "baseline_latency_ms", "latency_speedup", "latency_batch")
     for r, p in zip(front, paths, strict=True):
         cmd = ["python", "run_search.py", "finetune", "--config", str(p)]
         if run.get("finetune_data"):  # training images; the search's --data is the held-out screening set
@@ -293,6 +301,7 @@ def export_configs(out_dir: str | Path, front: Sequence[dict], *, run: dict) -> 
             "trial": r["trial"], "preset": r.get("preset"), "fidelity": r.get("fidelity"),
             "objectives": {k: r.get(k) for k in objective_keys if k in r},
             "screen_accuracy": r.get("screen_accuracy"), "confirmed_accuracy": r.get("confirmed_accuracy"),
+            "measured_speed": {k: r.get(k) for k in speed_keys if r.get(k) is not None} or None,
             "source": source, "finetuned_weights": r.get("weights"), "finetune_command": shlex.join(cmd),
             "schedule": r.get("schedule"),
         }  # fmt: skip
@@ -337,31 +346,41 @@ def preset_verdicts(front: Sequence[dict], presets: Sequence[dict], objectives: 
 
 
 def front_table(front: Sequence[dict], presets: Sequence[dict], objectives: Sequence[Objective],
-                searched: Sequence[dict] = ()) -> str:
-    """Fixed-width table of the front beside every preset, with a verdict per preset.
+                searched: Sequence[dict] = (), *, verdict_on: Sequence[Objective] | None = None) -> str:
+    """Fixed-width table of the front beside every preset, with a verdict per preset (on the
+    objectives ``verdict_on``, default all).
 
     When the records were confirmed on disjoint images, ``accuracy`` is the confirmed accuracy and a
-    ``screen`` column shows the screening accuracy beside it.
+    ``screen`` column shows the screening accuracy beside it. When they were re-timed, the measured
+    speed-up and images/s, the predicted images/s and the latency at the latency batch follow.
     """
     confirmed = any(r.get("screen_accuracy") is not None for r in [*front, *presets])
+    timed = any(r.get("measured_speedup") is not None for r in [*front, *presets])
     extra = f"{'screen':>9}" if confirmed else ""
-    head = f"{'id':>6}  {'kind':<7}" + "".join(f"{o.name:>13}" for o in objectives) + extra + "  summary"
+    extra += "".join(f"{name:>11}" for name, _, _ in SPEED_COLUMNS) if timed else ""
+    width = [max(13, len(o.name) + 1) for o in objectives]
+    head = f"{'id':>6}  {'kind':<7}" + "".join(f"{o.name:>{w}}" for o, w in zip(objectives, width, strict=True)) \
+        + extra + "  summary"
     lines = [head, "-" * len(head)]
     in_front = {id(r) for r in front}
     by_cost = sorted(presets, key=lambda p: (-(_value(p, "gmacs") or 0.0), str(p.get("preset"))))
     for r in [*front, *(p for p in by_cost if id(p) not in in_front)]:
         kind = "preset" if r.get("preset") else "search"
-        vals = "".join(f"{'-' if (v := _value(r, o.name)) is None else f'{v:.4g}':>13}" for o in objectives)
+        vals = "".join(f"{'-' if (v := _value(r, o.name)) is None else f'{v:.4g}':>{w}}"
+                       for o, w in zip(objectives, width, strict=True))
         if confirmed:
             vals += f"{'-' if (v := _value(r, 'screen_accuracy')) is None else f'{v:.4g}':>9}"
+        if timed:
+            vals += "".join(f"{'-' if (v := _value(r, key)) is None else fmt.format(v):>11}" for _, key, fmt in SPEED_COLUMNS)
         label = f"{r.get('preset')}: {r.get('summary')}" if kind == "preset" else str(r.get("summary") or "")
         label = label if len(label) <= 60 else label[:57] + "..."
         trial = "" if r.get("trial") is None else r.get("trial")
         lines.append(f"{trial:>6}  {kind:<7}{vals}  {'* ' if kind == 'preset' else ''}{label}")
-    verdicts = preset_verdicts(front, by_cost, objectives, searched)
+    verdicts = preset_verdicts(front, by_cost, verdict_on or objectives, searched)
     for p, note in verdicts:
         lines.append(f"preset {p.get('preset')}: {note}")
     if verdicts:
         beaten = sum(note.startswith("dominated") for _, note in verdicts)
-        lines.append(f"the search dominates {beaten} of {len(verdicts)} presets (most GMACs first above)")
+        on = "" if verdict_on is None else " on " + " vs ".join(o.name for o in verdict_on)
+        lines.append(f"the search dominates {beaten} of {len(verdicts)} presets{on} (most GMACs first above)")
     return "\n".join(lines)

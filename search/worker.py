@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from search import latency
 from search.data import TIMM_CROP_SCALE, TensorSet, load_confirm_set, load_eval_set
 from search.evaluate import EarlyStop, evaluate, predict
 from search.models import data_config, load_model
@@ -52,6 +53,7 @@ class WorkerSetup:
     trial_timeout: float | None = None  # seconds; a trial running longer ends its worker process (a FAIL)
     confirm_images: int = 2000  # images disjoint from the screening set, for re-scoring the front
     stop_chunk: int | None = 250  # screen searched trials in chunks of this many images, stopping early; None: never
+    latency: Any = None  # the run's search.latency.LatencyProfile: every record gets its predicted speed
 
 
 @dataclass
@@ -106,6 +108,7 @@ def _metrics(setup: WorkerSetup, schedule: Schedule, result: dict[str, Any]) -> 
         "speedup": result.get("speedup"), "images_per_s": result.get("images_per_s"),
         "feasible": setup.space.budget_gmacs is None or result["gmacs"] <= setup.space.budget_gmacs + 1e-12,
         "summary": schedule.summary(),
+        **(latency.prediction(setup.latency, schedule) if setup.latency is not None else {}),
     }
 
 

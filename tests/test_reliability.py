@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,8 +20,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--model", "tokensched_vit_shapes", "--num-images", "48", "--batch-size", "48"]
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+# --timing-batch 8: the latency profile (built once into the test cache) and the re-timing stay short
+FAST = ["--model", "tokensched_vit_shapes", "--num-images", "48", "--batch-size", "48", "--timing-batch", "8"]
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+       "TOKENSCHED_CACHE": os.path.join(tempfile.gettempdir(), "tokensched-test-cache")}
 
 
 def _not_images(root: Path) -> Path:

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +27,10 @@ import yaml
 from search.pareto import non_dominated
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--model", "tokensched_vit_shapes", "--num-images", "48", "--batch-size", "48"]
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+# --timing-batch 8: the latency profile (built once into the test cache) and the re-timing stay short
+FAST = ["--model", "tokensched_vit_shapes", "--num-images", "48", "--batch-size", "48", "--timing-batch", "8"]
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+       "TOKENSCHED_CACHE": os.path.join(tempfile.gettempdir(), "tokensched-test-cache")}
 OUTPUTS = ["trials.csv", "front.csv", "front.json", "front.png", "front.html", "hypervolume.csv", "hypervolume.png",
            "run.json", "study.db", "trials.jsonl"]
 
@@ -105,13 +108,35 @@ def test_front_is_non_dominated_and_feasible(smoke) -> None:
     run = json.loads((out / "run.json").read_text())
     front = pd.read_csv(out / "front.csv")
     assert (front["gmacs"] <= run["budget_gmacs"] + 1e-9).all()
-    points = front[["accuracy", "gmacs"]].to_numpy()
-    assert non_dominated(points, ["max", "min"]).all()
+    objectives = json.loads((out / "front.json").read_text())["objectives"]  # the run's: accuracy, GMACs, predicted
+    names, directions = [o["name"] for o in objectives], [o["direction"] for o in objectives]
+    points = front[names].to_numpy()
+    assert non_dominated(points, directions).all()
     trials = pd.read_csv(out / "trials.csv")
     ok = trials[(trials["state"] == "COMPLETE") & trials["feasible"].astype(bool) & (trials["fidelity"] == "confirm")]
     # No completed, feasible, confirmed point dominates a front member.
-    everything = np.vstack([points, ok[["accuracy", "gmacs"]].to_numpy()])
-    assert non_dominated(everything, ["max", "min"])[: len(points)].all()
+    everything = np.vstack([points, ok[names].to_numpy()])
+    assert non_dominated(everything, directions)[: len(points)].all()
+
+
+def test_front_and_presets_carry_predicted_and_measured_speed(smoke) -> None:
+    """By default the third objective is the speed-up the run's latency profile predicts, and after
+    the confirmation every front point and every preset is re-timed: both columns, everywhere."""
+    out, proc = smoke
+    run = json.loads((out / "run.json").read_text())
+    assert run["objectives"] == ["accuracy", "gmacs", "predicted_speedup"]
+    assert run["latency_profile"]["key"]["batch"] == 8 and (out / "latency_profile.json").is_file()
+    front = pd.read_csv(out / "front.csv")
+    trials = pd.read_csv(out / "trials.csv")
+    presets = trials[(trials["fidelity"] == "confirm") & trials["preset"].notna()]
+    assert len(presets) > 0
+    for table in (front, presets):
+        for column in ("predicted_speedup", "predicted_images_per_s", "measured_speedup", "measured_images_per_s",
+                       "latency_ms", "latency_speedup"):
+            assert (table[column] > 0).all(), column  # NaN fails too
+    assert run["latency_error"]["points"] == len(set(front["summary"]) | set(presets["summary"]))
+    assert {"median_abs_pct_error", "spearman"} <= set(run["latency_error"]["speedup"])
+    assert "presets on accuracy vs gmacs" in proc.stdout  # the verdict stays on accuracy against GMACs
 
 
 def test_failures_are_recorded_and_the_search_goes_on(smoke) -> None:

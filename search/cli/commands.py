@@ -176,6 +176,7 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
         if not args.finetune_lr > 0:
             raise ValueError(f"--finetune-lr must be positive, got {args.finetune_lr}")
     check_search_inputs(args)
+    latency_profile = _check_latency_profile(args, spec)
     setup = WorkerSetup(space=space, model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                         data=args.data, num_images=args.num_images, seed=args.seed,
                         batch_size=eval_batch_size(args.batch_size, args.device), device=args.device,
@@ -196,7 +197,25 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
                         gpus_per_trial=args.gpus_per_trial, concurrency=args.concurrency,
                         presets=not args.no_presets, seed=args.seed, command=command_line(list(argv)),
                         fault_trials=faults, finetune_top=args.finetune_top, finetune=job, retries=args.retries,
-                        fault_finetunes=ft_faults)
+                        fault_finetunes=ft_faults, timing_batch=args.timing_batch,
+                        latency_batch=args.latency_batch, latency_profile=latency_profile, retime=not args.no_retime)
+
+
+def _check_latency_profile(args: argparse.Namespace, spec) -> str | None:  # type: ignore[no-untyped-def]
+    """--latency-profile must be a profile measured for this run's key (model, device, torch, dtype,
+    --timing-batch, threads): its absolute path, or ValueError."""
+    from pathlib import Path
+
+    from search.latency import check_fits, current_key, load_matching
+
+    if not args.latency_profile:
+        return None
+    path = Path(args.latency_profile).resolve()
+    if not path.is_file():
+        raise ValueError(f"--latency-profile {args.latency_profile}: no such file")
+    key = current_key(spec.name, args.device, batch=args.timing_batch, threads=max(1, int(args.cpus_per_trial)))
+    check_fits(load_matching(path, key), spec, f"--latency-profile {args.latency_profile}")
+    return str(path)
 
 
 def cmd_search(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
@@ -281,6 +300,58 @@ def _print_finetune(args: argparse.Namespace, out, m: dict) -> int:  # type: ign
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Build (or reuse) the latency profile of a model on this device and print its table."""
+    from pathlib import Path
+
+    import torch
+
+    from search import latency
+    from search.models import DEFAULT_MODEL, load_model
+
+    check_device(args.device)
+    key = latency.current_key(args.model or DEFAULT_MODEL, args.device, batch=args.timing_batch, threads=args.threads)
+    out = Path(args.out) if args.out else latency.cache_path(key)
+    if out.exists() and not out.is_file():
+        raise ValueError(f"--out {out}: not a file")
+    profile = None
+    if out.is_file() and not args.rebuild:
+        try:
+            profile = latency.load_matching(out, key)
+        except ValueError as err:
+            if args.out:  # a file named on purpose is not replaced silently
+                raise ValueError(f"{err}; add --rebuild to replace it") from None
+    built = profile is None
+    if built:
+        torch.set_num_threads(args.threads)
+        model = load_model(args.model, device=args.device)  # weights do not change the time
+        log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+        profile = latency.build(model, key, log=log)
+        profile.save(out)
+    return _print_profile(args, profile, out, built)
+
+
+def _print_profile(args: argparse.Namespace, profile, out, built: bool) -> int:  # type: ignore[no-untyped-def]
+    from search import latency
+
+    how = f"built in {profile.build_seconds:.1f} s" if built else "reused (its key matches)"
+    if args.json:
+        print(json.dumps({"file": str(out), "built": built, **profile.to_dict()}))
+        return 0
+    k = profile.key
+    print(f"latency profile {out}: {how}")
+    print(f"key        {k.model} on {k.device} ({k.device_name}), torch {k.torch}, {k.dtype}, batch {k.batch}, "
+          f"{k.threads} thread(s)")
+    print("ms per batch of one block, by patch tokens entering it (timed; the prediction uses a fitted quadratic)")
+    print(f"{'kind':<12}" + "".join(f"{n:>8}" for n in profile.grid))
+    for kind, values in profile.tables.items():
+        print(f"{kind:<12}" + "".join(f"{v / 1e3:>8.2f}" for v in values))
+    full = latency.predict_us(profile, latency.Schedule.empty(latency.ModelSpec.from_dict(profile.spec)))
+    print(f"rest of the model {profile.rest_us / 1e3:.2f} ms; unreduced model predicted {full / 1e3:.2f} ms "
+          f"({k.batch / (full * 1e-6):.1f} images/s)")
+    return 0
+
+
 def cmd_make_data(args: argparse.Namespace) -> int:
     from search.embedded.synthetic import CLASS_NAMES, write_folder
 
@@ -292,4 +363,4 @@ def cmd_make_data(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"gmacs": cmd_gmacs, "eval": cmd_eval, "search": cmd_search, "finetune": cmd_finetune,
-            "make-data": cmd_make_data}
+            "profile": cmd_profile, "make-data": cmd_make_data}

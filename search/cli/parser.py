@@ -42,6 +42,9 @@ def build_parser(prog: str = "run_search.py") -> argparse.ArgumentParser:
     e.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats, median reported (default 5)")
     e.add_argument("--no-timing", action="store_true", help="skip the throughput measurement")
     e.add_argument("--amp", action="store_true", help="time under autocast (bf16 on CPU, fp16 on CUDA)")
+    e.add_argument("--compile", action="store_true",
+                   help="also run the reduced and the unreduced model under torch.compile (inductor): outputs "
+                        "against eager, compile time, graph breaks and recompiles, compiled speed-up")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     s = sub.add_parser("search", help="search schedules under a budget (the default command)")
@@ -49,6 +52,16 @@ def build_parser(prog: str = "run_search.py") -> argparse.ArgumentParser:
 
     f = sub.add_parser("finetune", help="fine-tune an exported config: distillation + token cut loss (IdleViT recipe)")
     _add_finetune_args(f)
+
+    pr = sub.add_parser("profile", help="time every block kind of a model: the latency profile the search predicts with")
+    pr.add_argument("--model", default=None, help="timm model name (default: the embedded default)")
+    pr.add_argument("--device", default="cuda" if cuda_available() else "cpu", help="cpu or cuda (default: cuda when present)")
+    pr.add_argument("--timing-batch", type=_positive_int, default=64, help="batch (default 64, the search's)")
+    pr.add_argument("--threads", type=_positive_int, default=1,
+                    help="torch threads (default 1: a search trial's, --cpus-per-trial 1)")
+    pr.add_argument("--out", default=None, help="profile file to write (default: the cache the search reads)")
+    pr.add_argument("--rebuild", action="store_true", help="time it again even when a matching profile is cached")
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
 
     d = sub.add_parser("make-data", help="write the embedded data set as an ImageFolder of PNGs (to try --data)")
     d.add_argument("out", help="directory to create (must not exist or be empty)")
@@ -105,8 +118,10 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="local-nsga2",
                    help=f"Optuna sampler: {', '.join(SAMPLERS)} (default local-nsga2: half the trials move a point of "
                         "the front, presets included, the other half NSGA-II's)")
-    p.add_argument("--objectives", default="accuracy,gmacs",
-                   help=f"objectives, comma-separated from {', '.join(OBJECTIVES)} (default accuracy,gmacs)")
+    p.add_argument("--objectives", default="accuracy,gmacs,predicted_speedup",
+                   help=f"objectives, comma-separated from {', '.join(OBJECTIVES)} (default accuracy,gmacs,"
+                        "predicted_speedup: the speed-up the run's latency profile predicts; speedup and "
+                        "images_per_s time every trial)")
     p.add_argument("--trials", type=_positive_int, default=60,
                    help="searched trials (default 60); every preset in range is evaluated besides them")
     p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
@@ -119,7 +134,16 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=_positive_int, default=2000, help="screening subset size (default 2000)")
     p.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="evaluation batch, or auto (default): 64 on CPU, 256 on CUDA")
-    p.add_argument("--timing-batch", type=_positive_int, default=64, help="throughput batch (default 64)")
+    p.add_argument("--timing-batch", type=_positive_int, default=64,
+                   help="throughput batch: of the latency profile and the re-timing (default 64)")
+    p.add_argument("--latency-batch", type=_positive_int, default=1,
+                   help="batch at which the front and the presets are also re-timed for latency (default 1)")
+    p.add_argument("--latency-profile", default=None,
+                   help="a latency profile file (run_search.py profile --out FILE); it must have been measured "
+                        "for this model, device, torch, dtype, --timing-batch and threads (default: the cached one "
+                        "that matches, else one built at the start)")
+    p.add_argument("--no-retime", action="store_true",
+                   help="do not re-time the front and the presets after the confirmation")
     p.add_argument("--no-presets", action="store_true", help="do not evaluate the paper presets")
     p.add_argument("--confirm-images", type=_positive_int, default=2000,
                    help="images disjoint from the screening set on which the front and the presets are re-scored "

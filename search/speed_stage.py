@@ -1,0 +1,128 @@
+"""Measured speed around the search: before the trials, the latency profile they are priced with
+(reused from the cache while its key matches, else built); after the confirmation, every front
+point and every preset re-timed against the unreduced model, batched and at the latency batch.
+
+Both run as one Ray task with the trials' resources (the device and thread count the profile is
+keyed by), so the timing happens in one process on the machine the trials ran on, with nothing
+else of the run beside it."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+from search import latency, run_dir
+from search.config import SearchConfig
+from search.latency import LatencyProfile, ProfileKey
+from search.worker import WorkerSetup
+
+PROFILE_FILE = "latency_profile.json"  # the run's copy: a resumed run keeps the profile it started with
+MEASURED = ("measured_images_per_s", "measured_speedup", "measured_speedup_min", "measured_speedup_max",
+            "baseline_images_per_s", "latency_ms", "baseline_latency_ms", "latency_speedup")
+
+
+def profile_key(cfg: SearchConfig) -> ProfileKey:
+    s = cfg.setup
+    return latency.current_key(s.space.spec.name, s.device, batch=cfg.timing_batch, threads=s.threads)
+
+
+def needs_profile(cfg: SearchConfig) -> bool:
+    return "predicted_speedup" in cfg.setup.objectives or cfg.retime
+
+
+def _remote(cfg: SearchConfig, fn, *args):  # type: ignore[no-untyped-def]
+    """Run fn(*args) as one Ray task with a trial's resources and wait for it."""
+    import ray
+
+    task = ray.remote(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial, max_retries=0)(fn)
+    return ray.get(task.remote(*args))
+
+
+def _model(setup: WorkerSetup):  # type: ignore[no-untyped-def]
+    import torch
+
+    from search.models import load_model
+
+    torch.set_num_threads(max(1, setup.threads))
+    return load_model(setup.model, pretrained=setup.pretrained, checkpoint=setup.checkpoint, device=setup.device)
+
+
+def _build_task(setup: WorkerSetup, key: dict[str, Any]) -> dict[str, Any]:
+    return latency.build(_model(setup), ProfileKey(**key)).to_dict()
+
+
+def ensure_profile(cfg: SearchConfig, run: dict[str, Any]) -> LatencyProfile:
+    """The run's profile: its own copy on --resume, else --latency-profile (checked at the command
+    line), else the cached one whose key matches, else one built now (and cached)."""
+    path, key = cfg.out / PROFILE_FILE, profile_key(cfg)
+    start = time.perf_counter()
+    if path.is_file():
+        profile, source = LatencyProfile.load(path), "run"
+    elif cfg.latency_profile:
+        profile, source = latency.load_matching(cfg.latency_profile, key), cfg.latency_profile
+    elif (hit := latency.cached(key)) is not None:
+        profile, source = hit, f"cache {latency.cache_path(key)}"
+    else:
+        print(f"building the latency profile for {key.model} on {key.device_name} (batch {key.batch}, "
+              f"{key.threads} thread(s)); cached in {latency.cache_path(key)}", file=sys.stderr)
+        profile = LatencyProfile.from_dict(_remote(cfg, _build_task, cfg.setup, asdict(key)))
+        profile.save(latency.cache_path(key))
+        source = f"built {profile.build_seconds:.1f} s, cached {latency.cache_path(key)}"
+    latency.check_fits(profile, cfg.setup.space.spec, source)
+    if not path.is_file():
+        profile.save(path)
+    run["latency_profile"] = {"file": PROFILE_FILE, "source": source, "key": asdict(profile.key),
+                              "build_seconds": round(profile.build_seconds, 3),
+                              "seconds_here": round(time.perf_counter() - start, 3)}
+    return profile
+
+
+def _retime_task(setup: WorkerSetup, schedules: list[dict[str, Any]], batch: int, latency_batch: int,
+                 on_gpu: bool) -> list[dict[str, Any]]:
+    """Throughput at `batch` and latency at `latency_batch` of every schedule, in this one process."""
+    from search.evaluate import throughput_many
+    from spaces import Schedule
+
+    model = _model(setup)
+    items = [Schedule.from_dict(s) for s in schedules]
+    warm = 1 if on_gpu else 0  # CUDA kernels are chosen on a first call; a CPU forward needs none
+    start = time.perf_counter()
+    batched = throughput_many(model, items, batch_size=batch, warmup=2, schedule_warmup=warm, repeats=1)
+    mid = time.perf_counter()
+    single = throughput_many(model, items, batch_size=latency_batch, warmup=2, schedule_warmup=warm, repeats=2)
+    seconds = {"batched": mid - start, "latency": time.perf_counter() - mid}
+    return [{"measured_images_per_s": b.images_per_s, "measured_speedup": b.speedup,
+             "measured_speedup_min": b.speedup_min, "measured_speedup_max": b.speedup_max,
+             "baseline_images_per_s": b.baseline_images_per_s,
+             "latency_ms": 1e3 * latency_batch / s.images_per_s, "baseline_latency_ms": 1e3 * latency_batch / s.baseline_images_per_s,
+             "latency_speedup": s.speedup, "retime_seconds": seconds} for b, s in zip(batched, single, strict=True)]
+
+
+def run_retime(cfg: SearchConfig, run: dict[str, Any]) -> None:
+    """Re-time every point of the final front and every preset not yet re-timed (a resumed run keeps
+    the timings it has); each gets a new trial-log line with the measured columns beside its own."""
+    from search.outcome import final_front, latest_records
+
+    every = latest_records(run_dir.read_records(cfg.out))
+    front, presets = final_front(cfg, every)[:2]
+    todo = list({r["ray_trial"]: r for r in [*front, *presets] if r.get("schedule")
+                 and r.get("measured_speedup") is None}.values())
+    if not todo:
+        return
+    print(f"re-timing {len(todo)} schedules (front and presets) against the unreduced model: batch "
+          f"{cfg.timing_batch}, then batch {cfg.latency_batch}", file=sys.stderr)
+    start = time.perf_counter()
+    results = _remote(cfg, _retime_task, cfg.setup, [r["schedule"] for r in todo], cfg.timing_batch,
+                      cfg.latency_batch, cfg.gpus_per_trial > 0)
+    for record, measured in zip(todo, results, strict=True):
+        seconds = measured.pop("retime_seconds")
+        run_dir.append_record(cfg.out, {**record, **measured, "retime_batch": cfg.timing_batch,
+                                        "latency_batch": cfg.latency_batch})
+    run.setdefault("retime_runs", []).append({"schedules": len(todo), "seconds": round(time.perf_counter() - start, 3),
+                                         "timing_seconds": {k: round(v, 3) for k, v in seconds.items()},
+                                         "batch": cfg.timing_batch, "latency_batch": cfg.latency_batch,
+                                         "threads": cfg.setup.threads, "device": cfg.setup.device,
+                                         "protocol": "evaluate.throughput_many: one pass batched, two at the "
+                                                     "latency batch; median of the ABBA ratios"})
