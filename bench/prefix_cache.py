@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +93,10 @@ def main() -> int:
     if args.most and len(schedules) > args.most:
         schedules = [schedules[round(i * (len(schedules) - 1) / (args.most - 1))] for i in range(args.most)]
     data = load_eval_set(None, data_config(model), num_images=images, seed=args.seed, num_classes=model.num_classes)
+    size = tuple(model.patch_embed.img_size)
+    if tuple(data.images.shape[-2:]) != size:  # the embedded 64 px images, resized to the named model's input
+        resized = torch.nn.functional.interpolate(data.images.float(), size=size, mode="bilinear", antialias=False)
+        data = replace(data, images=resized.round().clamp(0, 255).to(torch.uint8))
     reference = predict(model, data, batch_size=batch)
     cache = PrefixCache(model, data, batch_size=batch, budget_bytes=4 << 30)
     seconds = {"plain": 0.0, "cached": 0.0}

@@ -30,6 +30,7 @@ from search.config import SearchConfig, SearchOutcome
 from search.finetune_stage import run_finetunes
 from search.fixed_stage import evaluate_presets, run_confirm
 from search.outcome import finish
+from search.shared_logits import CACHE_DIR
 from search.speed_stage import ensure_profile, needs_profile, run_retime
 from search.tune_stage import run_tune
 from spaces import Schedule, gmacs
@@ -153,6 +154,7 @@ def run(cfg: SearchConfig) -> SearchOutcome:
     dashboard = _init_ray(cfg)
     check_cluster_resources(cfg)
     run = run_dir.prepare(cfg.out, settings, resume=cfg.resume)
+    cfg = replace(cfg, setup=replace(cfg.setup, cache_dir=str((cfg.out / CACHE_DIR).resolve())))
     run["dashboard"] = dashboard
     run_dir.write_run_json(cfg.out, run)  # before the study exists, so a kill from here on can be resumed
     storage = run_dir.storage(cfg.storage, cfg.out)

@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from search import latency
 from search.data import TIMM_CROP_SCALE, TensorSet, load_confirm_set, load_eval_set
 from search.evaluate import EarlyStop, evaluate, predict
+from search import shared_logits
 from search.models import data_config, load_model
+from search.prefix_cache import PrefixCache
 from spaces import Schedule
 from spaces.search_space import SearchSpace
 
@@ -53,6 +55,8 @@ class WorkerSetup:
     trial_timeout: float | None = None  # seconds; a trial running longer ends its worker process (a FAIL)
     confirm_images: int = 2000  # images disjoint from the screening set, for re-scoring the front
     stop_chunk: int | None = 250  # screen searched trials in chunks of this many images, stopping early; None: never
+    cache_dir: str | None = None  # the run's cache: the unreduced logits, computed once and shared (search.shared_logits)
+    prefix_cache_mb: int = 1024  # memory for the tokens entering block k (search.prefix_cache), per image set; 0: off
     latency: Any = None  # the run's search.latency.LatencyProfile: every record gets its predicted speed
 
 
@@ -62,8 +66,11 @@ class Context:
     data: TensorSet
     reference: Tensor  # unreduced logits on the screening set
     load_seconds: float
+    prefix: PrefixCache
     trials: int = field(default=0)
     confirm: tuple[TensorSet, Tensor] | None = None  # confirmation images and their unreduced logits
+    confirm_prefix: PrefixCache | None = None
+    confirm_reference: Tensor | None = None  # the confirmation logits when loaded with the screening ones
 
 
 _CONTEXTS: dict[tuple, Context] = {}
@@ -83,18 +90,43 @@ def context(setup: WorkerSetup) -> Context:
         model = load_model(setup.model, pretrained=setup.pretrained, checkpoint=setup.checkpoint, device=setup.device)
         data = load_eval_set(setup.data, data_config(model), num_images=setup.num_images, seed=setup.seed,
                              num_classes=model.num_classes)
-        reference = predict(model, data, batch_size=setup.batch_size)
-        _CONTEXTS[key] = Context(model, data, reference, time.perf_counter() - start)
+        reference, confirm_reference = _references(setup, model, data)
+        prefix = PrefixCache(model, data, batch_size=setup.batch_size, budget_bytes=setup.prefix_cache_mb << 20)
+        _CONTEXTS[key] = Context(model, data, reference, time.perf_counter() - start, prefix,
+                                 confirm_reference=confirm_reference)
     return _CONTEXTS[key]
+
+
+def _confirm_set(setup: WorkerSetup, model: nn.Module) -> TensorSet:
+    return load_confirm_set(setup.data, data_config(model), num_images=setup.confirm_images,
+                            screen_images=setup.num_images, seed=setup.seed, num_classes=model.num_classes)
+
+
+def _references(setup: WorkerSetup, model: nn.Module, data: TensorSet) -> tuple[Tensor, Tensor | None]:
+    """The unreduced logits on the screening images and, with a run cache, on the confirmation
+    images too: computed by the first worker to need them, loaded by the others."""
+    if setup.cache_dir is None:
+        return predict(model, data, batch_size=setup.batch_size), None
+    stamp = Path(setup.checkpoint).stat() if setup.checkpoint and Path(setup.checkpoint).is_file() else None
+    key = (*_context_key(setup), stamp and (stamp.st_size, stamp.st_mtime_ns), torch.__version__)
+    screen, confirm = (shared_logits.cache_path(setup.cache_dir, name, (*key, extra))
+                       for name, extra in (("screen", None), ("confirm", setup.confirm_images)))
+    logits = shared_logits.shared_logits([
+        (screen, lambda: predict(model, data, batch_size=setup.batch_size)),
+        (confirm, lambda: predict(model, _confirm_set(setup, model), batch_size=setup.batch_size)),
+    ])
+    return logits[0], logits[1]
 
 
 def confirm_context(setup: WorkerSetup) -> tuple[TensorSet, Tensor]:
     """The confirmation images (disjoint from the screening set) and their unreduced logits, built once."""
     ctx = context(setup)
     if ctx.confirm is None:
-        data = load_confirm_set(setup.data, data_config(ctx.model), num_images=setup.confirm_images,
-                                screen_images=setup.num_images, seed=setup.seed, num_classes=ctx.model.num_classes)
-        ctx.confirm = (data, predict(ctx.model, data, batch_size=setup.batch_size))
+        data = _confirm_set(setup, ctx.model)
+        reference = ctx.confirm_reference
+        ctx.confirm = (data, reference if reference is not None else predict(ctx.model, data, batch_size=setup.batch_size))
+        ctx.confirm_prefix = PrefixCache(ctx.model, data, batch_size=setup.batch_size,
+                                         budget_bytes=setup.prefix_cache_mb << 20)
     return ctx.confirm
 
 
@@ -119,7 +151,8 @@ def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str) -> dict[
     data, reference = (ctx.data, ctx.reference) if images == "screen" else confirm_context(setup)
     start = time.perf_counter()
     timing = dict(setup.timing) if setup.timing is not None and images == "screen" else None
-    result = evaluate(ctx.model, schedule, data, reference, batch_size=setup.batch_size, timing=timing)
+    result = evaluate(ctx.model, schedule, data, reference, batch_size=setup.batch_size, timing=timing,
+                      prefix=ctx.prefix if images == "screen" else ctx.confirm_prefix, reference_is_model=True)
     return {**_metrics(setup, schedule, result), "eval_seconds": time.perf_counter() - start, "num_images": len(data)}
 
 
@@ -163,7 +196,7 @@ def evaluate_params(setup: WorkerSetup, params: dict[str, Any]) -> dict[str, Any
     below = params.get(STOP_KEY)
     stop = EarlyStop(below, chunk=setup.stop_chunk) if setup.stop_chunk and below is not None else None
     result = evaluate(ctx.model, schedule, ctx.data, ctx.reference, batch_size=setup.batch_size, timing=timing,
-                      early_stop=stop)
+                      early_stop=stop, prefix=ctx.prefix, reference_is_model=True)
     metrics = {**_metrics(setup, schedule, result), "schedule": schedule.to_dict(),
                "stopped": result["stopped"], "num_images": result["num_images"],
                "eval_seconds": time.perf_counter() - start, "load_seconds": ctx.load_seconds if ctx.trials == 1 else 0.0}

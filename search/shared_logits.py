@@ -1,0 +1,70 @@
+"""The unreduced model's logits, computed once per run and shared by every worker through files.
+
+Each stage of a search starts fresh Ray actors, and every worker needs the unreduced model's
+logits on the screening images (and, for the confirmation, on the confirmation images): the
+most expensive forward of all, once per worker per stage. Here the first worker to need a set
+computes it and writes it atomically under the run directory's cache; the others load it. While
+one worker holds a set's lock, another computes the next set it will need instead of waiting.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+CACHE_DIR = "cache"  # under the run directory: the shared logits and their locks
+
+
+def cache_path(cache_dir: str | Path, name: str, key: Sequence[object]) -> Path:
+    """The file of one set's logits: its name and a digest of everything that determines them."""
+    digest = hashlib.sha256(json.dumps([str(k) for k in key]).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"logits-{name}-{digest}.pt"
+
+
+@contextmanager
+def _lock(path: Path, *, wait: bool):  # type: ignore[no-untyped-def]
+    """An exclusive lock on path's `.lock` file; yields False when `wait` is off and it is taken."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _compute_and_save(path: Path, compute: Callable[[], Tensor]) -> Tensor:
+    logits = compute()
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(logits, tmp)
+    os.replace(tmp, path)
+    return logits
+
+
+def shared_logits(jobs: Sequence[tuple[Path, Callable[[], Tensor]]]) -> list[Tensor]:
+    """Each job's logits: loaded from its file, or computed (and saved) by whoever gets there first.
+
+    First pass: every job whose lock is free is computed now (or loaded, if its file appeared);
+    second pass: wait for the others' locks, then load (or compute, if their worker died)."""
+    found: dict[int, Tensor] = {}
+    for i, (path, compute) in enumerate(jobs):
+        with _lock(path, wait=False) as held:
+            if held:
+                found[i] = torch.load(path) if path.is_file() else _compute_and_save(path, compute)
+    for i, (path, compute) in enumerate(jobs):
+        if i not in found:
+            with _lock(path, wait=True):
+                found[i] = torch.load(path) if path.is_file() else _compute_and_save(path, compute)
+    return [found[i] for i in range(len(jobs))]

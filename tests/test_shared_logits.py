@@ -1,0 +1,83 @@
+"""The unreduced logits shared between workers through files: computed once, loaded after."""
+
+from __future__ import annotations
+
+import fcntl
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from search.models import model_spec
+from search.shared_logits import cache_path, shared_logits
+from search.worker import _CONTEXTS, WorkerSetup, context
+from spaces.search_space import SearchSpace
+
+FAST = "tokensched_vit_shapes"  # random weights
+
+
+def _space() -> SearchSpace:
+    return SearchSpace("per-layer", model_spec(FAST))
+
+
+def _never() -> torch.Tensor:
+    raise AssertionError("computed again")
+
+
+def test_each_set_is_computed_once_then_loaded(tmp_path: Path) -> None:
+    a, b = cache_path(tmp_path, "screen", ("m", 1)), cache_path(tmp_path, "confirm", ("m", 1))
+    assert a != b and cache_path(tmp_path, "screen", ("m", 2)) != a
+    first = shared_logits([(a, lambda: torch.ones(3, 2)), (b, lambda: torch.zeros(4, 2))])
+    again = shared_logits([(a, _never), (b, _never)])
+    for x, y in zip(first, again, strict=True):
+        torch.testing.assert_close(x, y)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".lock", ".lock", ".pt", ".pt"]  # no temporary left
+
+
+def test_a_set_another_worker_holds_is_waited_for_while_the_next_is_computed(tmp_path: Path) -> None:
+    held, screen = cache_path(tmp_path, "screen", ("m",)), cache_path(tmp_path, "confirm", ("m",))
+    locked, computed_while_held = threading.Event(), threading.Event()
+
+    def other_worker() -> None:  # holds the screening set's lock, then writes it
+        with open(held.with_suffix(".lock"), "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            locked.set()
+            computed_while_held.wait(timeout=30)
+            torch.save(torch.full((2, 2), 7.0), held)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    thread = threading.Thread(target=other_worker)
+    thread.start()
+    assert locked.wait(timeout=30)
+
+    def compute_confirm() -> torch.Tensor:
+        computed_while_held.set()
+        return torch.zeros(2, 2)
+
+    got = shared_logits([(held, _never), (screen, compute_confirm)])
+    thread.join()
+    torch.testing.assert_close(got[0], torch.full((2, 2), 7.0))
+    torch.testing.assert_close(got[1], torch.zeros(2, 2))
+
+
+def test_workers_of_one_run_share_the_reference_logits(tmp_path: Path) -> None:
+    setup = WorkerSetup(space=_space(), model=FAST, num_images=16, batch_size=8, confirm_images=8,
+                        cache_dir=str(tmp_path))
+    first = context(setup)
+    files = sorted(p.name for p in tmp_path.glob("*.pt"))
+    assert len(files) == 2 and files[0].startswith("logits-confirm-") and files[1].startswith("logits-screen-")
+    _CONTEXTS.clear()  # as a new worker process would start
+    second = context(setup)
+    torch.testing.assert_close(second.reference, first.reference)
+    assert second.confirm_reference is not None and second.confirm_reference.shape[0] == 8
+    _CONTEXTS.clear()
+
+
+@pytest.mark.parametrize("budget", [0, 64])
+def test_prefix_cache_budget_of_the_worker(tmp_path: Path, budget: int) -> None:
+    setup = WorkerSetup(space=_space(), model=FAST, num_images=16, batch_size=8, confirm_images=8,
+                        prefix_cache_mb=budget)
+    ctx = context(setup)
+    assert (ctx.prefix.tokens(3) is None) == (budget == 0)
+    _CONTEXTS.clear()
