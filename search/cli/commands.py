@@ -95,6 +95,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from search.evaluate import eval_batch_size, evaluate, predict
 
+    if args.compile:
+        from search.compiled import compile_unavailable
+
+        check_device(args.device)
+        why = compile_unavailable(args.device)
+        if why is not None:
+            raise ValueError(f"--compile: torch.compile cannot run here: {why}")
     model, spec, data = _load(args)
     schedule = _resolve_schedule(args, spec)
     args.batch_size = eval_batch_size(args.batch_size, args.device)
@@ -105,6 +112,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = {"model": spec.name, "data": data.source, **evaluate(model, schedule, data, reference,
                                                                   batch_size=args.batch_size, timing=timing)}
     result["skipped_images"] = data.skipped
+    if args.compile:
+        result["compiled"] = _compiled(args, model, schedule, data)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -118,7 +127,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"speed      {result['images_per_s']:.1f} images/s vs {result['baseline_images_per_s']:.1f} unreduced: "
               f"{result['speedup']:.2f}x (range {result['speedup_min']:.2f}-{result['speedup_max']:.2f}, "
               f"batch {result['batch_size']}, median of {result['repeats']})")
+    if args.compile:
+        c = result["compiled"]
+        print(f"compiled   {c['images_per_s']:.1f} images/s vs {c['baseline_images_per_s']:.1f} unreduced, both under "
+              f"torch.compile: {c['speedup']:.2f}x (eager in the same pairs {c['eager_speedup']:.2f}x); max |logit "
+              f"difference| to eager {c['max_abs_logit_diff']:.2e}; compile {c['compile_seconds']:.1f} s "
+              f"(unreduced {c['baseline_compile_seconds']:.1f} s); {c['graphs']} graph(s), {c['graph_breaks']} "
+              f"break(s), {c['recompiles']} recompile(s) over {c['batches']} more batches")
     return 0
+
+
+def _compiled(args: argparse.Namespace, model, schedule, data) -> dict:  # type: ignore[no-untyped-def]
+    """The schedule under torch.compile: outputs against eager, compile time, breaks, compiled speed-up."""
+    from dataclasses import asdict
+
+    from search.compiled import compiled_run
+
+    images = next(data.batches(min(len(data), 64), next(model.parameters()).device))[0]
+    return {**asdict(compiled_run(model, schedule, images, batch_size=args.timing_batch, repeats=args.repeats)),
+            "batches": 3}
 
 
 def _split(text: str) -> tuple[str, ...]:

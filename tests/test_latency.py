@@ -1,0 +1,183 @@
+"""The latency model: predictions from a hand-made profile, the file and its key, the cache (reused
+while the key matches, rebuilt when it does not), the re-timing chain, and bad input at the boundary."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from run_search import main
+from search import latency, speed_stage
+from search.config import SearchConfig
+from search.latency import LatencyProfile, ProfileKey
+from search.models import DEFAULT_MODEL, load_model, model_spec
+from search.worker import WorkerSetup
+from spaces import LayerPlan, Schedule
+from spaces.search_space import SearchSpace
+
+SPEC = model_spec(DEFAULT_MODEL)  # 12 blocks, 64 patches + CLS
+GRID = (1, 16, 32, 48, 64)
+KEY = ProfileKey(model=DEFAULT_MODEL, device="cpu", device_name="Test CPU", torch="2.15.0", dtype="float32", batch=8,
+                 threads=1)
+
+
+def line(a: float, b: float) -> tuple[float, ...]:
+    """a + b n at every grid point (a straight line: the fitted quadratic is the line itself)."""
+    return tuple(a + b * n for n in GRID)
+
+
+def hand_made(key: ProfileKey = KEY) -> LatencyProfile:
+    tables = {"none": line(100, 10), "none~sized": line(130, 11), "mlp": line(0, 4), "prune": line(60, 9),
+              "merge": line(70, 12), "condense": line(90, 13), "adaptive": line(80, 12), "diffrate": line(75, 12),
+              "idle": line(50, 8)}
+    return LatencyProfile(key=key, spec=SPEC.to_dict(), grid=GRID, tables=tables, rest_us=500.0, base_block_us=740.0)
+
+
+def schedule(*plans: LayerPlan) -> Schedule:
+    return Schedule(model=SPEC, layers=plans + (LayerPlan(),) * (SPEC.depth - len(plans)))
+
+
+def test_unreduced_prediction_is_the_rest_plus_every_block() -> None:
+    assert latency.predict_us(hand_made(), Schedule.empty(SPEC)) == pytest.approx(500 + 12 * (100 + 10 * 64))
+
+
+def test_prune_then_plain_blocks_sum_as_they_should() -> None:
+    # Block 0 prunes 64 -> 32 without fusing (no sizes): its table entry at 64 was timed at the
+    # reference keep 0.5 with fusing (64 -> 33), so the MLP on 33 comes off and the MLP on 32 on;
+    # the 11 blocks after it run 32 tokens unsized.
+    got = latency.predict_us(hand_made(), schedule(LayerPlan("prune", keep=0.5, fuse=False)))
+    block0 = (60 + 9 * 64) - 4 * 33 + 4 * 32
+    assert got == pytest.approx(500 + block0 + 11 * (100 + 10 * 32))
+
+
+def test_merge_gives_sizes_and_the_blocks_after_it_pay_the_bias() -> None:
+    got = latency.predict_us(hand_made(), schedule(LayerPlan("merge", keep=0.75)))  # 64 -> 48, sizes from here
+    block0 = (70 + 12 * 64) - 4 * 32 + 4 * 48  # reference: keep 0.5, 64 -> 32
+    assert got == pytest.approx(500 + block0 + 11 * (130 + 11 * 48))
+    unsized = latency.predict_us(hand_made(), replace(schedule(LayerPlan("merge", keep=0.75)), prop_attn=False))
+    assert unsized == pytest.approx(500 + block0 + 11 * (100 + 10 * 48))
+
+
+def test_idle_block_ranks_every_token_and_runs_the_active_ones() -> None:
+    got = latency.predict_us(hand_made(), schedule(LayerPlan("idle", keep=0.25)))  # 16 of 64 active
+    block0 = (50 + 8 * 64) - (100 + 10 * 32) + (100 + 10 * 16)  # reference: 32 of 64 active
+    assert got == pytest.approx(500 + block0 + 11 * (100 + 10 * 64))
+    pred = latency.prediction(hand_made(), schedule(LayerPlan("idle", keep=0.25)))
+    assert pred["predicted_speedup"] == pytest.approx((500 + 12 * 740) / got)
+    assert pred["predicted_images_per_s"] == pytest.approx(8 / (got * 1e-6))
+
+
+def test_profile_round_trips_and_refuses_other_versions(tmp_path: Path) -> None:
+    path = hand_made().save(tmp_path / "p.json")
+    again = LatencyProfile.load(path)
+    assert again.tables == hand_made().tables and again.key == KEY
+    doc = json.loads(path.read_text())
+    (tmp_path / "v9.json").write_text(json.dumps({**doc, "version": 9}))
+    with pytest.raises(ValueError, match="version 9"):
+        LatencyProfile.load(tmp_path / "v9.json")
+    (tmp_path / "short.json").write_text(json.dumps({**doc, "tables": {"none": [1, 2, 3, 4, 5]}}))
+    with pytest.raises(ValueError, match="missing"):
+        LatencyProfile.load(tmp_path / "short.json")
+
+
+def _config(tmp_path: Path, **kw) -> SearchConfig:  # type: ignore[no-untyped-def]
+    space = SearchSpace("per-layer", SPEC, budget_gmacs=0.1)
+    return SearchConfig(setup=WorkerSetup(space=space), budget="65%", out=tmp_path / "run", timing_batch=8, **kw)
+
+
+def test_cached_profile_is_reused_while_its_key_matches_and_rebuilt_when_not(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENSCHED_CACHE", str(tmp_path / "cache"))
+    cfg = _config(tmp_path)
+    key = speed_stage.profile_key(cfg)
+    builds: list[dict] = []
+
+    def fake_remote(cfg, fn, setup, key_dict):  # type: ignore[no-untyped-def]
+        builds.append(key_dict)
+        return hand_made(ProfileKey(**key_dict)).to_dict()
+
+    monkeypatch.setattr(speed_stage, "_remote", fake_remote)
+    first = speed_stage.ensure_profile(cfg, {})
+    assert len(builds) == 1 and latency.cache_path(key).is_file() and first.key == key
+    run: dict = {}
+    speed_stage.ensure_profile(replace(cfg, out=tmp_path / "run2"), run)
+    assert len(builds) == 1 and run["latency_profile"]["source"].startswith("cache")  # key matches: reused
+    stale = hand_made(replace(key, torch="2.0.0"))
+    stale.save(latency.cache_path(key))  # same file, another torch: its key no longer matches
+    speed_stage.ensure_profile(replace(cfg, out=tmp_path / "run3"), run)
+    assert len(builds) == 2 and run["latency_profile"]["source"].startswith("built")
+    assert LatencyProfile.load(latency.cache_path(key)).key == key  # the cache holds the rebuilt one
+    resumed: dict = {}
+    speed_stage.ensure_profile(replace(cfg, out=tmp_path / "run3"), resumed)  # a resumed run keeps its own copy
+    assert len(builds) == 2 and resumed["latency_profile"]["source"] == "run"
+
+
+@pytest.mark.slow  # a real profile (46 s on the loaded 2-core machine); the reuse rule itself is tested above
+def test_profile_command_builds_reuses_and_refuses_another_key(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "p.json"
+    assert main(["profile", "--timing-batch", "2", "--out", str(out)]) == 0
+    built = LatencyProfile.load(out)
+    assert built.key.batch == 2 and built.key.model == DEFAULT_MODEL
+    assert all(v > 0 for values in built.tables.values() for v in values)
+    assert "built in" in capsys.readouterr().out
+    assert main(["profile", "--timing-batch", "2", "--out", str(out)]) == 0
+    assert "reused" in capsys.readouterr().out and LatencyProfile.load(out).created == built.created
+    assert main(["profile", "--timing-batch", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "batch: 2 vs 3" in err[0] and "--rebuild" in err[0]
+
+
+def test_retiming_chain_times_every_schedule_against_the_baseline() -> None:
+    from search.evaluate import throughput_many
+    from spaces import ModelSpec, from_preset
+
+    torch.manual_seed(0)
+    model = load_model(DEFAULT_MODEL)
+    spec = ModelSpec.from_model(model)
+    items = [from_preset("tome:4", spec), from_preset("evit:0.5", spec)]
+    out = throughput_many(model, items, batch_size=2, repeats=2, min_time_s=0.0)
+    assert len(out) == 2 and all(t.repeats == 4 and t.images_per_s > 0 and t.baseline_images_per_s > 0 for t in out)
+    assert all(t.speedup_min <= t.speedup <= t.speedup_max for t in out)
+    assert type(model).__name__ == "VisionTransformer"  # left unpatched
+
+
+def _bad(argv: list[str], capsys) -> str:  # type: ignore[no-untyped-def]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+SEARCH = ["--budget", "65%", "--trials", "1", "--timing-batch", "8"]
+
+
+def test_bad_latency_input_is_one_error_line_and_nothing_is_written(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    assert "--latency-batch" in _bad([*SEARCH, "--latency-batch", "0", "--out", str(out)], capsys)
+    here = latency.current_key(DEFAULT_MODEL, "cpu", batch=8, threads=1)
+    other_device = hand_made(replace(here, device_name="Another CPU")).save(tmp_path / "device.json")
+    msg = _bad([*SEARCH, "--latency-profile", str(other_device), "--out", str(out)], capsys)
+    assert "device_name" in msg and "Another CPU" in msg
+    other_model = hand_made(replace(here, model="deit_tiny_patch16_224")).save(tmp_path / "model.json")
+    msg = _bad([*SEARCH, "--latency-profile", str(other_model), "--out", str(out)], capsys)
+    assert "model" in msg and "deit_tiny_patch16_224" in msg
+    assert "no such file" in _bad([*SEARCH, "--latency-profile", str(tmp_path / "none.json"), "--out", str(out)], capsys)
+    assert not out.exists()
+    matching = hand_made(here).save(tmp_path / "ok.json")  # the same key passes the check (then Ray would start)
+    from search.cli.commands import _check_latency_profile
+    from search.cli.parser import build_parser
+
+    args = build_parser().parse_args(["search", *SEARCH, "--latency-profile", str(matching)])
+    assert _check_latency_profile(args, SPEC) == str(matching.resolve())
+
+
+def test_compile_where_unavailable_says_why(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from torch._inductor import config
+
+    monkeypatch.setattr(config.cpp, "cxx", ("/nonexistent/c++",))
+    msg = _bad(["eval", "--preset", "tome:4", "--compile", "--num-images", "8"], capsys)
+    assert "C++ compiler" in msg
