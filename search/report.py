@@ -135,7 +135,8 @@ def _staircase(front: Sequence[dict], y: Objective) -> tuple[list[float], list[f
 
 
 def _hover(r: dict, objectives: Sequence[Objective]) -> str:
-    vals = "<br>".join(f"{o.name}: {_value(r, o.name)}" for o in objectives)
+    names = [o.name for o in objectives] + [k for k in ("measured_speedup", "latency_ms") if _value(r, k) is not None]
+    vals = "<br>".join(f"{n}: {_value(r, n):.4g}" for n in dict.fromkeys(names) if _value(r, n) is not None)
     head = f"trial {r.get('trial')}" + (f" ({r['preset']})" if r.get("preset") else "")
     return f"{head}<br>{r.get('summary', '')}<br>{vals}"
 
@@ -167,15 +168,15 @@ def _layers(records: Sequence[dict], front: Sequence[dict], y: str) -> list[tupl
     ]  # fmt: skip
 
 
-def _label_presets(ax, presets: Sequence[dict], y: str) -> None:
+def _label_presets(ax, presets: Sequence[dict], y: str, x: str = "gmacs") -> None:
     """Name each star; labels of stars close on screen are stacked instead of overprinted."""
     ax.figure.canvas.draw()  # fixes the limits, so data -> pixel is final
     placed: list[np.ndarray] = []
     for r in sorted(presets, key=lambda r: -_value(r, y)):
-        px = ax.transData.transform((_value(r, "gmacs"), _value(r, y)))
+        px = ax.transData.transform((_value(r, x), _value(r, y)))
         near = sum(np.abs(px - q).max() < 30 for q in placed)
         placed.append(px)
-        ax.annotate(r["preset"], (_value(r, "gmacs"), _value(r, y)), xytext=(10, 4 - 12 * near),
+        ax.annotate(r["preset"], (_value(r, x), _value(r, y)), xytext=(10, 4 - 12 * near),
                     textcoords="offset points", fontsize=8, va="center", zorder=5,
                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
                     arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.4"} if near else None)  # fmt: skip
@@ -208,7 +209,9 @@ def plot_front(
     budget = f"budget {budget_gmacs:g} GMACs" if budget_gmacs is not None else ""
     better = "higher" if y.direction == "max" else "lower"
 
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    timed = [r for r in records if _value(r, "measured_speedup") is not None and _value(r, y.name) is not None]
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(15 if timed else 8, 5.5), dpi=120, squeeze=False)
+    ax = axes[0][0]
     if screen_front:
         ox, oy = _staircase(screen_front, y)
         ax.step(ox, oy, where="post", color="tab:purple", lw=1.2, ls="--")
@@ -223,6 +226,8 @@ def plot_front(
     ax.set(xlabel="GMACs (lower is better)", ylabel=f"{y.name} ({better} is better)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    if timed:
+        _plot_measured(axes[0][1], timed, front, y)
     fig.tight_layout()
     fig.savefig(out / "front.png")
     plt.close(fig)
@@ -244,8 +249,61 @@ def plot_front(
         pfig.add_vline(x=budget_gmacs, line_dash="dash", annotation_text=budget)
     pfig.update_layout(title=title, xaxis_title="GMACs", yaxis_title=f"{y.name} ({better} is better)",
                        template="plotly_white")  # fmt: skip
-    pfig.write_html(out / "front.html", include_plotlyjs=True)
+    html = pfig.to_html(full_html=False, include_plotlyjs=True)
+    if any(o.name == "predicted_speedup" for o in objectives) or timed:
+        html += _three_d(records, front, objectives, y).to_html(full_html=False, include_plotlyjs=False)
+    (out / "front.html").write_text(f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>{html}"
+                                    "</body></html>\n")
     return out / "front.png", out / "front.html"
+
+
+def _plot_measured(ax, timed: Sequence[dict], front: Sequence[dict], y: Objective) -> None:  # type: ignore[no-untyped-def]
+    """Accuracy against the measured speed-up (the re-timing: front points and presets), the min-max of
+    the timed pairs as a bar, and a thin line to where the latency profile predicted each point."""
+    in_front = {id(r) for r in front}
+    groups = [([r for r in timed if id(r) in in_front and not r.get("preset")], "searched front",
+               {"s": 36, "color": "tab:red", "edgecolor": "k", "zorder": 3}),
+              ([r for r in timed if r.get("preset")], "paper presets",
+               {"s": 150, "marker": "*", "color": "gold", "edgecolor": "k", "zorder": 4})]
+    for r in timed:
+        if _value(r, "predicted_speedup") is not None:
+            ax.plot([_value(r, "predicted_speedup"), _value(r, "measured_speedup")], [_value(r, y.name)] * 2,
+                    color="0.6", lw=0.8, zorder=1)
+        lo, hi = _value(r, "measured_speedup_min"), _value(r, "measured_speedup_max")
+        if lo is not None and hi is not None:
+            ax.plot([lo, hi], [_value(r, y.name)] * 2, color="k", lw=1.5, alpha=0.5, zorder=2)
+    for rs, label, kw in groups:
+        ax.scatter([_value(r, "measured_speedup") for r in rs], [_value(r, y.name) for r in rs], label=label, **kw)
+    predicted = [r for r in timed if _value(r, "predicted_speedup") is not None]
+    ax.scatter([_value(r, "predicted_speedup") for r in predicted], [_value(r, y.name) for r in predicted], s=14,
+               facecolors="none", edgecolors="0.4", label="predicted by the latency profile")
+    _label_presets(ax, groups[1][0], y.name, x="measured_speedup")
+    batch = next((r.get("retime_batch") for r in timed if r.get("retime_batch")), None)
+    ax.set(xlabel=f"measured speed-up over the unreduced model (batch {batch}, higher is better)",
+           ylabel=f"{y.name} (higher is better)", title="accuracy against measured speed-up")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+
+
+def _three_d(records: Sequence[dict], front: Sequence[dict], objectives: Sequence[Objective], y: Objective):  # type: ignore[no-untyped-def]
+    """Plotly 3-D scatter of GMACs, speed-up (measured where re-timed, else predicted) and accuracy."""
+    import plotly.graph_objects as go
+
+    def speed(r: dict) -> float | None:
+        return _value(r, "measured_speedup") if _value(r, "measured_speedup") is not None else _value(r, "predicted_speedup")
+
+    fig = go.Figure()
+    for rs, label, marker in [(r_, l_, m_) for r_, l_, _, m_ in _layers(records, front, y.name)]:
+        rs = [r for r in rs if speed(r) is not None]
+        fig.add_trace(go.Scatter3d(
+            x=[_value(r, "gmacs") for r in rs], y=[speed(r) for r in rs], z=[_value(r, y.name) for r in rs],
+            mode="markers", name=label, hovertext=[_hover(r, objectives) for r in rs], hoverinfo="text",
+            marker={k: v for k, v in marker.items() if k in ("size", "color", "opacity")} | {"size": 4 if "trials" in label else 7},
+        ))  # fmt: skip
+    fig.update_layout(title="all three objectives: GMACs, speed-up (measured where re-timed, else predicted), "
+                            f"{y.name}", template="plotly_white", height=700,
+                      scene={"xaxis_title": "GMACs", "yaxis_title": "speed-up", "zaxis_title": y.name})
+    return fig
 
 
 def plot_hypervolume(out_dir: str | Path, histories: dict[str, list[float]]) -> tuple[Path, Path]:
