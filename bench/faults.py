@@ -28,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # search.run_dir reads the run's study
 FAST = ["--model", "tokensched_vit_shapes", "--num-images", "48", "--batch-size", "48", "--no-presets"]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
@@ -76,9 +77,9 @@ def _last_segment(args: list[str], out: Path, trial_timeout: float) -> tuple[int
 
 
 def count(out: Path) -> dict[str, object]:
-    import optuna
+    from search import run_dir
 
-    study = optuna.load_study(study_name=f"tokensched-{out.name}", storage=f"sqlite:///{out / 'study.db'}")
+    study = run_dir.load_study(out)
     trials = [t for t in study.trials if "preset" not in t.user_attrs]
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines() if line.strip()]

@@ -3,7 +3,7 @@
     run(SearchConfig(...)) -> SearchOutcome
 
 Optuna (NSGA-II by default, pinned) samples define-by-run spaces through Ray Tune's
-OptunaSearch; the study lives in SQLite in the run directory (or `--storage`), so
+OptunaSearch; the study lives in a journal file in the run directory (or `--storage`), so
 optuna-dashboard can open it and `--resume` continues it. Ray Tune runs each trial in a
 reused actor that loaded the model and the screening data once. The paper presets that fit
 the budget are enqueued first. Every reported result is appended to trials.jsonl by the
@@ -52,7 +52,7 @@ def _settings(cfg: SearchConfig) -> dict[str, Any]:
         "timing_batch": cfg.timing_batch, "latency_batch": cfg.latency_batch, "retime": cfg.retime,
         "threads": s.threads,
         "cpus_per_trial": cfg.cpus_per_trial, "gpus_per_trial": cfg.gpus_per_trial,
-        "storage": cfg.storage or f"sqlite:///{(cfg.out / run_dir.STUDY_DB).resolve()}",
+        "storage": cfg.storage or run_dir.default_storage_url(cfg.out),
         "versions": run_dir.versions(),
     }
 
@@ -160,7 +160,7 @@ def run(cfg: SearchConfig) -> SearchOutcome:
     storage = run_dir.storage(cfg.storage, cfg.out)
     if dashboard:
         print(f"Ray dashboard: {dashboard}", file=sys.stderr)
-    print(f"Optuna study: {run['storage']} (optuna-dashboard {run['storage']})", file=sys.stderr)
+    print(f"Optuna study: {run['storage']} (optuna-dashboard {run_dir.dashboard_arg(run['storage'])})", file=sys.stderr)
     tic = time.perf_counter()
     if needs_profile(cfg):  # the trials' predicted speed comes from it
         cfg = replace(cfg, setup=replace(cfg.setup, latency=ensure_profile(cfg, run)))

@@ -9,7 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-STUDY_DB = "study.db"
+STUDY_DB = "study.db"  # the SQLite study of runs made before the journal became the default
+STUDY_JOURNAL = "study.log"  # the default study: an Optuna journal file (search/journal.py)
 TRIALS_LOG = "trials.jsonl"
 RUN_JSON = "run.json"
 LOCK = ".lock"  # flock'ed by the driver for its whole life (released by the kernel on any exit, kill -9 too)
@@ -157,23 +158,54 @@ def read_records(out: Path) -> list[dict[str, Any]]:
     return records
 
 
-def storage(url: str | None, out: Path):  # type: ignore[no-untyped-def]
-    """An Optuna storage object (OptunaSearch wants an object, not a URL): SQLite in the run dir by default.
+def default_storage_url(out: Path) -> str:
+    """The study of a run without --storage: the journal file in `out`, or the SQLite file of a run
+    made before the journal was the default (so --resume continues the study it has)."""
+    if (out / STUDY_DB).is_file() and not (out / STUDY_JOURNAL).exists():
+        return f"sqlite:///{(out / STUDY_DB).resolve()}"
+    return f"journal:{(out / STUDY_JOURNAL).resolve()}"
 
-    `--storage postgresql://...` (any SQLAlchemy URL) for a cluster, `--storage journal:PATH` for a
-    journal file (safe on NFS and with several writers).
+
+def dashboard_arg(url: str) -> str:
+    """What optuna-dashboard takes for a storage URL: a journal's file path, else the URL."""
+    return url.removeprefix("journal:")
+
+
+def storage(url: str | None, out: Path):  # type: ignore[no-untyped-def]
+    """An Optuna storage object (OptunaSearch wants an object, not a URL): by default the run's
+    journal file, written by this driver alone (search/journal.py; PITFALLS 22: SQLite costs about
+    0.5 s a trial).
+
+    `--storage postgresql://...` or `sqlite:///...` (any SQLAlchemy URL), or `--storage journal:PATH`
+    for a journal file that several processes may write (Optuna's own backend: locked, fsync'ed).
     """
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
     if url is None:
-        return optuna.storages.RDBStorage(f"sqlite:///{(out / STUDY_DB).resolve()}")
+        url = default_storage_url(out)
+        if url.startswith("journal:"):
+            from search.journal import RunJournal
+
+            return optuna.storages.JournalStorage(RunJournal(url.removeprefix("journal:")))
     if url.startswith("journal:"):
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as err:  # noqa: BLE001 - any bad URL is bad input
         raise ValueError(f"cannot open --storage {url}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def load_study(out: Path, url: str | None = None):  # type: ignore[no-untyped-def]
+    """A run's Optuna study opened for reading with Optuna's own backends, as optuna-dashboard opens
+    it (a journal file through ``JournalFileBackend``); `url` as --storage, default the run's own."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    url = url or default_storage_url(out)
+    opened = optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:"))) \
+        if url.startswith("journal:") else url
+    return optuna.load_study(study_name=f"tokensched-{out.resolve().name}", storage=opened)
 
 
 def check_storage_url(url: str) -> None:

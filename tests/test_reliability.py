@@ -187,9 +187,9 @@ def _records(out: Path) -> list[dict]:
 
 
 def _study_trials(out: Path) -> list:
-    import optuna
+    from search import run_dir
 
-    return optuna.load_study(study_name=f"tokensched-{out.name}", storage=f"sqlite:///{out / 'study.db'}").trials
+    return run_dir.load_study(out).trials
 
 
 def _locked(path: Path) -> bool:
@@ -212,7 +212,7 @@ def test_kill_before_the_study_exists_lock_sampler_and_configs(tmp_path: Path) -
     out = tmp_path / "run"
     args = ["--budget", "65%", *FAST, "--no-presets", "--out", str(out)]
     _killed_at("run.json", [*args, "--trials", "3"])
-    assert (out / "run.json").is_file() and not (out / "study.db").exists()
+    assert (out / "run.json").is_file() and not (out / "study.log").exists()
 
     first = subprocess.Popen([sys.executable, "run_search.py", *args, "--trials", "3", "--resume"], cwd=ROOT, env=ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

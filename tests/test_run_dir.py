@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from search.run_dir import model_args
 
 
@@ -21,16 +23,18 @@ def test_model_args_give_the_embedded_weights_unless_a_model_was_named() -> None
     assert model_args(weights)["checkpoint"] == "w.safetensors"
 
 
-def test_settle_stale_trials_after_a_kill_in_the_preset_injection(tmp_path: Path) -> None:
+@pytest.mark.parametrize("url", [None, "sqlite:///{tmp}/study.db", "journal:{tmp}/shared.log"])
+def test_settle_stale_trials_after_a_kill_in_the_preset_injection(tmp_path: Path, url: str | None) -> None:
     """A kill between a preset's enqueue and its tell leaves a WAITING or RUNNING trial carrying the
     preset attr: resume marks it interrupted without a trial-log record (the preset has its own and
-    is told again); a searched trial left RUNNING gets a FAIL record; a logged one is completed."""
+    is told again); a searched trial left RUNNING gets a FAIL record; a logged one is completed. The
+    same on the default journal, SQLite and Optuna's journal backend (settle uses study._storage)."""
     import optuna
     from optuna.trial import TrialState
 
     from search import run_dir
 
-    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    storage = run_dir.storage(url and url.format(tmp=tmp_path), tmp_path)
     study = optuna.create_study(storage=storage, directions=["maximize", "minimize"])
     study.enqueue_trial({"x": 1.0}, user_attrs={"preset": "tome:4"})
     injected = study.ask()  # RUNNING with the preset attr

@@ -32,7 +32,7 @@ FAST = ["--model", "tokensched_vit_shapes", "--num-images", "48", "--batch-size"
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
        "TOKENSCHED_CACHE": os.path.join(tempfile.gettempdir(), "tokensched-test-cache")}
 OUTPUTS = ["trials.csv", "front.csv", "front.json", "front.png", "front.html", "hypervolume.csv", "hypervolume.png",
-           "run.json", "study.db", "trials.jsonl"]
+           "run.json", "study.log", "trials.jsonl"]
 
 
 def search(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -40,8 +40,11 @@ def search(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]
                           text=True, timeout=timeout)
 
 
-def study(out: Path) -> optuna.Study:
-    return optuna.load_study(study_name=f"tokensched-{out.name}", storage=f"sqlite:///{out / 'study.db'}")
+def study(out: Path, url: str | None = None) -> optuna.Study:
+    """The run's study as optuna-dashboard opens it (the journal by default, or --storage `url`)."""
+    from search import run_dir
+
+    return run_dir.load_study(out, url)
 
 
 def tree_digest(path: Path) -> str:
@@ -73,11 +76,11 @@ def records_of(out: Path) -> list[dict]:
     return list(latest.values())
 
 
-def searched_states(out: Path) -> list[str]:
+def searched_states(out: Path, url: str | None = None) -> list[str]:
     """States of the searched trials that count towards --trials (not presets, not ones a kill interrupted)."""
     from search.run_dir import counts_against_budget
 
-    return [t.state.name for t in study(out).trials
+    return [t.state.name for t in study(out, url).trials
             if "preset" not in t.user_attrs and (counts_against_budget(t) or not t.state.is_finished())]
 
 
@@ -190,9 +193,13 @@ def test_front_is_confirmed_on_other_images_and_no_preset_dominates_it(smoke) ->
 
 
 @pytest.mark.slow
-def test_resume_after_kill_completes_without_duplicates(tmp_path: Path) -> None:
+@pytest.mark.parametrize("storage", ["default", "sqlite"])
+def test_resume_after_kill_completes_without_duplicates(tmp_path: Path, storage: str) -> None:
+    """Killed during the searched trials, resumed to the end: on the default journal as on SQLite."""
     out = tmp_path / "killed"
-    args = ["--budget", "65%", *FAST, "--min-gmacs", "60%", "--confirm-images", "40", "--trials", "12"]
+    url = f"sqlite:///{tmp_path / 'study.db'}" if storage == "sqlite" else None
+    args = ["--budget", "65%", *FAST, "--min-gmacs", "60%", "--confirm-images", "40", "--trials", "12",
+            *(["--storage", url] if url else [])]
     proc = subprocess.Popen([sys.executable, "run_search.py", *args,
                              "--out", str(out)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -205,8 +212,8 @@ def test_resume_after_kill_completes_without_duplicates(tmp_path: Path) -> None:
     assert log.is_file() and len(log.read_text().splitlines()) >= 3
     resumed = search(*args, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert len(searched_states(out)) == 12 and "RUNNING" not in [t.state.name for t in study(out).trials]
-    params = [tuple(sorted(t.params.items())) for t in study(out).trials if t.state.name == "COMPLETE"]
+    assert len(searched_states(out, url)) == 12 and "RUNNING" not in [t.state.name for t in study(out, url).trials]
+    params = [tuple(sorted(t.params.items())) for t in study(out, url).trials if t.state.name == "COMPLETE"]
     assert len(params) == len(set(params))  # nothing ran twice
     records = records_of(out)
     numbers = [r["trial"] for r in records if r["fidelity"] == "screen" and r["trial"] is not None]

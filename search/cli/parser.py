@@ -126,7 +126,7 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                    help="searched trials (default 60); every preset in range is evaluated besides them")
     p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default SQLite in --out; journal:PATH for a file journal)")
+    p.add_argument("--storage", default=None, help="Optuna storage (default: the journal file study.log in --out; sqlite:///PATH, postgresql://..., journal:PATH)")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local Ray)")
     p.add_argument("--cpus-per-trial", type=_positive_float, default=1.0, help="CPUs per trial (default 1)")
     p.add_argument("--gpus-per-trial", type=_non_negative_float, default=0.0, help="GPUs per trial (default 0)")
