@@ -98,7 +98,7 @@ def instrument(phases: Phases, storage: Any) -> None:
 
     def timed_callback(*args: Any, **kwargs: Any) -> Any:
         recorder = make_callback(*args, **kwargs)
-        for hook in ("on_trial_result", "on_trial_error"):
+        for hook in ("on_trial_start", "on_trial_result", "on_trial_error"):
             setattr(recorder, hook, phases.wrap(getattr(recorder, hook), "recording"))
         return recorder
 
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from search.cli.parser import build_parser
     from search.fixed_stage import evaluate_presets
 
-    argv = ["search", "--budget", "65%", "--no-presets", "--trials", str(args.trials), "--concurrency",
+    argv = ["search", "--budget", "65%", "--objectives", "accuracy,gmacs", "--no-presets", "--trials", str(args.trials), "--concurrency",
             str(args.concurrency), "--cpus-per-trial", str(args.cpus_per_trial), "--out", str(args.out)]
     if args.storage:
         argv += ["--storage", args.storage]

@@ -52,6 +52,7 @@ class LocalMoveSampler(BaseSampler):
         self.key, self.axis, self.axis_share, self.axis_step, self.attempts = key, axis, axis_share, axis_step, attempts
         self._rng = random.Random(seed)
         self._keys: dict[int, Hashable] = {}  # trial number -> key of its parameters
+        self._moves: dict[int, dict[str, Any] | None] = {}  # trial id -> its local move (None: the base's)
 
     # --- which trials move locally ------------------------------------------------------------
     def _front(self, study: Study) -> list[FrozenTrial]:
@@ -89,6 +90,7 @@ class LocalMoveSampler(BaseSampler):
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         self.base.before_trial(study, trial)
+        self._moves[trial._trial_id] = None
         if trial.system_attrs.get("fixed_params") or self._rng.random() >= self.share:
             return  # an enqueued trial, or the base sampler's turn
         front = self._front(study)
@@ -105,6 +107,7 @@ class LocalMoveSampler(BaseSampler):
         study._storage.set_trial_system_attr(trial._trial_id, _PARENT, parent.number)
         study._storage.set_trial_system_attr(trial._trial_id, _MOVED, moved)
         study._storage.set_trial_system_attr(trial._trial_id, _PARAMS, params)
+        self._moves[trial._trial_id] = params
 
     def _key_of(self, params: dict[str, Any]) -> Hashable:
         assert self.key is not None
@@ -114,6 +117,8 @@ class LocalMoveSampler(BaseSampler):
             return object()
 
     def _local(self, study: Study, trial: FrozenTrial) -> dict[str, Any] | None:
+        if trial._trial_id in self._moves:  # decided in before_trial, in this process: no storage read
+            return self._moves[trial._trial_id]
         return study._storage.get_trial(trial._trial_id).system_attrs.get(_PARAMS)
 
     # --- the sampler interface ----------------------------------------------------------------
@@ -149,6 +154,7 @@ class LocalMoveSampler(BaseSampler):
         return value
 
     def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self._moves.pop(trial._trial_id, None)
         self.base.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:
@@ -157,12 +163,25 @@ class LocalMoveSampler(BaseSampler):
 
 class ScheduleKey:
     """What a trial's parameters run in `space` (``spaces.presets.effective_key`` of its schedule);
-    picklable, as Ray Tune saves its searcher."""
+    picklable, as Ray Tune saves its searcher. Keys are remembered by parameters, and the driver
+    tells it the schedule each suggestion built (``remember``), so no schedule is built twice."""
 
     def __init__(self, space) -> None:  # type: ignore[no-untyped-def]
         self.space = space
+        self._known: dict[tuple, Hashable] = {}
 
-    def __call__(self, params: dict[str, Any]) -> Hashable:
+    @staticmethod
+    def _id(params: dict[str, Any]) -> tuple:
+        return tuple(sorted((k, v) for k, v in params.items() if not k.startswith("__")))
+
+    def remember(self, params: dict[str, Any], schedule) -> None:  # type: ignore[no-untyped-def]
+        """`params` built `schedule` (in the space this key is for)."""
         from spaces.presets import effective_key
 
-        return effective_key(self.space(optuna.trial.FixedTrial(params)))
+        self._known[self._id(params)] = effective_key(schedule)
+
+    def __call__(self, params: dict[str, Any]) -> Hashable:
+        ident = self._id(params)
+        if ident not in self._known:
+            self.remember(params, self.space(optuna.trial.FixedTrial(params)))
+        return self._known[ident]

@@ -8,9 +8,10 @@ import json
 import sys
 from typing import Any
 
-from search import pareto, report, run_dir
+from search import pareto, run_dir
 from search.config import STUDY_PREFIX, SearchConfig
-from search.outcome import STOPPED, finite, latest_records, objective_points
+from search.outcome import STOPPED, finite, latest_records
+from search.running_front import RunningFront
 from search.worker import FAULT_KEY, STOP_KEY, schedule_from_params
 from spaces import Schedule, gmacs
 
@@ -18,20 +19,35 @@ from spaces import Schedule, gmacs
 def stop_bar(records: list[dict[str, Any]], at_gmacs: float) -> float | None:
     """The accuracy a new trial of `at_gmacs` must be able to reach to enter the front: the best
     screening accuracy measured so far (presets included) at no more GMACs; None when there is none."""
-    reached = [r["accuracy"] for r in records if r.get("fidelity", "screen") == "screen" and r.get("state") == "COMPLETE"
-               and r.get("feasible") and finite(r.get("accuracy")) and finite(r.get("gmacs"))
-               and r["gmacs"] <= at_gmacs + 1e-12]
-    return max(reached, default=None)
+    bar = RunningFront([pareto.OBJECTIVES["accuracy"], pareto.OBJECTIVES["gmacs"]])
+    bar.extend(records)
+    return bar.best_at_most("accuracy", at_gmacs)
 
 
-def _searcher(cfg: SearchConfig, storage, records: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
-    """Ray's OptunaSearch on the run's study; each suggestion carries the early-stopping bar computed
-    from `records` (kept up to date by the trial recorder)."""
+class _Suggested:
+    """The space as OptunaSearch calls it (suggest, return nothing), keeping the schedule it built,
+    so the driver prices and keys a suggestion without building it again. Picklable (Tune saves
+    the searcher)."""
+
+    def __init__(self, space) -> None:  # type: ignore[no-untyped-def]
+        self.space = space
+        self.last: Schedule | None = None
+
+    def __call__(self, trial) -> None:  # type: ignore[no-untyped-def]
+        self.last = self.space(trial)
+
+
+def _searcher(cfg: SearchConfig, storage, bar: RunningFront):  # type: ignore[no-untyped-def]
+    """Ray's OptunaSearch on the run's study; each suggestion carries the early-stopping bar read
+    from `bar`, the front of accuracy against GMACs (kept up to date by the trial recorder)."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
     faults = dict(cfg.fault_trials)
+    space = _Suggested(cfg.setup.space)
+    sampler = run_dir.sampler(cfg.sampler, run_dir.segment_seed(cfg.seed, cfg.out), cfg.setup.space)
+    key = getattr(sampler, "key", None)  # the local sampler's schedule key: told what each suggestion runs
 
     class _Searcher(OptunaSearch):
         """OptunaSearch that can mark chosen suggestions as faulty (test hook)."""
@@ -39,22 +55,26 @@ def _searcher(cfg: SearchConfig, storage, records: list[dict[str, Any]]):  # typ
         suggested = 0
 
         def suggest(self, trial_id: str):  # type: ignore[no-untyped-def]
+            space.last = None
             config = super().suggest(trial_id)
+            built = space.last if isinstance(config, dict) else None
+            if built is None and isinstance(config, dict):  # not built by this call (never expected)
+                built = schedule_from_params(cfg.setup.space, config)
+            if built is not None and key is not None:
+                key.remember(config, built)
             if isinstance(config, dict) and self.suggested in faults:
                 config = {**config, FAULT_KEY: faults[self.suggested]}
-            if isinstance(config, dict) and cfg.setup.stop_chunk and "accuracy" in cfg.setup.objectives:
-                bar = stop_bar(records, gmacs(schedule_from_params(cfg.setup.space, config)))
-                if bar is not None:
-                    config = {**config, STOP_KEY: bar}
+            if built is not None and cfg.setup.stop_chunk and "accuracy" in cfg.setup.objectives:
+                below = bar.best_at_most("accuracy", gmacs(built))
+                if below is not None:
+                    config = {**config, STOP_KEY: below}
             if isinstance(config, dict):
                 self.suggested += 1
             return config
 
     searcher = _Searcher(
-        space=cfg.setup.space.optuna_space, metric=[o.name for o in objectives],
-        mode=[o.direction for o in objectives],
-        sampler=run_dir.sampler(cfg.sampler, run_dir.segment_seed(cfg.seed, cfg.out), cfg.setup.space),
-        storage=storage, study_name=f"{STUDY_PREFIX}-{cfg.out.resolve().name}",
+        space=space, metric=[o.name for o in objectives], mode=[o.direction for o in objectives],
+        sampler=sampler, storage=storage, study_name=f"{STUDY_PREFIX}-{cfg.out.resolve().name}",
     )
     return searcher, ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency)
 
@@ -78,19 +98,47 @@ def _label_optuna_trial(searcher, trial_id: str, record: dict[str, Any]) -> None
             ot.set_user_attr(key, record[key])
 
 
-def _callback(cfg: SearchConfig, searcher, progress, records: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
+class _Nodes:
+    """The Ray node a Tune trial's actor runs on (its node id), from the cluster's actor table; one
+    lookup per actor (actors are reused). None when Ray does not say."""
+
+    def __init__(self) -> None:
+        self._by_actor: dict[str, str | None] = {}  # actor id -> node id
+
+    def __call__(self, trial) -> str | None:  # type: ignore[no-untyped-def]
+        actor = getattr(getattr(trial, "temporary_state", None), "ray_actor", None)
+        if actor is None:
+            return None
+        actor_id = actor._actor_id.hex()
+        if not self._by_actor.get(actor_id):  # not yet placed when last asked: ask again
+            try:
+                from ray._private import state
+
+                self._by_actor[actor_id] = state.actors(actor_id=actor_id)["Address"]["NodeID"] or None
+            except Exception:  # noqa: BLE001 - where a trial ran is worth a column, not a failed search
+                return None
+        return self._by_actor[actor_id]
+
+
+def _callback(cfg: SearchConfig, searcher, progress, fronts: list[RunningFront]):  # type: ignore[no-untyped-def]
+    """The Tune callback that records each finished trial: its line in trials.jsonl, its labels in
+    the Optuna trial, the running `fronts` (the progress bar's, the stop bar's) and the progress bar."""
     from ray import tune
 
-    objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
-    reference = pareto.reference_point(objectives, baseline_gmacs=gmacs(Schedule.empty(cfg.setup.space.spec)))
+    shown = fronts[0]
+    node_of = _Nodes()
 
     class Recorder(tune.Callback):
         """Appends each finished trial to trials.jsonl and advances the progress bar."""
 
+        def on_trial_start(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
+            node_of(trial)  # while its actor is alive and known
+
         def _record(self, trial, state: str, result: dict[str, Any] | None) -> None:  # type: ignore[no-untyped-def]
             params = {k: v for k, v in trial.config.items() if not k.startswith("__")}
             record = {"trial": _optuna_number(searcher, trial.trial_id), "ray_trial": trial.trial_id, "state": state,
-                      "preset": None, "fidelity": "screen", "params": params, "stop_below": trial.config.get(STOP_KEY)}
+                      "preset": None, "fidelity": "screen", "params": params, "stop_below": trial.config.get(STOP_KEY),
+                      "node": node_of(trial)}
             if result is not None:
                 record.update({k: result.get(k) for k in (
                     "accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup", "images_per_s", "feasible",
@@ -103,16 +151,13 @@ def _callback(cfg: SearchConfig, searcher, progress, records: list[dict[str, Any
                     record["schedule"] = json.loads(record["schedule"])
                 _label_optuna_trial(searcher, trial.trial_id, record)  # before Tune tells Optuna the result
             run_dir.append_record(cfg.out, record)
-            records.append(record)
-            screened = [r for r in records if r.get("fidelity", "screen") == "screen"]
-            front = report.front_records(screened, objectives)
-            points = objective_points(screened, objectives)
-            hv = pareto.hypervolume(points[0], [o.direction for o in objectives], reference) if len(points[0]) else 0.0
-            progress.set_postfix(front=len(front), hv=f"{hv:.4f}")
+            for front in fronts:
+                front.add(record)
+            progress.set_postfix(front=len(shown), hv=f"{shown.hypervolume:.4f}")
             progress.update(1)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):  # type: ignore[no-untyped-def]
-            state = "COMPLETE" if all(finite(result.get(o.name)) for o in objectives) else "FAIL"
+            state = "COMPLETE" if all(finite(result.get(o)) for o in cfg.setup.objectives) else "FAIL"
             self._record(trial, state, result)
 
         def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
@@ -144,8 +189,14 @@ def run_tune(cfg: SearchConfig, run: dict[str, Any], storage, *, trainable=None)
     remaining = cfg.trials - finished
     if remaining <= 0:
         return
-    records = latest_records(run_dir.read_records(cfg.out))  # read once; then kept in step with the file
-    searcher, limited = _searcher(cfg, storage, records)
+    objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
+    reference = pareto.reference_point(objectives, baseline_gmacs=gmacs(Schedule.empty(cfg.setup.space.spec)))
+    shown = RunningFront(objectives, reference)  # the progress bar's front and hypervolume
+    bar = RunningFront([pareto.OBJECTIVES["accuracy"], pareto.OBJECTIVES["gmacs"]])  # the early-stopping bar
+    records = latest_records(run_dir.read_records(cfg.out))  # read once; then kept up to date trial by trial
+    for front in (shown, bar):
+        front.extend(records)
+    searcher, limited = _searcher(cfg, storage, bar)
     progress = tqdm(total=cfg.trials, initial=finished, desc="trials", unit="trial", file=sys.stderr)
     setup_resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     tuner = tune.Tuner(
@@ -154,7 +205,7 @@ def run_tune(cfg: SearchConfig, run: dict[str, Any], storage, *, trainable=None)
         run_config=tune.RunConfig(
             storage_path=str((cfg.out / "ray").resolve()), name=f"tune-{len(run.get('resumed', [])) + 1}",
             failure_config=tune.FailureConfig(max_failures=cfg.retries),
-            verbose=0, callbacks=[_callback(cfg, searcher, progress, records)],
+            verbose=0, callbacks=[_callback(cfg, searcher, progress, [shown, bar])],
         ),
     )
     tuner.fit()

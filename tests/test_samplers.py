@@ -90,3 +90,29 @@ def test_schedule_key_sees_through_idle_parameters() -> None:
     key = ScheduleKey(space)
     assert key(params) == key(changed)
     assert key(params) != key({**params, "budget.fraction": params["budget.fraction"] * 0.8})
+
+
+def test_schedule_key_builds_each_schedule_once() -> None:
+    """The driver tells the key what each suggestion built; asking again builds nothing, and the key
+    is the one a fresh build gives."""
+    from search.models import DEFAULT_MODEL, model_spec
+    from search.samplers import ScheduleKey
+    from spaces import Schedule, gmacs
+    from spaces.search_space import SearchSpace
+
+    spec = model_spec(DEFAULT_MODEL)
+    space = SearchSpace("per-layer", spec, budget_gmacs=0.65 * gmacs(Schedule.empty(spec)))
+    built = []
+
+    def counting(trial):  # type: ignore[no-untyped-def]
+        built.append(1)
+        return space(trial)
+
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    trial = study.ask()
+    schedule = space(trial)
+    key = ScheduleKey(counting)
+    key.remember({**trial.params, "__stop_below": 0.5}, schedule)  # driver-only keys are ignored
+    assert key(dict(trial.params)) == ScheduleKey(space)(dict(trial.params)) and built == []
+    other = {**trial.params, "budget.fraction": trial.params["budget.fraction"] * 0.9}
+    assert key(other) == key(other) and built == [1]  # a new point: built once, then remembered
