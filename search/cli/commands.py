@@ -209,7 +209,7 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
                         batch_size=eval_batch_size(args.batch_size, args.device), device=args.device,
                         threads=max(1, int(args.cpus_per_trial)), timing=timing,
                         objectives=objectives, confirm_images=args.confirm_images,
-                        stop_chunk=args.stop_chunk or None,
+                        stop_chunk=args.stop_chunk or None, prefix_cache_mb=args.prefix_cache_mb,
                         trial_timeout=args.trial_timeout)
     faults, ft_faults = ({int(k): v for k, v in (item.split(":") for item in _split(text))}
                          for text in (args.fail_trials, args.fail_finetunes))

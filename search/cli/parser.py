@@ -152,6 +152,10 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                    help="screen each searched trial in chunks of this many images and stop it once a 95%% upper "
                         "bound of its accuracy falls below the best accuracy measured at no more GMACs "
                         "(default 250; 0: always screen every image)")
+    p.add_argument("--prefix-cache-mb", type=_non_negative_int, default=1024,
+                   help="memory per worker and image set for the tokens entering a schedule's first reducing block, "
+                        "computed once and reused by every schedule that reduces nothing before it "
+                        "(default 1024; 0: off)")
     p.add_argument("--min-gmacs", default=None,
                    help="the cheapest the front should reach, like --budget (default: the cheapest preset under the budget)")
     p.add_argument("--finetune-top", type=_non_negative_int, default=0,
