@@ -166,14 +166,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tick()
 
     tune_stage.run_dir.append_record = append_and_tick  # type: ignore[attr-defined]
-    tune_stage.run_tune(cfg, run, storage, trainable=noop_trainable)
+    stopped = None
+    try:
+        tune_stage.run_tune(cfg, run, storage, trainable=noop_trainable)
+    except Exception as err:  # noqa: BLE001 - e.g. Ray losing its node on an overloaded machine: report what ran
+        stopped = f"{type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}"[:300]
     total = time.perf_counter() - start
     tune_stage.run_dir.append_record = append  # type: ignore[attr-defined]
     rows = [[float(x) for x in line.split(",")] for line in (cfg.out / "driver_timeline.csv").read_text().splitlines()[1:]]
     n = len(rows)
     settled = rows[min(9, n - 1)]
     return {
-        "trials": n, "seconds": total, "trials_per_s": n / total,
+        "stopped": stopped, "trials": n, "seconds": total, "trials_per_s": n / total,
         "sustained_trials_per_s": (n - settled[0]) / (rows[-1][1] - settled[1]) if n > 10 else None,
         "storage": settings["storage"], "storage_calls_per_trial": phases.calls["storage"] / max(n, 1),
         "per_trial_ms": {p: 1e3 * phases.seconds[p] / max(n, 1) for p in PHASES}
@@ -201,6 +205,8 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    if result["stopped"]:
+        print(f"stopped early by {result['stopped']}")
     print(f"{result['trials']} trials in {result['seconds']:.1f} s: {result['trials_per_s']:.2f} trials/s "
           f"({result['sustained_trials_per_s'] or float('nan'):.2f} after the 10th); storage {result['storage']}, "
           f"{result['storage_calls_per_trial']:.0f} storage calls per trial")

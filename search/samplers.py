@@ -53,20 +53,29 @@ class LocalMoveSampler(BaseSampler):
         self._rng = random.Random(seed)
         self._keys: dict[int, Hashable] = {}  # trial number -> key of its parameters
         self._moves: dict[int, dict[str, Any] | None] = {}  # trial id -> its local move (None: the base's)
+        self._seen_keys: set[Hashable] = set()  # the values of _keys
+        self._looked_at: set[int] = set()  # numbers of the COMPLETE trials _front has seen
+        self._front_trials: list[FrozenTrial] = []
 
     # --- which trials move locally ------------------------------------------------------------
     def _front(self, study: Study) -> list[FrozenTrial]:
-        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.values is not None and all(math.isfinite(v) for v in t.values)
+        """The feasible non-dominated COMPLETE trials, by number. Kept across calls: only trials
+        completed since the last call are sorted against the front (the front of all of them, by
+        transitivity of dominance), so a call costs the size of the front, not of the study."""
+        new = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+               if t.number not in self._looked_at]
+        self._looked_at.update(t.number for t in new)
+        good = [t for t in new if t.values is not None and all(math.isfinite(v) for v in t.values)
                 and all(v <= 0 for k, v in t.system_attrs.items() if k.startswith("constraints:"))]
-        if not done:
-            return []
-        directions = ["max" if d == optuna.study.StudyDirection.MAXIMIZE else "min" for d in study.directions]
-        mask = non_dominated(np.array([t.values for t in done]), directions)
-        return [t for t, keep in zip(done, mask, strict=True) if keep]
+        if good:
+            pool = [*self._front_trials, *good]
+            directions = ["max" if d == optuna.study.StudyDirection.MAXIMIZE else "min" for d in study.directions]
+            mask = non_dominated(np.array([t.values for t in pool]), directions)
+            self._front_trials = sorted((t for t, keep in zip(pool, mask, strict=True) if keep), key=lambda t: t.number)
+        return list(self._front_trials)
 
     def _seen(self, study: Study) -> set[Hashable]:
-        """Keys of every trial that ran or runs (cached by trial number)."""
+        """Keys of every trial that ran or runs (cached by trial number; the set grows with them)."""
         assert self.key is not None
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
             if t.number not in self._keys and t.params:
@@ -74,7 +83,8 @@ class LocalMoveSampler(BaseSampler):
                     self._keys[t.number] = self.key(t.params)
                 except Exception:  # noqa: BLE001 - a trial whose parameters do not build: nothing to repeat
                     self._keys[t.number] = None
-        return set(self._keys.values())
+                self._seen_keys.add(self._keys[t.number])
+        return self._seen_keys
 
     def _draw(self, parent: FrozenTrial) -> tuple[list[str], dict[str, Any]]:
         names = sorted(parent.params)

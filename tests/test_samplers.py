@@ -116,3 +116,47 @@ def test_schedule_key_builds_each_schedule_once() -> None:
     assert key(dict(trial.params)) == ScheduleKey(space)(dict(trial.params)) and built == []
     other = {**trial.params, "budget.fraction": trial.params["budget.fraction"] * 0.9}
     assert key(other) == key(other) and built == [1]  # a new point: built once, then remembered
+
+
+def test_kept_front_and_seen_keys_draw_what_recomputing_them_draws() -> None:
+    """_front and _seen kept across calls give the same draws, trial for trial, as recomputing both
+    over every trial at each call (as before they were kept), with infeasible trials among them."""
+    import math
+
+    from optuna.trial import TrialState
+
+    from search.samplers import LocalMoveSampler
+
+    class Recomputing(LocalMoveSampler):
+        def _front(self, study):  # type: ignore[no-untyped-def]
+            done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if all(math.isfinite(v) for v in t.values)
+                    and all(v <= 0 for k, v in t.system_attrs.items() if k.startswith("constraints:"))]
+            if not done:
+                return []
+            mask = non_dominated(np.array([t.values for t in done]), ["max", "min"])
+            return [t for t, keep in zip(done, mask, strict=True) if keep]
+
+        def _seen(self, study):  # type: ignore[no-untyped-def]
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+                if t.number not in self._keys and t.params:
+                    self._keys[t.number] = self.key(t.params)
+            return set(self._keys.values())
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        values = _objective(trial)
+        trial.set_constraint("budget", values[1] - 0.9)
+        return values
+
+    def key(params: dict) -> tuple:
+        return round(params["x"], 1), params["n"]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    runs = []
+    for cls in (LocalMoveSampler, Recomputing):
+        local = cls(optuna.samplers.NSGAIISampler(seed=2, population_size=10), seed=2, key=key, axis="x")
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=local)
+        study.optimize(objective, n_trials=80)
+        runs.append([(t.params, t.system_attrs.get("local:parent")) for t in study.trials])
+    assert runs[0] == runs[1]
+    assert sum(parent is not None for _, parent in runs[0]) >= 20
