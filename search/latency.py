@@ -1,11 +1,13 @@
 """A per-device latency model: time each block kind once, then predict a schedule's time like its GMACs.
 
-The profile times one block of the model, alone, at the run's batch, dtype, thread count and
-device, as a function of the patch tokens entering it: the unreduced block (with and without the
+The profile times single blocks of the model, alone, at the run's batch, dtype, thread count and
+device, as a function of the patch tokens entering them: the unreduced block (with and without the
 proportional-attention bias that sized tokens bring), the MLP half alone, and every reduction
-method at a reference keep ratio. Each entry is timed in ABBA pairs against the unreduced block at
-full tokens (search/evaluate.py's `timed_pairs`, warm-up first, median of the ratios), so a drifting
-machine scales both sides alike; the entry is that ratio times the baseline block's median time.
+method at a reference keep ratio, each kind in a block of its own. At each token count every kind
+is timed in one chain of ABBA quartets with the unreduced block at full tokens (`chain_ratios`,
+the protocol of search/evaluate.py's `throughput_many`: warm-up first, median of the ratios), so a
+drifting machine scales every kind and its partner alike; an entry is its ratio times the partner's
+median time.
 
 Each kind's timings are smoothed by a least-squares quadratic in the token count (`fit_curve`).
 A schedule's prediction sums, block by block from the tokens entering it (spaces/cost.py's
@@ -73,10 +75,10 @@ class ProfileKey:
 
 @dataclass(frozen=True)
 class Protocol:
-    """How each entry is timed (evaluate.timed_pairs: ABBA pairs, median ratio)."""
+    """How each entry is timed (`chain_ratios`: ABBA quartets sharing the partner, median ratio)."""
 
     warmup: int = 1
-    repeats: int = 3
+    repeats: int = 2  # passes of the chain: two ratios each
     min_time_s: float = 0.01
 
 
@@ -274,64 +276,59 @@ def default_grid(num_patches: int) -> tuple[int, ...]:
 
 def build(model, key: ProfileKey, *, grid: tuple[int, ...] | None = None,
           protocol: Protocol = Protocol(), log=None) -> LatencyProfile:  # type: ignore[no-untyped-def]
-    """Time every block kind of `model` (a timm ViT on its device, threads already set) at `key.batch`."""
+    """Time every block kind of `model` (a timm ViT on its device, threads already set) at `key.batch`.
+
+    Each kind runs in a block of its own (block 0 is the unreduced partner at full tokens), so at
+    each token count all kinds are timed in one chain B K1 K1 B K2 K2 B ... (`chain_ratios`): the
+    machine's state at that moment is shared by every kind, not only by a kind and its partner.
+    """
     import torch
 
     from reducers import apply_schedule, remove_schedule
     from reducers.patch import block_call, mlp_call
-    from search.evaluate import time_call, timed_pairs
+    from search.evaluate import time_call
 
     start = time.perf_counter()
     spec = ModelSpec.from_model(model, name=key.model)
-    if spec.depth < 2:
-        raise ValueError("a latency profile times block 0 against block 1: the model needs two blocks")
+    kinds = (NONE, SIZED, MLP, *REFERENCE_PLANS)
+    if spec.depth < len(kinds) + 1:
+        raise ValueError(f"a latency profile times each of {len(kinds)} block kinds in a block of its own beside "
+                         f"an unreduced partner: the model needs {len(kinds) + 1} blocks, it has {spec.depth}")
     grid = grid or default_grid(spec.num_patches)
     device, p = next(model.parameters()).device, spec.num_prefix_tokens
     dtype = getattr(torch, key.dtype)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     gen = torch.Generator().manual_seed(0)
+    block_of = {kind: i + 1 for i, kind in enumerate(kinds)}  # block 0: the partner
 
     def tokens(n: int):  # type: ignore[no-untyped-def]
         return torch.randn(key.batch, n + p, spec.embed_dim, generator=gen).to(device)
 
-    def sizes(n: int):  # type: ignore[no-untyped-def]
-        return torch.randint(1, 4, (key.batch, n + p, 1), generator=gen).float().to(device)
+    def call(kind: str, n: int):  # type: ignore[no-untyped-def]
+        x = tokens(n)
+        if kind == MLP:
+            return mlp_call(model, block_of[kind], x)
+        size = torch.randint(1, 4, (key.batch, n + p, 1), generator=gen).float().to(device) if kind == SIZED else None
+        return block_call(model, block_of[kind], x, size=size)
 
-    def patched(plan: LayerPlan) -> None:
-        apply_schedule(model, Schedule(model=spec, layers=(plan,) + (LayerPlan(),) * (spec.depth - 1)))
-
-    def calls_for(fn) -> int:  # type: ignore[no-untyped-def]
-        return max(1, math.ceil(protocol.min_time_s / max(time_call(fn, device), 1e-9)))
-
+    layers = [LayerPlan()] * spec.depth
+    for kind in REFERENCE_PLANS:
+        layers[block_of[kind]] = REFERENCE_PLANS[kind]
     model.eval()
-    ratios: dict[str, list[float]] = {}
+    apply_schedule(model, Schedule(model=spec, layers=tuple(layers)))
+    ratios: dict[str, list[float]] = {kind: [] for kind in kinds}
     base_times: list[float] = []
     with torch.inference_mode(), autocast:
-        full = tokens(spec.num_patches)
-
-        def entry(fn) -> float:  # type: ignore[no-untyped-def]
-            """Median ratio of `fn` to the unreduced block 1 at full tokens, timed in ABBA pairs."""
-            base = block_call(model, 1, full)
-            for _ in range(protocol.warmup - 1):
-                base(), fn()
-            base_calls, calls = calls_for(base), calls_for(fn)  # the last warm-up call, timed
-            b, c = timed_pairs(lambda: time_call(base, device, base_calls), lambda: time_call(fn, device, calls),
-                               protocol.repeats)
-            base_times.extend(b)
-            return statistics.median(ci / bi for bi, ci in zip(b, c, strict=True))
-
-        for kind in (NONE, SIZED, MLP, *REFERENCE_PLANS):
-            patched(REFERENCE_PLANS.get(kind, LayerPlan()))  # the kind in block 0; block 1 is the partner
-            ratios[kind] = []
-            for n in grid:
-                x = tokens(n)
-                fn = mlp_call(model, 0, x) if kind == MLP else block_call(model, 0, x, size=sizes(n) if kind == SIZED else None)
-                ratios[kind].append(entry(fn))
+        base = block_call(model, 0, tokens(spec.num_patches))
+        for n in grid:
+            found = chain_ratios(base, [call(kind, n) for kind in kinds], device, protocol, time_call, base_times)
+            for kind, ratio in zip(kinds, found, strict=True):
+                ratios[kind].append(ratio)
             if log:
-                log(f"latency profile: {kind} timed at {len(grid)} token counts")
-        patched(LayerPlan())
+                log(f"latency profile: every kind timed at {n} patch tokens")
         images = torch.randn(key.batch, 3, *model.patch_embed.img_size, generator=gen).to(device)
-        whole = entry(lambda: model(images))
+        apply_schedule(model, Schedule.empty(spec))
+        whole = chain_ratios(base, [lambda: model(images)], device, protocol, time_call, base_times)[0]
     remove_schedule(model)
     base_us = statistics.median(base_times) * 1e6
     tables = {k: tuple(r * base_us for r in v) for k, v in ratios.items()}
@@ -339,6 +336,26 @@ def build(model, key: ProfileKey, *, grid: tuple[int, ...] | None = None,
     return LatencyProfile(key=key, spec=spec.to_dict(), grid=tuple(grid), tables=tables, rest_us=rest,
                           base_block_us=base_us, protocol=protocol, build_seconds=time.perf_counter() - start,
                           created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def chain_ratios(base, fns: list, device, protocol: Protocol, time_call, base_times: list[float]) -> list[float]:  # type: ignore[no-untyped-def]
+    """Median ratio of each call in `fns` to `base`, timed in `protocol.repeats` passes of one chain
+    B F1 F1 B F2 F2 B ... (every other pass backwards): each call sits in an ABBA quartet with the
+    base and shares the bases with its neighbours, as evaluate.throughput_many does for models."""
+    for _ in range(protocol.warmup - 1):
+        base(), [fn() for fn in fns]
+    calls = [max(1, math.ceil(protocol.min_time_s / max(time_call(f, device), 1e-9))) for f in [base, *fns]]
+    found: list[list[float]] = [[] for _ in fns]
+    for rep in range(protocol.repeats):
+        order = list(range(len(fns)))[:: -1 if rep % 2 else 1]
+        before = time_call(base, device, calls[0])
+        for i in order:
+            first, second = time_call(fns[i], device, calls[i + 1]), time_call(fns[i], device, calls[i + 1])
+            after = time_call(base, device, calls[0])
+            found[i] += [first / before, second / after]
+            base_times += [before, after]
+            before = after
+    return [statistics.median(r) for r in found]
 
 
 # --- how good the prediction was -----------------------------------------------------------------
