@@ -41,7 +41,7 @@ from typing import Any
 from spaces import LayerPlan, ModelSpec, Schedule, breakdown
 
 FORMAT = "tokensched-latency-profile"
-VERSION = 1
+VERSION = 2  # 2: every kind in one chain per token count (1: each kind against its partner alone)
 # The reference plan each after-attention method and idle is timed with (keep 0.5 of the tokens).
 REFERENCE_PLANS: dict[str, LayerPlan] = {
     "prune": LayerPlan("prune", keep=0.5),
