@@ -23,10 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from search import latency
+from search import latency, shared_logits
 from search.data import TIMM_CROP_SCALE, TensorSet, load_confirm_set, load_eval_set
 from search.evaluate import EarlyStop, evaluate, predict
-from search import shared_logits
 from search.models import data_config, load_model
 from search.prefix_cache import PrefixCache
 from spaces import Schedule
