@@ -100,15 +100,17 @@ def _label_optuna_trial(searcher, trial_id: str, record: dict[str, Any]) -> None
 
 class _Nodes:
     """The Ray node a Tune trial's actor runs on (its node id), from the cluster's actor table; one
-    lookup per actor (actors are reused). None when Ray does not say."""
+    lookup per actor (actors are reused), remembered per trial for when its actor is gone (a trial
+    whose node stopped). None when Ray does not say."""
 
     def __init__(self) -> None:
         self._by_actor: dict[str, str | None] = {}  # actor id -> node id
+        self._by_trial: dict[str, str] = {}  # Tune trial id -> node id
 
     def __call__(self, trial) -> str | None:  # type: ignore[no-untyped-def]
         actor = getattr(getattr(trial, "temporary_state", None), "ray_actor", None)
         if actor is None:
-            return None
+            return self._by_trial.get(trial.trial_id)
         actor_id = actor._actor_id.hex()
         if not self._by_actor.get(actor_id):  # not yet placed when last asked: ask again
             try:
@@ -116,8 +118,11 @@ class _Nodes:
 
                 self._by_actor[actor_id] = state.actors(actor_id=actor_id)["Address"]["NodeID"] or None
             except Exception:  # noqa: BLE001 - where a trial ran is worth a column, not a failed search
-                return None
-        return self._by_actor[actor_id]
+                return self._by_trial.get(trial.trial_id)
+        node = self._by_actor[actor_id]
+        if node:
+            self._by_trial[trial.trial_id] = node
+        return node or self._by_trial.get(trial.trial_id)
 
 
 def _callback(cfg: SearchConfig, searcher, progress, fronts: list[RunningFront]):  # type: ignore[no-untyped-def]
