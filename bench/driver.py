@@ -88,10 +88,13 @@ def instrument(phases: Phases, storage: Any) -> None:
 
     from search import tune_stage
 
-    cls = type(storage)  # its class, not the instance: Tune pickles the searcher, storage included
-    for name in dir(optuna.storages.BaseStorage):
-        if not name.startswith("_") and callable(getattr(cls, name, None)):
-            setattr(cls, name, phases.wrap(getattr(cls, name), "storage"))
+    # Their classes, not the instance (Tune pickles the searcher, storage included); Optuna wraps an
+    # RDBStorage in its _CachedStorage, whose calls then reach RDBStorage's private methods.
+    classes = {type(storage), type(optuna.storages.get_storage(storage))}
+    for cls in classes:
+        for name in dir(optuna.storages.BaseStorage):
+            if not name.startswith("_") and callable(getattr(cls, name, None)):
+                setattr(cls, name, phases.wrap(getattr(cls, name), "storage"))
     ConcurrencyLimiter.suggest = phases.wrap(ConcurrencyLimiter.suggest, "sampling")
     ConcurrencyLimiter.on_trial_complete = phases.wrap(ConcurrencyLimiter.on_trial_complete, "recording")
     make_callback = tune_stage._callback
