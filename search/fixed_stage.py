@@ -24,6 +24,15 @@ def run_presets(space: SearchSpace) -> list[Schedule]:
     return presets_in_range(space.spec, space.budget_gmacs, space.min_gmacs)
 
 
+def presets_to_run(space: SearchSpace, records: list[dict[str, Any]]) -> list[Schedule]:
+    """The presets in range without a completed screening record: all of them in a new run; on
+    `--resume`, the ones not reached and the ones that failed (a worker lost with its batch fails
+    every preset it had left; a preset that fails by itself fails again and is recorded again)."""
+    done = {r["preset"] for r in records if r.get("preset") and r.get("fidelity", "screen") == "screen"
+            and r.get("state") == "COMPLETE"}
+    return [s for s in run_presets(space) if s.name not in done]
+
+
 def _batches(items: list[Any], concurrency: int, most: int = 8,
              cost: Callable[[Any], float] = lambda item: 1.0) -> list[list[Any]]:
     """Items dealt into batches of about equal `cost` (one Ray trial per batch: the trial's start-up
@@ -144,10 +153,8 @@ def evaluate_presets(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  
     study = _study(cfg, storage)
     if not cfg.presets:
         return
-    records = latest_records(run_dir.read_records(cfg.out))
-    done = {r["preset"] for r in records if r.get("preset") and r.get("fidelity", "screen") == "screen"}
     items = [{"preset": s.name, "schedule": s.to_dict(), "images": "screen"}
-             for s in run_presets(cfg.setup.space) if s.name not in done]
+             for s in presets_to_run(cfg.setup.space, latest_records(run_dir.read_records(cfg.out)))]
 
     def record(item: dict[str, Any], trial_id: str, state: str, result: dict[str, Any] | None) -> None:
         rec = {"trial": None, "ray_trial": trial_id, "state": state, "preset": item["preset"], "fidelity": "screen",

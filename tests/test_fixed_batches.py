@@ -48,3 +48,20 @@ def test_a_failing_schedule_is_reported_and_the_batch_goes_on(monkeypatch) -> No
     assert [r["item"] for r in reports] == [0, 1, 2]
     assert math.isfinite(reports[0]["accuracy"]) and math.isfinite(reports[2]["accuracy"])
     assert math.isnan(reports[1]["accuracy"]) and "no-such-method" in reports[1]["error"]
+
+
+def test_resume_runs_again_the_presets_that_failed_or_were_not_reached() -> None:
+    from search.fixed_stage import presets_to_run, run_presets
+    from search.models import DEFAULT_MODEL, model_spec
+    from spaces import Schedule, gmacs
+    from spaces.search_space import SearchSpace
+
+    spec = model_spec(DEFAULT_MODEL)
+    space = SearchSpace("per-layer", spec, budget_gmacs=0.65 * gmacs(Schedule.empty(spec)))
+    names = [s.name for s in run_presets(space)]
+    assert len(names) > 3 and [s.name for s in presets_to_run(space, [])] == names
+    records = [{"preset": names[0], "fidelity": "screen", "state": "COMPLETE"},
+               {"preset": names[1], "fidelity": "screen", "state": "FAIL"},  # its worker was lost
+               {"preset": names[2], "fidelity": "confirm", "state": "COMPLETE"},  # not a screening record
+               {"preset": None, "fidelity": "screen", "state": "COMPLETE"}]
+    assert [s.name for s in presets_to_run(space, records)] == names[1:]
