@@ -47,7 +47,7 @@ def _settings(cfg: SearchConfig) -> dict[str, Any]:
         "min_gmacs": None if space.min_gmacs is None else round(space.min_gmacs, 9),
         "confirm_images": s.confirm_images, "presets": cfg.presets, "stop_chunk": s.stop_chunk,
         "space": space.name, "methods": list(space.methods), "objectives": list(s.objectives), "sampler": cfg.sampler,
-        "trials": cfg.trials, "device": s.device, "batch_size": s.batch_size, "precision": "fp32",
+        "trials": cfg.trials, "device": s.device, "batch_size": s.batch_size, "precision": s.screen_precision,
         "timing": dict(s.timing) if s.timing else None, "concurrency": cfg.concurrency,
         "timing_batch": cfg.timing_batch, "latency_batch": cfg.latency_batch, "retime": cfg.retime,
         "threads": s.threads,

@@ -63,24 +63,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _logit_batches(model: nn.Module, data: TensorSet, batch_size: int, start: tuple[int, Tensor] | None):  # type: ignore[no-untyped-def]
+def _logit_batches(model: nn.Module, data: TensorSet, batch_size: int, start: tuple[int, Tensor] | None,
+                   dtype: torch.dtype | None = None):  # type: ignore[no-untyped-def]
     """The model's logits batch by batch, in data order: from the images, or with ``start = (k,
-    tokens)`` from the tokens entering block k (search.prefix_cache)."""
+    tokens)`` from the tokens entering block k (search.prefix_cache); under autocast to ``dtype``
+    when given (bf16 screening)."""
     device = next(model.parameters()).device
     model.eval()
+    cast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     if start is None:
         for x, _ in data.batches(batch_size, device):
-            yield model(x)
+            with cast:
+                yield model(x)
         return
     block, tokens = start
     for i in range(0, tokens.shape[0], batch_size):
-        yield forward_from(model, tokens[i:i + batch_size].to(device), block)
+        with cast:
+            yield forward_from(model, tokens[i:i + batch_size].to(device), block)
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, data: TensorSet, *, batch_size: int = 256, start: tuple[int, Tensor] | None = None) -> Tensor:
-    """Logits [N, classes] on CPU, in data order (``start``: see `_logit_batches`)."""
-    return torch.cat([out.float().cpu() for out in _logit_batches(model, data, batch_size, start)])
+def predict(model: nn.Module, data: TensorSet, *, batch_size: int = 256, start: tuple[int, Tensor] | None = None,
+            dtype: torch.dtype | None = None) -> Tensor:
+    """Logits [N, classes] on CPU, in data order (``start``, ``dtype``: see `_logit_batches`)."""
+    return torch.cat([out.float().cpu() for out in _logit_batches(model, data, batch_size, start, dtype)])
 
 
 def accuracy(logits: Tensor, labels: Tensor, reference: Tensor) -> Accuracy:
@@ -245,7 +251,8 @@ class EarlyStop:
 
 @torch.inference_mode()
 def predict_until(model: nn.Module, data: TensorSet, labels_or_reference: Tensor, stop: EarlyStop, *,
-                  batch_size: int = 256, start: tuple[int, Tensor] | None = None) -> Tensor:
+                  batch_size: int = 256, start: tuple[int, Tensor] | None = None,
+                  dtype: torch.dtype | None = None) -> Tensor:
     """Logits of the first images of `data`, chunk by chunk, until ``stop`` says the accuracy over
     the whole set cannot reach its bar (counting top-1 against `labels_or_reference`: labels, or
     the reference's predictions). Returns the logits of the images seen (all of them if never stopped)."""
@@ -253,7 +260,7 @@ def predict_until(model: nn.Module, data: TensorSet, labels_or_reference: Tensor
     checks = max(1, math.ceil(total / stop.chunk) - 1)
     logits: list[Tensor] = []
     seen = correct = 0
-    for out in _logit_batches(model, data, batch_size, start):
+    for out in _logit_batches(model, data, batch_size, start, dtype):
         out = out.float().cpu()
         logits.append(out)
         correct += int((out.argmax(1) == labels_or_reference[seen:seen + out.shape[0]]).sum())
@@ -266,14 +273,15 @@ def predict_until(model: nn.Module, data: TensorSet, labels_or_reference: Tensor
 
 def evaluate(model: nn.Module, schedule: Schedule, data: TensorSet, reference: Tensor, *, batch_size: int = 256,
              timing: dict | None = None, early_stop: EarlyStop | None = None, prefix: PrefixCache | None = None,
-             reference_is_model: bool = False) -> dict:
+             reference_is_model: bool = False, dtype: torch.dtype | None = None) -> dict:
     """Everything the CLI and the search report for one schedule (one flat dict). With
     ``early_stop``, the accuracy may come from the first images only: ``stopped`` says so and
     ``num_images`` how many. ``prefix`` (the unreduced `model`'s cache for `data`) lets the
     forward start at the schedule's first reducing block. With ``reference_is_model`` (`reference`
-    holds this very model's unreduced logits on `data`), a schedule that reduces nothing reuses them."""
+    holds this very model's unreduced logits on `data`), a schedule that reduces nothing reuses them.
+    ``dtype`` (torch.bfloat16): the forward under autocast; `reference` stays what it is (fp32)."""
     start = schedule.first_reducing_block()
-    if reference_is_model and start == schedule.model.depth:
+    if reference_is_model and start == schedule.model.depth and dtype is None:
         logits = reference
     else:
         tokens = prefix.tokens(start) if prefix is not None else None
@@ -281,10 +289,11 @@ def evaluate(model: nn.Module, schedule: Schedule, data: TensorSet, reference: T
         apply_schedule(model, schedule)
         try:
             if early_stop is None:
-                logits = predict(model, data, batch_size=batch_size, start=begin)
+                logits = predict(model, data, batch_size=batch_size, start=begin, dtype=dtype)
             else:
                 target = data.labels if data.has_labels else reference.argmax(1)
-                logits = predict_until(model, data, target, early_stop, batch_size=batch_size, start=begin)
+                logits = predict_until(model, data, target, early_stop, batch_size=batch_size, start=begin,
+                                       dtype=dtype)
         finally:
             remove_schedule(model)
     seen = logits.shape[0]

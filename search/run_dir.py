@@ -17,7 +17,7 @@ LOCK = ".lock"  # flock'ed by the driver for its whole life (released by the ker
 CONFIGS = "configs"
 # Settings a resumed run must share with the run it continues.
 MUST_MATCH = ("model", "checkpoint", "budget_gmacs", "min_gmacs", "space", "methods", "objectives", "data",
-              "num_images", "seed", "sampler", "confirm_images")
+              "num_images", "seed", "sampler", "confirm_images", "precision")
 SAMPLERS = ("nsga2", "tpe", "gp", "random", "local-nsga2", "local-tpe", "local-random")
 
 

@@ -55,6 +55,7 @@ class WorkerSetup:
     confirm_images: int = 2000  # images disjoint from the screening set, for re-scoring the front
     stop_chunk: int | None = 250  # screen searched trials in chunks of this many images, stopping early; None: never
     cache_dir: str | None = None  # the run's cache: the unreduced logits, computed once and shared (search.shared_logits)
+    screen_precision: str = "fp32"  # "bf16": screening forwards under bf16 autocast (the confirmation stays fp32)
     prefix_cache_mb: int = 1024  # memory for the tokens entering block k (search.prefix_cache), per image set; 0: off
     latency: Any = None  # the run's search.latency.LatencyProfile: every record gets its predicted speed
 
@@ -129,6 +130,11 @@ def confirm_context(setup: WorkerSetup) -> tuple[TensorSet, Tensor]:
     return ctx.confirm
 
 
+def screen_dtype(setup: WorkerSetup) -> torch.dtype | None:
+    """The autocast dtype of screening forwards: None for fp32."""
+    return torch.bfloat16 if setup.screen_precision == "bf16" else None
+
+
 def _metrics(setup: WorkerSetup, schedule: Schedule, result: dict[str, Any]) -> dict[str, Any]:
     """One evaluation's result as the flat record the driver reads (accuracy: top-1, or agreement
     without labels)."""
@@ -151,7 +157,8 @@ def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str) -> dict[
     start = time.perf_counter()
     timing = dict(setup.timing) if setup.timing is not None and images == "screen" else None
     result = evaluate(ctx.model, schedule, data, reference, batch_size=setup.batch_size, timing=timing,
-                      prefix=ctx.prefix if images == "screen" else ctx.confirm_prefix, reference_is_model=True)
+                      prefix=ctx.prefix if images == "screen" else ctx.confirm_prefix, reference_is_model=True,
+                      dtype=screen_dtype(setup) if images == "screen" else None)
     return {**_metrics(setup, schedule, result), "eval_seconds": time.perf_counter() - start, "num_images": len(data)}
 
 
@@ -195,7 +202,7 @@ def evaluate_params(setup: WorkerSetup, params: dict[str, Any]) -> dict[str, Any
     below = params.get(STOP_KEY)
     stop = EarlyStop(below, chunk=setup.stop_chunk) if setup.stop_chunk and below is not None else None
     result = evaluate(ctx.model, schedule, ctx.data, ctx.reference, batch_size=setup.batch_size, timing=timing,
-                      early_stop=stop, prefix=ctx.prefix, reference_is_model=True)
+                      early_stop=stop, prefix=ctx.prefix, reference_is_model=True, dtype=screen_dtype(setup))
     metrics = {**_metrics(setup, schedule, result), "schedule": schedule.to_dict(),
                "stopped": result["stopped"], "num_images": result["num_images"],
                "eval_seconds": time.perf_counter() - start, "load_seconds": ctx.load_seconds if ctx.trials == 1 else 0.0}

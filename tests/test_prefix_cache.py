@@ -100,3 +100,23 @@ def test_an_identity_schedule_reuses_the_reference_only_when_told_it_is_this_mod
     computed = evaluate(model, Schedule.empty(spec), data, fake, batch_size=8)
     assert reused["agreement"] == 1.0 and reused["kl"] == 0.0
     assert computed["kl"] > 0.0
+
+
+def test_bf16_screening_runs_under_autocast_and_keeps_the_fp32_reference(model, data) -> None:
+    reference = predict(model, data, batch_size=8)
+    schedule = _schedule(model, "merge", 3)
+    fp32 = evaluate(model, schedule, data, reference, batch_size=8)
+    bf16 = evaluate(model, schedule, data, reference, batch_size=8, dtype=torch.bfloat16)
+    apply_schedule(model, schedule)
+    try:
+        low = predict(model, data, batch_size=8, dtype=torch.bfloat16)
+        high = predict(model, data, batch_size=8)
+    finally:
+        remove_schedule(model)
+    assert low.dtype == torch.float32 and not torch.equal(low, high)  # returned as fp32, computed in bf16
+    assert (low - high).abs().max() < 0.5  # close, not equal
+    assert bf16["kl"] != fp32["kl"]
+    spec = ModelSpec.from_model(model)
+    unreduced = evaluate(model, Schedule.empty(spec), data, reference, batch_size=8, reference_is_model=True,
+                         dtype=torch.bfloat16)
+    assert unreduced["kl"] > 0.0  # the unreduced bf16 forward runs; the fp32 reference is not reused for it

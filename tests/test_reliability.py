@@ -84,6 +84,7 @@ SEARCH_CASES: dict[str, tuple[list[str], str]] = {
     "negative stop-chunk": (["--stop-chunk=-1"], "--stop-chunk: must be >= 0"),
     "stop-chunk not a number": (["--stop-chunk", "half"], "--stop-chunk"),
     "negative prefix cache": (["--prefix-cache-mb", "-5"], "--prefix-cache-mb: must be >= 0"),
+    "unknown screen precision": (["--screen-precision", "fp8"], "--screen-precision: invalid choice"),
     "zero finetune-timeout [14]": (["--finetune-top", "1", "--finetune-timeout", "0"],
                                    "--finetune-timeout: must be > 0"),
     "negative finetune-timeout [14]": (["--finetune-top", "1", "--finetune-timeout=-5"],

@@ -210,6 +210,7 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
                         threads=max(1, int(args.cpus_per_trial)), timing=timing,
                         objectives=objectives, confirm_images=args.confirm_images,
                         stop_chunk=args.stop_chunk or None, prefix_cache_mb=args.prefix_cache_mb,
+                        screen_precision=args.screen_precision,
                         trial_timeout=args.trial_timeout)
     faults, ft_faults = ({int(k): v for k, v in (item.split(":") for item in _split(text))}
                          for text in (args.fail_trials, args.fail_finetunes))

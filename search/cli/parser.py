@@ -152,6 +152,9 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                    help="screen each searched trial in chunks of this many images and stop it once a 95%% upper "
                         "bound of its accuracy falls below the best accuracy measured at no more GMACs "
                         "(default 250; 0: always screen every image)")
+    p.add_argument("--screen-precision", choices=("fp32", "bf16"), default="fp32",
+                   help="screening forwards in fp32 or under bf16 autocast (on a GPU); the confirmation and the "
+                        "reference logits stay fp32 (default fp32)")
     p.add_argument("--prefix-cache-mb", type=_non_negative_int, default=1024,
                    help="memory per worker and image set for the tokens entering a schedule's first reducing block, "
                         "computed once and reused by every schedule that reduces nothing before it "
