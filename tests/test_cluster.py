@@ -59,7 +59,9 @@ def test_worker_node_stopped_mid_search(tmp_path: Path, monkeypatch: pytest.Monk
     assert len(searched) == 30 and set(searched["state"]) <= {"COMPLETE", "FAIL"}
     assert searched["node"].nunique() == 2  # both nodes ran trials
     failed = searched[searched["state"] == "FAIL"]
-    assert (failed["node"] == worker.node_id).all()  # only the stopped node's trials failed, each named
+    # Only the stopped node's trials failed: each is named by it, or by no node when its actor was
+    # placed there as it stopped and never reported one (the node is read from the actor table).
+    assert (failed["node"] == worker.node_id).any() and (failed["node"].isna() | (failed["node"] == worker.node_id)).all()
     after = pd.DataFrame(_searched(out)[before:])
     late = after[after["node"] == worker.node_id]
     assert (late["state"] == "FAIL").all()  # nothing completed on the stopped node after it stopped
