@@ -126,6 +126,22 @@ def timed_pairs(time_base: Callable[[], float], time_cand: Callable[[], float],
     return base, cand
 
 
+def _timed_forward(model: nn.Module, batch_size: int, image_size: tuple[int, int] | None,
+                   dtype: torch.dtype) -> tuple[torch.device, Callable[[], None]]:
+    """The model's device and one forward of a random batch (under autocast unless fp32), for timing."""
+    device = next(model.parameters()).device
+    size = image_size or tuple(model.patch_embed.img_size)
+    x = torch.randn(batch_size, 3, *size, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    model.eval()
+
+    def run() -> None:
+        with autocast:
+            model(x)
+
+    return device, run
+
+
 @torch.inference_mode()
 def throughput(model: nn.Module, schedule: Schedule, *, batch_size: int = 64, image_size: tuple[int, int] | None = None,
                warmup: int = 2, repeats: int = 5, min_time_s: float = 0.05,
@@ -136,15 +152,7 @@ def throughput(model: nn.Module, schedule: Schedule, *, batch_size: int = 64, im
     lasts at least `min_time_s` (counted once, on the unreduced model), so fast forwards are not
     timer noise.
     """
-    device = next(model.parameters()).device
-    size = image_size or tuple(model.patch_embed.img_size)
-    x = torch.randn(batch_size, 3, *size, device=device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    model.eval()
-
-    def run() -> None:
-        with autocast:
-            model(x)
+    device, run = _timed_forward(model, batch_size, image_size, dtype)
 
     def time_base(calls: int = 1) -> float:
         remove_schedule(model)
@@ -179,15 +187,7 @@ def throughput_many(model: nn.Module, schedules: list[Schedule], *, batch_size: 
     schedule two ratios: the baseline before it over its first timing, the one after over its
     second. The unreduced model is warmed up `warmup` calls first, each schedule `schedule_warmup`
     untimed calls before its quartet."""
-    device = next(model.parameters()).device
-    size = image_size or tuple(model.patch_embed.img_size)
-    x = torch.randn(batch_size, 3, *size, device=device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    model.eval()
-
-    def run() -> None:
-        with autocast:
-            model(x)
+    device, run = _timed_forward(model, batch_size, image_size, dtype)
 
     def time_as(schedule: Schedule | None, calls: int) -> float:
         remove_schedule(model) if schedule is None else apply_schedule(model, schedule)
