@@ -60,7 +60,8 @@ def run_finetunes(cfg: SearchConfig, run: dict[str, Any]) -> None:
         def _record(self, trial, state: str, result: dict[str, Any] | None) -> None:  # type: ignore[no-untyped-def]
             screen = by_trial[trial.config["candidate"]["trial"]]
             record = {k: screen.get(k) for k in ("trial", "preset", "params", "summary", "schedule", "feasible",
-                                                  "speedup", "images_per_s", "gmacs")}
+                                                  "speedup", "images_per_s", "gmacs", "predicted_speedup",
+                                                  "predicted_images_per_s")}
             record.update({"ray_trial": trial.trial_id, "state": state, "fidelity": fidelity})
             if result is not None:  # accuracy on the confirmation images, as every record the front is built from
                 record.update({k: result.get(k) for k in ("agreement", "top1", "top5", "kl", "weights",

@@ -376,6 +376,8 @@ def test_promoted_candidates_are_fine_tuned_and_carry_a_fidelity(tmp_path: Path)
     screened = {r["trial"]: r for r in records if r["fidelity"] == "screen"}
     for r in tuned:  # same schedule and cost, new accuracy, weights on disk
         assert r["trial"] in screened and r["gmacs"] == screened[r["trial"]]["gmacs"]
+        # the predicted speed carries over too: without it a tuned point could not enter the front
+        assert r["predicted_speedup"] == screened[r["trial"]]["predicted_speedup"] is not None
         assert Path(r["weights"]).is_file() and Path(r["weights"]).parent.parent == (out / "promoted").resolve()
     assert not (out / "finetune").exists()  # left free for the exported configs' full fine-tunes
     assert set(pd.read_csv(out / "trials.csv")["fidelity"]) == {"screen", "confirm", "finetune:3"}
