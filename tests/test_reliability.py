@@ -315,7 +315,7 @@ def test_failing_and_hung_finetunes_are_fails_the_others_complete(tmp_path: Path
     proc = _search(*SHORT, "--trials", "4", "--out", str(out), "--finetune-top", "3", *FINETUNE,
                    "--fail-finetunes", "0:raise,1:hang", "--finetune-timeout", "20")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    tuned = [r for r in _records(out) if r["fidelity"] == "finetune:3"]
+    tuned = [r for r in latest_records(_records(out)) if r["fidelity"] == "finetune:3"]  # one per Ray trial
     assert len(tuned) == 3 and len({r["trial"] for r in tuned}) == 3
     failed = sorted(r["error"] for r in tuned if r["state"] == "FAIL")
     assert len(failed) == 2 and "injected failure" in failed[0] and "past --finetune-timeout" in failed[1], failed
@@ -352,7 +352,7 @@ def test_kill_during_finetunes_then_during_the_report_resumes(tmp_path: Path) ->
     out = tmp_path / "run"
     args = [*SHORT, "--trials", "4", "--out", str(out), "--finetune-top", "2", *FINETUNE]
     _killed_when(args, lambda: any((out / "promoted").glob("*/model.safetensors")), "a fine-tune's weights")
-    tuned = [r for r in _records(out) if r["fidelity"] == "finetune:3" and r["state"] == "COMPLETE"]
+    tuned = [r for r in latest_records(_records(out)) if r["fidelity"] == "finetune:3" and r["state"] == "COMPLETE"]
     assert len(tuned) < 2 and not (out / "trials.csv").exists()  # killed during the fine-tunes
 
     _killed_when([*args, "--resume"], lambda: (out / "trials.csv").exists(), "the report")
