@@ -19,8 +19,11 @@ A schedule's prediction sums, block by block from the tokens entering it (spaces
   MLP is charged on the tokens that are really kept; with sized tokens, the bias's extra cost;
 * idle with K of n active: T_idle(n) - T_none(K_ref) + T_none(K) (ranking over n, the block on K);
 
-plus the rest of the model (patch embedding, final norm, head), timed once. Values are
-microseconds per batch.
+plus the rest of the model (patch embedding, final norm, head). Blocks timed alone do not add up
+to the whole model they sit in (caches, dispatch, the reducers' bookkeeping between blocks), so the
+profile also times a few whole models (`calibration_schedules`: unreduced, and each method in a
+fixed schedule of its own, never a run's schedules) and fits whole = rest + scale * (sum of its
+blocks) to them by least squares; a prediction is that line. Values are microseconds per batch.
 
 Profiles are versioned JSON files keyed by model, device name, torch version, dtype, batch and
 threads (`ProfileKey`); `cached_profile` reuses one while its key matches and rebuilds it otherwise.
@@ -28,20 +31,21 @@ threads (`ProfileKey`); `cached_profile` reuses one while its key matches and re
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from spaces import LayerPlan, ModelSpec, Schedule, breakdown
 
 FORMAT = "tokensched-latency-profile"
-VERSION = 2  # 2: every kind in one chain per token count (1: each kind against its partner alone)
+VERSION = 3  # 3: rest and scale fitted to whole models; 2: every kind in one chain per token count
 # The reference plan each after-attention method and idle is timed with (keep 0.5 of the tokens).
 REFERENCE_PLANS: dict[str, LayerPlan] = {
     "prune": LayerPlan("prune", keep=0.5),
@@ -88,8 +92,10 @@ class LatencyProfile:
     spec: dict[str, Any]  # the ModelSpec the blocks were timed on (its shape)
     grid: tuple[int, ...]  # patch tokens entering the block, ascending
     tables: dict[str, tuple[float, ...]]  # kind -> microseconds per batch at each grid point
-    rest_us: float  # patch embedding, final norm and head, per batch
+    rest_us: float  # patch embedding, final norm and head, per batch (fitted with `scale`)
     base_block_us: float  # the unreduced block at full tokens (every entry's ABBA partner)
+    scale: float = 1.0  # whole model = rest_us + scale * (sum of its blocks' table values)
+    calibration: tuple[dict[str, Any], ...] = ()  # the whole models fitted: summary, measured_us, blocks_us
     protocol: Protocol = field(default_factory=Protocol)
     build_seconds: float = 0.0
     created: str = ""
@@ -101,7 +107,8 @@ class LatencyProfile:
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "key": asdict(self.key), "spec": self.spec,
                 "grid": list(self.grid), "tables": {k: list(v) for k, v in self.tables.items()},
-                "rest_us": self.rest_us, "base_block_us": self.base_block_us, "protocol": asdict(self.protocol),
+                "rest_us": self.rest_us, "base_block_us": self.base_block_us, "scale": self.scale,
+                "calibration": list(self.calibration), "protocol": asdict(self.protocol),
                 "build_seconds": self.build_seconds, "created": self.created,
                 "fits (derived, a*n^2 + b*n + c)": {k: list(v) for k, v in self.fits.items()}}
 
@@ -119,6 +126,8 @@ class LatencyProfile:
                 raise ValueError(f"tables missing {missing} or not one value per grid point")
             return cls(key=ProfileKey(**data["key"]), spec=dict(data["spec"]), grid=grid, tables=tables,
                        rest_us=float(data["rest_us"]), base_block_us=float(data["base_block_us"]),
+                       scale=float(data.get("scale", 1.0)),
+                       calibration=tuple(dict(c) for c in data.get("calibration", ())),
                        protocol=Protocol(**data.get("protocol", {})), build_seconds=float(data.get("build_seconds", 0)),
                        created=str(data.get("created", "")))
         except (KeyError, TypeError) as err:
@@ -183,15 +192,46 @@ def gives_sizes(plan: LayerPlan, n: int) -> bool:
     return plan.method in SIZE_METHODS or (plan.method == "prune" and plan.fuse)
 
 
-def predict_us(profile: LatencyProfile, schedule: Schedule) -> float:
-    """Predicted microseconds per batch of `schedule`: the rest of the model plus every block."""
+def blocks_us(profile: LatencyProfile, schedule: Schedule) -> float:
+    """The sum of `schedule`'s blocks as timed alone (before the whole-model fit)."""
     p = schedule.model.num_prefix_tokens
-    total, sized = profile.rest_us, False
+    total, sized = 0.0, False
     for plan, row in zip(schedule.layers, breakdown(schedule), strict=True):
         n = row.tokens_in - p
         total += block_us(profile, plan, n, sized=sized and schedule.prop_attn)
         sized = sized or gives_sizes(plan, n)
     return total
+
+
+def predict_us(profile: LatencyProfile, schedule: Schedule) -> float:
+    """Predicted microseconds per batch of `schedule`: the rest of the model plus its scaled blocks."""
+    return profile.rest_us + profile.scale * blocks_us(profile, schedule)
+
+
+def calibration_schedules(spec: ModelSpec) -> list[Schedule]:
+    """Whole models the profile is fitted to: unreduced, ToMe-like merging in every block, and
+    pruning, condensing, idling and prune-or-pool from a quarter of the depth on (fixed, any shape)."""
+    d = spec.depth
+    thirds = (d // 4, d // 2, 3 * d // 4)
+
+    def at(blocks, plan: LayerPlan) -> Schedule:  # type: ignore[no-untyped-def]
+        return Schedule(model=spec, layers=tuple(plan if i in blocks else LayerPlan() for i in range(d)))
+
+    return [Schedule.empty(spec), at(range(d), LayerPlan("merge", keep=0.85)), at(thirds, LayerPlan("prune", keep=0.5)),
+            at(thirds, LayerPlan("condense", keep=0.6)), at(range(d // 4, d), LayerPlan("idle", keep=0.5)),
+            at(thirds, LayerPlan("adaptive", keep=0.6))]
+
+
+def fit_whole(measured: list[float], blocks: list[float]) -> tuple[float, float]:
+    """(rest, scale) of measured = rest + scale * blocks by least squares, rest >= 0."""
+    import numpy as np
+
+    b, m = np.asarray(blocks, float), np.asarray(measured, float)
+    if len(b) >= 2 and np.ptp(b) > 0:
+        scale, rest = np.polyfit(b, m, 1)
+        if rest >= 0 and scale > 0:
+            return float(rest), float(scale)
+    return 0.0, float((m @ b) / (b @ b))
 
 
 def prediction(profile: LatencyProfile, schedule: Schedule) -> dict[str, float]:
@@ -315,6 +355,8 @@ def build(model, key: ProfileKey, *, grid: tuple[int, ...] | None = None,
     for kind in REFERENCE_PLANS:
         layers[block_of[kind]] = REFERENCE_PLANS[kind]
     model.eval()
+    calibration = calibration_schedules(spec)  # whole models, each a copy (the model's blocks are timed alone)
+    wholes = [apply_schedule(copy.deepcopy(remove_schedule(model)), c).eval() for c in calibration]
     apply_schedule(model, Schedule(model=spec, layers=tuple(layers)))
     ratios: dict[str, list[float]] = {kind: [] for kind in kinds}
     base_times: list[float] = []
@@ -327,15 +369,17 @@ def build(model, key: ProfileKey, *, grid: tuple[int, ...] | None = None,
             if log:
                 log(f"latency profile: every kind timed at {n} patch tokens")
         images = torch.randn(key.batch, 3, *model.patch_embed.img_size, generator=gen).to(device)
-        apply_schedule(model, Schedule.empty(spec))
-        whole = chain_ratios(base, [lambda: model(images)], device, protocol, time_call, base_times)[0]
+        found = chain_ratios(base, [lambda m=m: m(images) for m in wholes], device, protocol, time_call, base_times)
     remove_schedule(model)
     base_us = statistics.median(base_times) * 1e6
     tables = {k: tuple(r * base_us for r in v) for k, v in ratios.items()}
-    rest = max(0.0, whole * base_us - spec.depth * tables[NONE][-1])
-    return LatencyProfile(key=key, spec=spec.to_dict(), grid=tuple(grid), tables=tables, rest_us=rest,
-                          base_block_us=base_us, protocol=protocol, build_seconds=time.perf_counter() - start,
-                          created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    raw = LatencyProfile(key=key, spec=spec.to_dict(), grid=tuple(grid), tables=tables, rest_us=0.0,
+                         base_block_us=base_us)
+    fitted = [{"summary": c.summary(), "measured_us": r * base_us, "blocks_us": blocks_us(raw, c)}
+              for c, r in zip(calibration, found, strict=True)]
+    rest, scale = fit_whole([f["measured_us"] for f in fitted], [f["blocks_us"] for f in fitted])
+    return replace(raw, rest_us=rest, scale=scale, calibration=tuple(fitted), protocol=protocol,
+                   build_seconds=time.perf_counter() - start, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
 def chain_ratios(base, fns: list, device, protocol: Protocol, time_call, base_times: list[float]) -> list[float]:  # type: ignore[no-untyped-def]

@@ -71,10 +71,30 @@ def test_idle_block_ranks_every_token_and_runs_the_active_ones() -> None:
     assert pred["predicted_images_per_s"] == pytest.approx(8 / (got * 1e-6))
 
 
+def test_the_whole_model_fit_scales_the_blocks_and_adds_the_rest() -> None:
+    scaled = replace(hand_made(), rest_us=200.0, scale=0.9)
+    plan = schedule(LayerPlan("prune", keep=0.5, fuse=False))
+    assert latency.predict_us(scaled, plan) == pytest.approx(200 + 0.9 * latency.blocks_us(hand_made(), plan))
+    # measured = 300 + 0.8 * blocks exactly: the fit finds both
+    assert latency.fit_whole([300 + 0.8 * b for b in (1e3, 2e3, 5e3)], [1e3, 2e3, 5e3]) == pytest.approx((300, 0.8))
+    # a negative rest is not a time: the line through the origin instead
+    rest, scale = latency.fit_whole([0.5e3, 1.8e3, 4.8e3], [1e3, 2e3, 5e3])
+    assert rest == 0 and scale == pytest.approx((0.5e3 * 1e3 + 1.8e3 * 2e3 + 4.8e3 * 5e3) / (1e6 + 4e6 + 25e6))
+
+
+def test_calibration_schedules_cover_every_method_once_and_the_unreduced_model() -> None:
+    found = latency.calibration_schedules(SPEC)
+    assert found[0] == Schedule.empty(SPEC)
+    methods = [{p.method for p in s.layers} - {"none"} for s in found[1:]]
+    assert all(len(m) == 1 for m in methods) and len({m.pop() for m in methods}) == len(found) - 1
+
+
 def test_profile_round_trips_and_refuses_other_versions(tmp_path: Path) -> None:
-    path = hand_made().save(tmp_path / "p.json")
+    made = replace(hand_made(), scale=0.9, calibration=({"summary": "none", "measured_us": 1.0, "blocks_us": 2.0},))
+    path = made.save(tmp_path / "p.json")
     again = LatencyProfile.load(path)
     assert again.tables == hand_made().tables and again.key == KEY
+    assert again.scale == 0.9 and again.calibration == made.calibration
     doc = json.loads(path.read_text())
     (tmp_path / "v9.json").write_text(json.dumps({**doc, "version": 9}))
     with pytest.raises(ValueError, match="version 9"):
@@ -175,9 +195,17 @@ def test_bad_latency_input_is_one_error_line_and_nothing_is_written(tmp_path: Pa
     assert _check_latency_profile(args, SPEC) == str(matching.resolve())
 
 
-def test_compile_where_unavailable_says_why(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_compile_where_unavailable_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
     from torch._inductor import config
 
     monkeypatch.setattr(config.cpp, "cxx", ("/nonexistent/c++",))
     msg = _bad(["eval", "--preset", "tome:4", "--compile", "--num-images", "8"], capsys)
     assert "C++ compiler" in msg
+    out = tmp_path / "run"
+    msg = _bad([*SEARCH, "--compile", "--out", str(out)], capsys)  # the search's re-timing, checked before Ray
+    assert "C++ compiler" in msg and "--compile" in msg and not out.exists()
+
+
+def test_compile_needs_the_retiming(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    msg = _bad([*SEARCH, "--compile", "--no-retime", "--out", str(tmp_path / "run")], capsys)
+    assert "--no-retime" in msg and not (tmp_path / "run").exists()
