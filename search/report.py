@@ -34,12 +34,14 @@ __all__ = [
 COLUMNS = (
     "trial", "state", "preset", "fidelity", "feasible", "accuracy", "screen_accuracy", "confirmed_accuracy",
     "agreement", "top1", "top5", "gmacs", "speedup", "images_per_s", "predicted_speedup", "measured_speedup",
-    "predicted_images_per_s", "measured_images_per_s", "latency_ms", "latency_speedup", "seconds", "summary",
+    "predicted_images_per_s", "measured_images_per_s", "latency_ms", "latency_speedup", "compiled_speedup",
+    "compiled_images_per_s", "compile_seconds", "seconds", "summary",
 )  # fmt: skip
 # Shown beside the objectives in the closing table when the front was re-timed: (column, record key, format).
 SPEED_COLUMNS = (("measured", "measured_speedup", "{:.2f}x"), ("img/s", "measured_images_per_s", "{:.0f}"),
                  ("pred img/s", "predicted_images_per_s", "{:.0f}"), ("b1 ms", "latency_ms", "{:.2f}"),
                  ("b1 x", "latency_speedup", "{:.2f}x"))
+COMPILED_COLUMNS = (("compiled", "compiled_speedup", "{:.2f}x"),)  # with --compile
 
 
 def _value(record: dict, name: str) -> float | None:
@@ -348,7 +350,8 @@ def export_configs(out_dir: str | Path, front: Sequence[dict], *, run: dict) -> 
     objective_keys = ("accuracy", "agreement", "top1", "top5", "gmacs", "speedup", "images_per_s",
                       "predicted_speedup", "predicted_images_per_s")
     speed_keys = ("measured_speedup", "measured_images_per_s", "baseline_images_per_s", "retime_batch", "latency_ms",
-                  "baseline_latency_ms", "latency_speedup", "latency_batch")
+                  "baseline_latency_ms", "latency_speedup", "latency_batch", "compiled_speedup", "compiled_images_per_s",
+                  "compiled_baseline_images_per_s", "compile_seconds", "compiled_max_abs_logit_diff", "graph_breaks")
     for r, p in zip(front, paths, strict=True):
         cmd = ["python", "run_search.py", "finetune", "--config", str(p)]
         if run.get("finetune_data"):  # training images; the search's --data is the held-out screening set
@@ -410,12 +413,15 @@ def front_table(front: Sequence[dict], presets: Sequence[dict], objectives: Sequ
 
     When the records were confirmed on disjoint images, ``accuracy`` is the confirmed accuracy and a
     ``screen`` column shows the screening accuracy beside it. When they were re-timed, the measured
-    speed-up and images/s, the predicted images/s and the latency at the latency batch follow.
+    speed-up and images/s, the predicted images/s and the latency at the latency batch follow, and
+    with --compile the compiled speed-up.
     """
     confirmed = any(r.get("screen_accuracy") is not None for r in [*front, *presets])
     timed = any(r.get("measured_speedup") is not None for r in [*front, *presets])
+    speed = [*(SPEED_COLUMNS if timed else ()),
+             *(COMPILED_COLUMNS if any(r.get("compiled_speedup") is not None for r in [*front, *presets]) else ())]
     extra = f"{'screen':>9}" if confirmed else ""
-    extra += "".join(f"{name:>11}" for name, _, _ in SPEED_COLUMNS) if timed else ""
+    extra += "".join(f"{name:>11}" for name, _, _ in speed)
     width = [max(13, len(o.name) + 1) for o in objectives]
     head = f"{'id':>6}  {'kind':<7}" + "".join(f"{o.name:>{w}}" for o, w in zip(objectives, width, strict=True)) \
         + extra + "  summary"
@@ -428,8 +434,7 @@ def front_table(front: Sequence[dict], presets: Sequence[dict], objectives: Sequ
                        for o, w in zip(objectives, width, strict=True))
         if confirmed:
             vals += f"{'-' if (v := _value(r, 'screen_accuracy')) is None else f'{v:.4g}':>9}"
-        if timed:
-            vals += "".join(f"{'-' if (v := _value(r, key)) is None else fmt.format(v):>11}" for _, key, fmt in SPEED_COLUMNS)
+        vals += "".join(f"{'-' if (v := _value(r, key)) is None else fmt.format(v):>11}" for _, key, fmt in speed)
         label = f"{r.get('preset')}: {r.get('summary')}" if kind == "preset" else str(r.get("summary") or "")
         label = label if len(label) <= 60 else label[:57] + "..."
         trial = "" if r.get("trial") is None else r.get("trial")

@@ -2,7 +2,10 @@
 (reused from the cache while its key matches, else built); after the confirmation, every front
 point and every preset re-timed against the unreduced model, batched and at the latency batch.
 
-Both run as one Ray task with the trials' resources (the device and thread count the profile is
+With --compile the re-timing is repeated under torch.compile (inductor), compiled against the
+compiled unreduced model (search/compiled.py).
+
+Each runs as one Ray task with the trials' resources (the device and thread count the profile is
 keyed by), so the timing happens in one process on the machine the trials ran on, with nothing
 else of the run beside it."""
 
@@ -100,17 +103,28 @@ def _retime_task(setup: WorkerSetup, schedules: list[dict[str, Any]], batch: int
              "latency_speedup": s.speedup, "retime_seconds": seconds} for b, s in zip(batched, single, strict=True)]
 
 
-def run_retime(cfg: SearchConfig, run: dict[str, Any]) -> None:
-    """Re-time every point of the final front and every preset not yet re-timed (a resumed run keeps
-    the timings it has); each gets a new trial-log line with the measured columns beside its own."""
+def _todo(cfg: SearchConfig, done_key: str) -> list[dict[str, Any]]:
+    """Front points and presets (one record each, the latest) that have no `done_key` yet."""
     from search.outcome import final_front, latest_records
 
-    every = latest_records(run_dir.read_records(cfg.out))
-    front, presets = final_front(cfg, every)[:2]
-    todo = list({r["ray_trial"]: r for r in [*front, *presets] if r.get("schedule")
-                 and r.get("measured_speedup") is None}.values())
-    if not todo:
-        return
+    front, presets = final_front(cfg, latest_records(run_dir.read_records(cfg.out)))[:2]
+    return list({r["ray_trial"]: r for r in [*front, *presets] if r.get("schedule")
+                 and r.get(done_key) is None}.values())
+
+
+def run_retime(cfg: SearchConfig, run: dict[str, Any]) -> None:
+    """Re-time every point of the final front and every preset not yet re-timed (a resumed run keeps
+    the timings it has); each gets a new trial-log line with the measured columns beside its own.
+    With --compile, then the same schedules compiled against the compiled unreduced model."""
+    todo = _todo(cfg, "measured_speedup")
+    if todo:
+        _retime_eager(cfg, run, todo)
+    if cfg.compile and (todo := _todo(cfg, "compiled_speedup")):
+        _retime_compiled(cfg, run, todo)
+
+
+def _retime_eager(cfg: SearchConfig, run: dict[str, Any], todo: list[dict[str, Any]]) -> None:
+    """Throughput at --timing-batch and latency at --latency-batch, eager, against the unreduced model."""
     print(f"re-timing {len(todo)} schedules (front and presets) against the unreduced model: batch "
           f"{cfg.timing_batch}, then batch {cfg.latency_batch}", file=sys.stderr)
     start = time.perf_counter()
@@ -126,3 +140,50 @@ def run_retime(cfg: SearchConfig, run: dict[str, Any]) -> None:
                                          "threads": cfg.setup.threads, "device": cfg.setup.device,
                                          "protocol": "evaluate.throughput_many: one pass batched, two at the "
                                                      "latency batch; median of the ABBA ratios"})
+
+
+COMPILED = ("compiled_speedup", "compiled_images_per_s", "compiled_baseline_images_per_s", "compiled_eager_speedup",
+            "compile_seconds", "compiled_max_abs_logit_diff", "graph_breaks", "recompiles")
+
+
+def _compiled_task(setup: WorkerSetup, schedules: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
+    """Each schedule compiled against the compiled unreduced model at `batch`, in this one process."""
+    import torch
+
+    from search.compiled import compiled_many
+    from spaces import Schedule
+
+    model = _model(setup)
+    images = torch.randn(8, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
+    found: list[dict[str, Any]] = []
+    for s in schedules:  # one at a time: a schedule that fails to compile is recorded, the others go on
+        try:
+            c = compiled_many(model, [Schedule.from_dict(s)], images.to(setup.device), batch_size=batch, repeats=3,
+                              batches=1)[0]
+        except Exception as err:  # noqa: BLE001 - any compiler failure is the schedule's result
+            found.append({"compile_error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"})
+            continue
+        found.append({"compiled_speedup": c.speedup, "compiled_images_per_s": c.images_per_s,
+                      "compiled_baseline_images_per_s": c.baseline_images_per_s,
+                      "compiled_eager_speedup": c.eager_speedup, "compile_seconds": c.compile_seconds,
+                      "compiled_max_abs_logit_diff": c.max_abs_logit_diff, "graph_breaks": c.graph_breaks,
+                      "recompiles": c.recompiles})
+    return found
+
+
+def _retime_compiled(cfg: SearchConfig, run: dict[str, Any], todo: list[dict[str, Any]]) -> None:
+    """--compile: every front point and preset under torch.compile (inductor), against the compiled
+    unreduced model; the outputs are checked against eager (max |logit difference|)."""
+    print(f"re-timing {len(todo)} schedules under torch.compile against the compiled unreduced model: batch "
+          f"{cfg.timing_batch} (each compiles first: minutes on a CPU)", file=sys.stderr)
+    start = time.perf_counter()
+    results = _remote(cfg, _compiled_task, cfg.setup, [r["schedule"] for r in todo], cfg.timing_batch)
+    for record, compiled in zip(todo, results, strict=True):
+        run_dir.append_record(cfg.out, {**record, **compiled})
+    run.setdefault("compiled_runs", []).append({
+        "schedules": len(todo), "seconds": round(time.perf_counter() - start, 3), "batch": cfg.timing_batch,
+        "max_abs_logit_diff": max((c["compiled_max_abs_logit_diff"] for c in results if "compile_error" not in c),
+                                  default=None),
+        "with_graph_breaks": sum(c.get("graph_breaks", 0) > 0 for c in results),
+        "failed": sum("compile_error" in c for c in results),
+        "protocol": "search.compiled.compiled_many: dynamo reset per schedule, 3 ABBA pairs compiled vs compiled"})

@@ -409,3 +409,26 @@ def test_ray_auth_mode_follows_the_cluster(tmp_path: Path, monkeypatch: pytest.M
     assert ray_auth_mode("10.0.0.1:6379") == "token"  # `ray start --head` turned token auth on
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert ray_auth_mode("10.0.0.1:6379") == "disabled"  # the user's choice wins
+
+
+@pytest.mark.slow
+def test_compile_retimes_the_front_compiled_against_compiled(tmp_path: Path) -> None:
+    """--compile: after the eager re-timing, every front point (no presets here: each compiles for
+    a minute or more on a CPU) is timed under torch.compile against the compiled unreduced model,
+    its logits equal to eager; a resume does not compile them again."""
+    out = tmp_path / "compiled"
+    args = ["--budget", "65%", *FAST, "--min-gmacs", "60%", "--confirm-images", "40", "--no-presets", "--trials", "2",
+            "--out", str(out), "--compile"]
+    proc = search(*args, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    front = pd.read_csv(out / "front.csv")
+    assert (front["compiled_speedup"] > 0).all() and (front["compile_seconds"] > 0).all()
+    assert (front["compiled_max_abs_logit_diff"] <= 1e-4).all()
+    run = json.loads((out / "run.json").read_text())
+    assert run["compile"] is True and run["compiled_runs"][0]["schedules"] == len(front)
+    assert "compiled" in proc.stdout.splitlines()[0]  # the closing table's column
+    for path in (out / "configs").glob("*.yaml"):
+        assert yaml.safe_load(path.read_text())["measured_speed"]["compiled_speedup"] > 0
+    again = search(*args, "--resume", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(json.loads((out / "run.json").read_text())["compiled_runs"]) == 1  # nothing compiled twice

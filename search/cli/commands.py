@@ -203,6 +203,7 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
         if not args.finetune_lr > 0:
             raise ValueError(f"--finetune-lr must be positive, got {args.finetune_lr}")
     check_search_inputs(args)
+    _check_compile(args)
     latency_profile = _check_latency_profile(args, spec)
     setup = WorkerSetup(space=space, model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                         data=args.data, num_images=args.num_images, seed=args.seed,
@@ -226,7 +227,21 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
                         presets=not args.no_presets, seed=args.seed, command=command_line(list(argv)),
                         fault_trials=faults, finetune_top=args.finetune_top, finetune=job, retries=args.retries,
                         fault_finetunes=ft_faults, timing_batch=args.timing_batch,
-                        latency_batch=args.latency_batch, latency_profile=latency_profile, retime=not args.no_retime)
+                        latency_batch=args.latency_batch, latency_profile=latency_profile, retime=not args.no_retime,
+                        compile=args.compile)
+
+
+def _check_compile(args: argparse.Namespace) -> None:
+    """--compile re-times the front, so it needs the re-timing and a torch.compile that runs here."""
+    if not args.compile:
+        return
+    if args.no_retime:
+        raise ValueError("--compile re-times the front under torch.compile: it cannot be combined with --no-retime")
+    from search.compiled import compile_unavailable
+
+    why = compile_unavailable(args.device)
+    if why:
+        raise ValueError(f"--compile: torch.compile cannot run here: {why}")
 
 
 def _check_latency_profile(args: argparse.Namespace, spec) -> str | None:  # type: ignore[no-untyped-def]

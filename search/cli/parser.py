@@ -144,6 +144,9 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                         "that matches, else one built at the start)")
     p.add_argument("--no-retime", action="store_true",
                    help="do not re-time the front and the presets after the confirmation")
+    p.add_argument("--compile", action="store_true",
+                   help="also re-time the front and the presets under torch.compile (inductor), against the compiled "
+                        "unreduced model, outputs checked against eager (each schedule compiles first: minutes on a CPU)")
     p.add_argument("--no-presets", action="store_true", help="do not evaluate the paper presets")
     p.add_argument("--confirm-images", type=_positive_int, default=2000,
                    help="images disjoint from the screening set on which the front and the presets are re-scored "
