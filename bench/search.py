@@ -6,7 +6,7 @@
 
 Runs the real search (`run_search.py`, local Ray, presets excluded so it measures the search
 itself) once per sampler and seed on the embedded default, same budget, same fixed reference
-point (PITFALLS 18), plus one long random search per seed (`--reference-trials`); random search
+point (PITFALLS 18), on accuracy and GMACs (`--objectives accuracy,gmacs`, no re-timing), plus one long random search per seed (`--reference-trials`); random search
 is memoryless, so its first `--trials` trials stand for a random run of that length.
 Every searched trial counts, the early-stopped ones included (they are never on the front).
 Prints the median over seeds of the hypervolume after 10, 20, ... trials for each sampler, the
@@ -44,7 +44,8 @@ def run_search(out: Path, sampler: str, trials: int, seed: int, args: argparse.N
         cmd_tail = []
     cmd = [sys.executable, "run_search.py", "--budget", args.budget, "--sampler", sampler, "--trials", str(trials),
            "--num-images", str(args.num_images), "--seed", str(seed), "--out", str(out), "--no-presets",
-           "--concurrency", str(args.concurrency), "--confirm-images", str(args.confirm_images), *cmd_tail]
+           "--concurrency", str(args.concurrency), "--confirm-images", str(args.confirm_images),
+           "--objectives", "accuracy,gmacs", "--no-retime", *cmd_tail]
     print("$", " ".join(cmd[1:]), file=sys.stderr)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)

@@ -37,9 +37,21 @@ class _Suggested:
         self.last = self.space(trial)
 
 
-def _searcher(cfg: SearchConfig, storage, bar: RunningFront):  # type: ignore[no-untyped-def]
-    """Ray's OptunaSearch on the run's study; each suggestion carries the early-stopping bar read
-    from `bar`, the front of accuracy against GMACs (kept up to date by the trial recorder)."""
+def starting_points(cfg: SearchConfig, finished: int) -> list[dict[str, Any]]:
+    """The local sampler's first trials when it has no front to move from (--no-presets, nothing
+    run yet): each method alone at the top and the bottom of the budget range
+    (spaces.search_space.uniform_starts), at most a fifth of --trials. Other samplers: none."""
+    from spaces.search_space import uniform_starts
+
+    if cfg.presets or finished or not cfg.sampler.startswith("local-"):
+        return []
+    return uniform_starts(cfg.setup.space)[: cfg.trials // 5]
+
+
+def _searcher(cfg: SearchConfig, storage, bar: RunningFront, starts: list[dict[str, Any]] = ()):  # type: ignore[no-untyped-def,assignment]
+    """Ray's OptunaSearch on the run's study, `starts` enqueued first; each suggestion carries the
+    early-stopping bar read from `bar`, the front of accuracy against GMACs (kept up to date by the
+    trial recorder)."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -75,6 +87,7 @@ def _searcher(cfg: SearchConfig, storage, bar: RunningFront):  # type: ignore[no
     searcher = _Searcher(
         space=space, metric=[o.name for o in objectives], mode=[o.direction for o in objectives],
         sampler=sampler, storage=storage, study_name=f"{STUDY_PREFIX}-{cfg.out.resolve().name}",
+        points_to_evaluate=list(starts) or None,
     )
     return searcher, ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency)
 
@@ -201,7 +214,7 @@ def run_tune(cfg: SearchConfig, run: dict[str, Any], storage, *, trainable=None)
     records = latest_records(run_dir.read_records(cfg.out))  # read once; then kept up to date trial by trial
     for front in (shown, bar):
         front.extend(records)
-    searcher, limited = _searcher(cfg, storage, bar)
+    searcher, limited = _searcher(cfg, storage, bar, starting_points(cfg, finished))
     progress = tqdm(total=cfg.trials, initial=finished, desc="trials", unit="trial", file=sys.stderr)
     setup_resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     tuner = tune.Tuner(

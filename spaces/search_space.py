@@ -308,6 +308,48 @@ def preset_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any] | No
     return params
 
 
+class _UniformTrial:
+    """Answers a per-layer space's suggestions for one method in every block from `first`, at one
+    keep ratio (the budget fit rescales it) and the methods' defaults; records what it answered."""
+
+    def __init__(self, method: str, first: int, fraction: float) -> None:
+        self.method, self.first, self.fraction = method, first, fraction
+        self.params: dict[str, Any] = {}
+
+    def _say(self, name: str, value: Any) -> Any:
+        self.params[name] = value
+        return value
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
+        default = {"keep": 0.9, "alpha": 0.5, "merge_keep": 0.8, "fraction": self.fraction}[name.rsplit(".", 1)[-1]]
+        return self._say(name, min(high, max(low, default)))
+
+    def suggest_int(self, name: str, low: int, high: int) -> int:
+        return self._say(name, min(high, max(low, self.first if name == "layers.first" else 2)))
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        field = name.rsplit(".", 1)[-1]
+        value = {"method": self.method, "prop_attn": True, "fuse": True, "fuse_weights": "raw", "rank": "logits"}[field]
+        return self._say(name, value if value in choices else choices[0])
+
+
+def uniform_starts(space: SearchSpace) -> list[dict[str, Any]]:
+    """First trials for a search with nothing to start from (no presets): each method alone, the
+    same keep ratio in every block, at the top and the bottom of the budget range. Merging methods
+    start at block 0 (as ToMe does), the others at a quarter of the depth (as EViT, IdleViT, TC-ViT
+    and PPT do: the class token's attention ranks nothing in the first blocks). Per-layer space only."""
+    if space.name != "per-layer":
+        return []
+    starts = []
+    for fraction in (space.fraction_range[1], space.fraction_range[0]):  # every method at the top first
+        for method in space.methods:
+            first = 0 if method in ("merge", "diffrate") else space.spec.depth // 4
+            trial = _UniformTrial(method, first, fraction)
+            space(trial)
+            starts.append(trial.params)
+    return starts
+
+
 class _ExtremeTrial:
     """Answers every suggestion with the most reducing value, for one method."""
 

@@ -122,3 +122,50 @@ def test_two_phase_runs_the_early_method_then_the_late_one(spec) -> None:
     fitted = _space(spec, "two-phase", budget="30%")(optuna.trial.FixedTrial({**params, "budget.fraction": 1.0}))
     assert gmacs(fitted) <= _space(spec, budget="30%").budget_gmacs  # both phases rescaled together
     assert [p.method for p in fitted.layers][6:] == ["diffrate"] * (spec.depth - 6)
+
+
+def test_uniform_starts_run_each_method_alone_at_both_ends_of_the_budget_range() -> None:
+    import optuna
+
+    from search.models import DEFAULT_MODEL, model_spec
+    from spaces import gmacs
+    from spaces.search_space import SearchSpace, uniform_starts
+
+    spec = model_spec(DEFAULT_MODEL)
+    budget = 0.65 * gmacs(Schedule.empty(spec))
+    space = SearchSpace("per-layer", spec, budget_gmacs=budget)
+    starts = uniform_starts(space)
+    assert len(starts) == 2 * len(space.methods)
+    low, high = space.fraction_range
+    cost = []
+    methods = [*space.methods, *space.methods]  # every method at the top of the range, then at the bottom
+    for params, method, fraction in zip(starts, methods, [high] * len(space.methods) + [low] * len(space.methods),
+                                        strict=True):
+        schedule = space(optuna.trial.FixedTrial(params))  # every parameter of the space, in range
+        used = [p for p in schedule.layers if p.method != "none"]
+        assert {p.method for p in used} == {method} and len({p.keep for p in used}) == 1  # one keep everywhere
+        first = next(i for i, p in enumerate(schedule.layers) if p.method != "none")
+        assert first == (0 if method in ("merge", "diffrate") else spec.depth // 4)
+        assert params["budget.fraction"] == fraction and gmacs(schedule) <= budget + 1e-9
+        cost.append(gmacs(schedule))
+    half = len(space.methods)
+    assert all(top > bottom for top, bottom in zip(cost[:half], cost[half:], strict=True))  # the low end costs less
+    assert uniform_starts(SearchSpace("staged", spec, budget_gmacs=budget)) == []
+
+
+def test_the_local_sampler_starts_uniform_only_with_nothing_to_move_from(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from search.config import SearchConfig
+    from search.models import DEFAULT_MODEL, model_spec
+    from search.tune_stage import starting_points
+    from search.worker import WorkerSetup
+    from spaces.search_space import SearchSpace
+
+    space = SearchSpace("per-layer", model_spec(DEFAULT_MODEL), budget_gmacs=0.1)
+    cfg = SearchConfig(setup=WorkerSetup(space=space), budget="65%", out=tmp_path, presets=False, trials=60)
+    assert len(starting_points(cfg, finished=0)) == 12
+    assert len(starting_points(replace(cfg, trials=20), finished=0)) == 4  # at most a fifth of the trials
+    assert starting_points(replace(cfg, presets=True), finished=0) == []  # the presets are the start
+    assert starting_points(cfg, finished=3) == []  # a resumed run has its own front
+    assert starting_points(replace(cfg, sampler="random"), finished=0) == []  # random search stays random
