@@ -37,13 +37,14 @@ class _Suggested:
         self.last = self.space(trial)
 
 
-def starting_points(cfg: SearchConfig, finished: int) -> list[dict[str, Any]]:
-    """The local sampler's first trials when it has no front to move from (--no-presets, nothing
-    run yet): each method alone at the top and the bottom of the budget range
+def starting_points(cfg: SearchConfig, searched: int) -> list[dict[str, Any]]:
+    """The local sampler's first trials when it has no front to move from (--no-presets and no
+    searched trial in the study yet, in any state: a resumed run's enqueued ones are still there):
+    each method alone at the top and the bottom of the budget range
     (spaces.search_space.uniform_starts), at most a fifth of --trials. Other samplers: none."""
     from spaces.search_space import uniform_starts
 
-    if cfg.presets or finished or not cfg.sampler.startswith("local-"):
+    if cfg.presets or searched or not cfg.sampler.startswith("local-"):
         return []
     return uniform_starts(cfg.setup.space)[: cfg.trials // 5]
 
@@ -214,7 +215,8 @@ def run_tune(cfg: SearchConfig, run: dict[str, Any], storage, *, trainable=None)
     records = latest_records(run_dir.read_records(cfg.out))  # read once; then kept up to date trial by trial
     for front in (shown, bar):
         front.extend(records)
-    searcher, limited = _searcher(cfg, storage, bar, starting_points(cfg, finished))
+    searched = sum("preset" not in t.user_attrs for t in study.get_trials(deepcopy=False))
+    searcher, limited = _searcher(cfg, storage, bar, starting_points(cfg, searched))
     progress = tqdm(total=cfg.trials, initial=finished, desc="trials", unit="trial", file=sys.stderr)
     setup_resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     tuner = tune.Tuner(

@@ -164,8 +164,8 @@ def test_the_local_sampler_starts_uniform_only_with_nothing_to_move_from(tmp_pat
 
     space = SearchSpace("per-layer", model_spec(DEFAULT_MODEL), budget_gmacs=0.1)
     cfg = SearchConfig(setup=WorkerSetup(space=space), budget="65%", out=tmp_path, presets=False, trials=60)
-    assert len(starting_points(cfg, finished=0)) == 12
-    assert len(starting_points(replace(cfg, trials=20), finished=0)) == 4  # at most a fifth of the trials
-    assert starting_points(replace(cfg, presets=True), finished=0) == []  # the presets are the start
-    assert starting_points(cfg, finished=3) == []  # a resumed run has its own front
-    assert starting_points(replace(cfg, sampler="random"), finished=0) == []  # random search stays random
+    assert len(starting_points(cfg, searched=0)) == 12
+    assert len(starting_points(replace(cfg, trials=20), searched=0)) == 4  # at most a fifth of the trials
+    assert starting_points(replace(cfg, presets=True), searched=0) == []  # the presets are the start
+    assert starting_points(cfg, searched=3) == []  # a resumed run: its starts are in the study already
+    assert starting_points(replace(cfg, sampler="random"), searched=0) == []  # random search stays random
