@@ -143,7 +143,9 @@ def test_profile_command_builds_reuses_and_refuses_another_key(tmp_path: Path, c
     built = LatencyProfile.load(out)
     assert built.key.batch == 2 and built.key.model == DEFAULT_MODEL
     assert all(v > 0 for values in built.tables.values() for v in values)
-    assert "built in" in capsys.readouterr().out
+    assert len(built.calibration) == 6 and built.scale > 0 and built.rest_us >= 0  # fitted to six whole models
+    printed = capsys.readouterr().out
+    assert "built in" in printed and "fitted to 6 whole models" in printed
     assert main(["profile", "--timing-batch", "2", "--out", str(out)]) == 0
     assert "reused" in capsys.readouterr().out and LatencyProfile.load(out).created == built.created
     assert main(["profile", "--timing-batch", "3", "--out", str(out)]) == 2

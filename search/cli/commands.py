@@ -390,6 +390,8 @@ def _print_profile(args: argparse.Namespace, profile, out, built: bool) -> int: 
     for kind, values in profile.tables.items():
         print(f"{kind:<12}" + "".join(f"{v / 1e3:>8.2f}" for v in values))
     full = latency.predict_us(profile, latency.Schedule.empty(latency.ModelSpec.from_dict(profile.spec)))
+    print(f"fitted to {len(profile.calibration)} whole models: whole = {profile.rest_us / 1e3:.2f} ms + "
+          f"{profile.scale:.3f} x the blocks")
     print(f"rest of the model {profile.rest_us / 1e3:.2f} ms; unreduced model predicted {full / 1e3:.2f} ms "
           f"({k.batch / (full * 1e-6):.1f} images/s)")
     return 0
