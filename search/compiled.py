@@ -78,50 +78,36 @@ def compiled_run(model: nn.Module, schedule: Schedule, images: Tensor, *, batch_
                  batches: int = 3) -> Compiled:
     """Compile the unreduced model and a copy running `schedule`, check the reduced one's logits on
     `images` [B, 3, H, W] against eager, count graphs, breaks and recompiles over `batches` batches
-    of other random images, and time both compiled (and eager) at `batch_size`."""
-    return compiled_many(model, [schedule], images, batch_size=batch_size, repeats=repeats, batches=batches)[0]
-
-
-@torch.inference_mode()
-def compiled_many(model: nn.Module, schedules: list[Schedule], images: Tensor, *, batch_size: int = 64,
-                  repeats: int = 5, batches: int = 3, eager: bool = True, log=None) -> list[Compiled]:  # type: ignore[no-untyped-def]
-    """`compiled_run` for each schedule in turn, in this one process. Dynamo is reset before each
-    schedule (the reduced models share their blocks' code, and dynamo stops compiling a function
-    after a few models): the unreduced model is compiled again each time, outside the timing.
-    eager=False skips the eager pairs (eager_speedup is then NaN)."""
+    of other random images, and time both compiled (and eager) at `batch_size`. Dynamo is reset
+    first: reduced models share their blocks' code, and dynamo stops compiling a function after a
+    few models, so a process timing many schedules calls this once per schedule."""
     from torch import _dynamo
 
     device = next(model.parameters()).device
     base = copy.deepcopy(remove_schedule(model)).eval()
+    reduced = apply_schedule(copy.deepcopy(base), schedule).eval()
+    eager_logits = reduced(images)
+    _dynamo.reset()
+    graphs0, breaks0 = _counters()
+    c_reduced = torch.compile(reduced)
+    start = time.perf_counter()
+    compiled_logits = c_reduced(images)
+    compile_s = time.perf_counter() - start
+    graphs1, breaks1 = _counters()
     x = torch.randn(batch_size, *images.shape[1:], device=device)
-    found = []
-    for i, schedule in enumerate(schedules):
-        reduced = apply_schedule(copy.deepcopy(base), schedule).eval()
-        eager_logits = reduced(images)
-        _dynamo.reset()
-        graphs0, breaks0 = _counters()
-        c_reduced = torch.compile(reduced)
-        start = time.perf_counter()
-        compiled_logits = c_reduced(images)
-        compile_s = time.perf_counter() - start
-        graphs1, breaks1 = _counters()
-        c_reduced(x)  # a first call at another batch may compile once for the new shape
-        graphs2, _ = _counters()
-        for _ in range(batches):
-            c_reduced(torch.randn_like(x))  # same shape, other images: any compilation now is per batch
-        recompiles = _counters()[0] - graphs2
-        c_base = torch.compile(base)
-        start = time.perf_counter()
-        c_base(x)
-        base_compile_s = time.perf_counter() - start
-        tb, tc, ratio = _speed(lambda: c_base(x), lambda: c_reduced(x), device, repeats)
-        eager_ratio = _speed(lambda: base(x), lambda: reduced(x), device, repeats)[2] if eager else float("nan")
-        found.append(Compiled(
-            max_abs_logit_diff=float((compiled_logits.float() - eager_logits.float()).abs().max()),
-            compile_seconds=compile_s, baseline_compile_seconds=base_compile_s, graphs=graphs1 - graphs0,
-            graph_breaks=breaks1 - breaks0, recompiles=recompiles, images_per_s=batch_size / tc,
-            baseline_images_per_s=batch_size / tb, speedup=ratio, eager_speedup=eager_ratio,
-            batch_size=batch_size, repeats=repeats))
-        if log:
-            log(f"compiled {i + 1}/{len(schedules)}: {compile_s:.1f} s to compile, {ratio:.2f}x")
-    return found
+    c_reduced(x)  # a first call at another batch may compile once for the new shape
+    graphs2, _ = _counters()
+    for _ in range(batches):
+        c_reduced(torch.randn_like(x))  # same shape, other images: any compilation now is per batch
+    recompiles = _counters()[0] - graphs2
+    c_base = torch.compile(base)
+    start = time.perf_counter()
+    c_base(x)
+    base_compile_s = time.perf_counter() - start
+    tb, tc, ratio = _speed(lambda: c_base(x), lambda: c_reduced(x), device, repeats)
+    _, _, eager_ratio = _speed(lambda: base(x), lambda: reduced(x), device, repeats)
+    return Compiled(max_abs_logit_diff=float((compiled_logits.float() - eager_logits.float()).abs().max()),
+                    compile_seconds=compile_s, baseline_compile_seconds=base_compile_s, graphs=graphs1 - graphs0,
+                    graph_breaks=breaks1 - breaks0, recompiles=recompiles, images_per_s=batch_size / tc,
+                    baseline_images_per_s=batch_size / tb, speedup=ratio, eager_speedup=eager_ratio,
+                    batch_size=batch_size, repeats=repeats)

@@ -150,7 +150,7 @@ def _compiled_task(setup: WorkerSetup, schedules: list[dict[str, Any]], batch: i
     """Each schedule compiled against the compiled unreduced model at `batch`, in this one process."""
     import torch
 
-    from search.compiled import compiled_many
+    from search.compiled import compiled_run
     from spaces import Schedule
 
     model = _model(setup)
@@ -158,8 +158,8 @@ def _compiled_task(setup: WorkerSetup, schedules: list[dict[str, Any]], batch: i
     found: list[dict[str, Any]] = []
     for s in schedules:  # one at a time: a schedule that fails to compile is recorded, the others go on
         try:
-            c = compiled_many(model, [Schedule.from_dict(s)], images.to(setup.device), batch_size=batch, repeats=3,
-                              batches=1)[0]
+            c = compiled_run(model, Schedule.from_dict(s), images.to(setup.device), batch_size=batch, repeats=3,
+                             batches=1)
         except Exception as err:  # noqa: BLE001 - any compiler failure is the schedule's result
             found.append({"compile_error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"})
             continue
@@ -186,4 +186,5 @@ def _retime_compiled(cfg: SearchConfig, run: dict[str, Any], todo: list[dict[str
                                   default=None),
         "with_graph_breaks": sum(c.get("graph_breaks", 0) > 0 for c in results),
         "failed": sum("compile_error" in c for c in results),
-        "protocol": "search.compiled.compiled_many: dynamo reset per schedule, 3 ABBA pairs compiled vs compiled"})
+        "protocol": "search.compiled.compiled_run per schedule (dynamo reset first): 3 ABBA pairs compiled vs "
+                    "compiled"})
