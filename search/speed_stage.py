@@ -22,8 +22,6 @@ from search.latency import LatencyProfile, ProfileKey
 from search.worker import WorkerSetup
 
 PROFILE_FILE = "latency_profile.json"  # the run's copy: a resumed run keeps the profile it started with
-MEASURED = ("measured_images_per_s", "measured_speedup", "measured_speedup_min", "measured_speedup_max",
-            "baseline_images_per_s", "latency_ms", "baseline_latency_ms", "latency_speedup")
 
 
 def profile_key(cfg: SearchConfig) -> ProfileKey:
@@ -140,10 +138,6 @@ def _retime_eager(cfg: SearchConfig, run: dict[str, Any], todo: list[dict[str, A
                                          "threads": cfg.setup.threads, "device": cfg.setup.device,
                                          "protocol": "evaluate.throughput_many: one pass batched, two at the "
                                                      "latency batch; median of the ABBA ratios"})
-
-
-COMPILED = ("compiled_speedup", "compiled_images_per_s", "compiled_baseline_images_per_s", "compiled_eager_speedup",
-            "compile_seconds", "compiled_max_abs_logit_diff", "graph_breaks", "recompiles")
 
 
 def _compiled_task(setup: WorkerSetup, schedules: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:

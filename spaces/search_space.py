@@ -310,27 +310,29 @@ def preset_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any] | No
 
 class _UniformTrial:
     """Answers a per-layer space's suggestions for one method in every block from `first`, at one
-    keep ratio (the budget fit rescales it) and the methods' defaults; records what it answered."""
+    keep ratio (the budget fit rescales it), LayerPlan's defaults for the methods' own parameters
+    and a merge share of 0.8 (DiffRate's default of 1.0 would not merge); records what it answered."""
 
     def __init__(self, method: str, first: int, fraction: float) -> None:
-        self.method, self.first, self.fraction = method, first, fraction
+        plan = LayerPlan()
+        self.values: dict[str, Any] = {"method": method, "first": first, "fraction": fraction, "keep": 0.9,
+                                       "merge_keep": 0.8, "prop_attn": True, "order": plan.order,
+                                       "alpha": plan.alpha, "fuse": plan.fuse, "fuse_weights": plan.fuse_weights,
+                                       "rank": plan.rank}
         self.params: dict[str, Any] = {}
 
-    def _say(self, name: str, value: Any) -> Any:
-        self.params[name] = value
-        return value
+    def _answer(self, name: str, clamp=lambda v: v) -> Any:  # type: ignore[no-untyped-def]
+        self.params[name] = clamp(self.values[name.rsplit(".", 1)[-1]])
+        return self.params[name]
 
     def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
-        default = {"keep": 0.9, "alpha": 0.5, "merge_keep": 0.8, "fraction": self.fraction}[name.rsplit(".", 1)[-1]]
-        return self._say(name, min(high, max(low, default)))
+        return self._answer(name, lambda v: min(high, max(low, v)))
 
     def suggest_int(self, name: str, low: int, high: int) -> int:
-        return self._say(name, min(high, max(low, self.first if name == "layers.first" else 2)))
+        return self._answer(name, lambda v: min(high, max(low, v)))
 
     def suggest_categorical(self, name: str, choices: Any) -> Any:
-        field = name.rsplit(".", 1)[-1]
-        value = {"method": self.method, "prop_attn": True, "fuse": True, "fuse_weights": "raw", "rank": "logits"}[field]
-        return self._say(name, value if value in choices else choices[0])
+        return self._answer(name, lambda v: v if v in choices else choices[0])
 
 
 def uniform_starts(space: SearchSpace) -> list[dict[str, Any]]:

@@ -96,12 +96,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from search.evaluate import eval_batch_size, evaluate, predict
 
     if args.compile:
-        from search.compiled import compile_unavailable
-
         check_device(args.device)
-        why = compile_unavailable(args.device)
-        if why is not None:
-            raise ValueError(f"--compile: torch.compile cannot run here: {why}")
+        _check_compile_runs(args.device)
     model, spec, data = _load(args)
     schedule = _resolve_schedule(args, spec)
     args.batch_size = eval_batch_size(args.batch_size, args.device)
@@ -237,10 +233,15 @@ def _check_compile(args: argparse.Namespace) -> None:
         return
     if args.no_retime:
         raise ValueError("--compile re-times the front under torch.compile: it cannot be combined with --no-retime")
+    _check_compile_runs(args.device)
+
+
+def _check_compile_runs(device: str) -> None:
+    """ValueError saying why, where torch.compile (inductor) cannot run on `device`."""
     from search.compiled import compile_unavailable
 
-    why = compile_unavailable(args.device)
-    if why:
+    why = compile_unavailable(device)
+    if why is not None:
         raise ValueError(f"--compile: torch.compile cannot run here: {why}")
 
 
