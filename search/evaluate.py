@@ -247,6 +247,12 @@ class EarlyStop:
     below: float
     chunk: int = 250
     alpha: float = 0.05
+    refresh: Callable[[], float | None] | None = None  # a bar that may rise while this runs (other workers' results)
+
+    def bar(self) -> float:
+        """The bar now: `below`, or what `refresh` reads if that is higher."""
+        fresh = self.refresh() if self.refresh is not None else None
+        return self.below if fresh is None else max(self.below, fresh)
 
 
 @torch.inference_mode()
@@ -266,7 +272,7 @@ def predict_until(model: nn.Module, data: TensorSet, labels_or_reference: Tensor
         correct += int((out.argmax(1) == labels_or_reference[seen:seen + out.shape[0]]).sum())
         seen += out.shape[0]
         at_check = seen // stop.chunk > (seen - out.shape[0]) // stop.chunk
-        if seen < total and at_check and accuracy_upper_bound(correct, seen, total, stop.alpha / checks) < stop.below:
+        if seen < total and at_check and accuracy_upper_bound(correct, seen, total, stop.alpha / checks) < stop.bar():
             break
     return torch.cat(logits)
 

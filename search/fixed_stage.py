@@ -9,9 +9,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from search import pareto, report, run_dir
+from search import pareto, report, run_dir, screen_bars
 from search.config import STUDY_PREFIX, SearchConfig
-from search.outcome import finite, latest_records
+from search.outcome import STOPPED, finite, latest_records
 from search.tune_stage import DASHBOARD_ATTRS
 from spaces import Schedule, gmacs
 from spaces.presets import presets_in_range
@@ -28,17 +28,23 @@ def presets_to_run(space: SearchSpace, records: list[dict[str, Any]]) -> list[Sc
     """The presets in range without a completed screening record: all of them in a new run; on
     `--resume`, the ones not reached and the ones that failed (a worker lost with its batch fails
     every preset it had left; a preset that fails by itself fails again and is recorded again)."""
-    done = {r["preset"] for r in records if r.get("preset") and r.get("fidelity", "screen") == "screen"
-            and r.get("state") == "COMPLETE"}
+    done = {r["preset"] for r in records if r.get("preset") and _screened(r)}
     return [s for s in run_presets(space) if s.name not in done]
 
 
+def _screened(record: dict[str, Any]) -> bool:
+    """A completed screening: on every image, or stopped early (presets stop against each other)."""
+    return record.get("fidelity", "screen") in ("screen", STOPPED) and record.get("state") == "COMPLETE"
+
+
 def _batches(items: list[Any], concurrency: int, most: int = 8,
-             cost: Callable[[Any], float] = lambda item: 1.0) -> list[list[Any]]:
+             cost: Callable[[Any], float] = lambda item: 1.0,
+             order: Callable[[Any], float] | None = None) -> list[list[Any]]:
     """Items dealt into batches of about equal `cost` (one Ray trial per batch: the trial's start-up
     is paid once per batch, not once per item): enough batches for about `most` items each, rounded
     up to a multiple of `concurrency`, so the workers finish together. Costliest first, each item to the
-    cheapest batch so far (longest processing time first); the costliest batches first."""
+    cheapest batch so far (longest processing time first); the costliest batches first, each in
+    `order` when given."""
     if not items:
         return []
     count = min(len(items), concurrency * math.ceil(math.ceil(len(items) / most) / concurrency))
@@ -48,7 +54,8 @@ def _batches(items: list[Any], concurrency: int, most: int = 8,
         slot = min(range(count), key=lambda i: (totals[i], len(batches[i])))
         batches[slot].append(item)
         totals[slot] += cost(item)
-    return [batches[i] for i in sorted(range(count), key=lambda i: -totals[i])]
+    return [sorted(batches[i], key=order) if order else batches[i]
+            for i in sorted(range(count), key=lambda i: -totals[i])]
 
 
 def _item_cost(item: dict[str, Any]) -> float:
@@ -59,8 +66,10 @@ def _item_cost(item: dict[str, Any]) -> float:
 def _run_fixed(cfg: SearchConfig, run: dict[str, Any], items: list[dict[str, Any]], stage: str, desc: str,
                on_result) -> None:  # type: ignore[no-untyped-def]
     """Evaluate fixed schedules in batches of Ray trials (reused actors, the search's concurrency).
-    Each item holds ``schedule`` (a dict) and ``images`` ("screen" or "confirm"); ``on_result(item,
-    record_id, state, result)`` records each outcome, under an id of its own (``<ray trial>-<index>``)."""
+    Each item holds ``schedule`` (a dict), ``images`` ("screen" or "confirm") and optionally
+    ``stop`` (stop early against the others, search.screen_bars: each batch then runs its cheapest
+    schedules first, so that the costlier ones find bars); ``on_result(item, record_id, state,
+    result)`` records each outcome, under an id of its own (``<ray trial>-<index>``)."""
     from ray import tune
     from tqdm import tqdm
 
@@ -88,7 +97,9 @@ def _run_fixed(cfg: SearchConfig, run: dict[str, Any], items: list[dict[str, Any
                 progress.update(1)
 
     fit_grid(cfg, run, tune.with_parameters(fixed_trainable, setup=cfg.setup), "items",
-              _batches(items, cfg.concurrency, cost=_item_cost), stage, FixedRecorder())
+              _batches(items, cfg.concurrency, cost=_item_cost,
+                       order=_item_cost if any(item.get("stop") for item in items) else None),
+              stage, FixedRecorder())
     progress.close()
 
 
@@ -153,13 +164,21 @@ def evaluate_presets(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  
     study = _study(cfg, storage)
     if not cfg.presets:
         return
-    items = [{"preset": s.name, "schedule": s.to_dict(), "images": "screen"}
-             for s in presets_to_run(cfg.setup.space, latest_records(run_dir.read_records(cfg.out)))]
+    records = latest_records(run_dir.read_records(cfg.out))
+    stop = bool(cfg.setup.stop_chunk) and cfg.setup.cache_dir is not None and "accuracy" in cfg.setup.objectives
+    if stop:  # the bars start from the presets a resumed run already screened in full
+        screen_bars.seed(screen_bars.path_in(cfg.setup.cache_dir),
+                         [(r["gmacs"], r["accuracy"]) for r in records if r.get("preset") and _screened(r)
+                          and r.get("fidelity", "screen") == "screen" and finite(r.get("accuracy"))])
+    items = [{"preset": s.name, "schedule": s.to_dict(), "images": "screen", "stop": stop}
+             for s in presets_to_run(cfg.setup.space, records)]
 
     def record(item: dict[str, Any], trial_id: str, state: str, result: dict[str, Any] | None) -> None:
         rec = {"trial": None, "ray_trial": trial_id, "state": state, "preset": item["preset"], "fidelity": "screen",
                "params": None, "schedule": item["schedule"]}
         rec.update({k: (result or {}).get(k) for k in _RESULT_KEYS})
+        if (result or {}).get("stopped"):  # scored on its first images only: confirmed like every preset
+            rec["fidelity"] = STOPPED
         rec["seconds"] = rec.get("eval_seconds")
         run_dir.append_record(cfg.out, rec)
 
@@ -177,8 +196,8 @@ def _confirm_candidates(cfg: SearchConfig, records: list[dict[str, Any]]) -> lis
     """What is re-scored on the confirmation images: every preset, and the searched schedules on the
     screening front of the searched trials."""
     objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
+    presets = [r for r in records if r.get("preset") and _screened(r)]  # stopped ones too: every preset
     screened = [r for r in records if r.get("fidelity", "screen") == "screen" and r.get("state") == "COMPLETE"]
-    presets = [r for r in screened if r.get("preset")]
     searched = report.front_records([r for r in screened if not r.get("preset")], objectives)
     return [r for r in [*presets, *searched] if r.get("schedule")]
 
@@ -196,7 +215,8 @@ def run_confirm(cfg: SearchConfig, run: dict[str, Any]) -> None:
         rec = {k: screen.get(k) for k in ("trial", "preset", "params", "summary", "schedule", "feasible", "gmacs",
                                           "speedup", "images_per_s", "predicted_speedup", "predicted_images_per_s")}
         rec.update({"ray_trial": trial_id, "of_ray_trial": item["of"], "state": state, "fidelity": "confirm",
-                    "screen_accuracy": screen.get("accuracy")})
+                    "screen_accuracy": screen.get("accuracy"), "screen_images": screen.get("num_images"),
+                    "screen_stopped": screen.get("fidelity") == STOPPED})
         rec.update({k: (result or {}).get(k) for k in ("accuracy", "agreement", "top1", "top5", "kl", "error",
                                                         "eval_seconds", "trial_seconds", "num_images")})
         rec["confirmed_accuracy"] = rec["accuracy"]

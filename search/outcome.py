@@ -131,11 +131,12 @@ def _front_pool(every: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool
 
 
 def selection_optimism(front: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Screening minus confirmed accuracy over the front's confirmed points (searched and presets)."""
+    """Screening minus confirmed accuracy over the front's confirmed points (searched and presets;
+    not a preset whose screening stopped early: its screening accuracy is on its first images)."""
     import statistics
 
     gaps = {kind: [r["screen_accuracy"] - r["confirmed_accuracy"] for r in front
-                   if r.get("fidelity") == "confirm" and finite(r.get("screen_accuracy"))
+                   if r.get("fidelity") == "confirm" and finite(r.get("screen_accuracy")) and not r.get("screen_stopped")
                    and finite(r.get("confirmed_accuracy")) and bool(r.get("preset")) == (kind == "preset")]
             for kind in ("search", "preset")}
     if not any(gaps.values()):

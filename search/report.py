@@ -33,7 +33,7 @@ __all__ = [
 
 COLUMNS = (
     "trial", "state", "preset", "fidelity", "feasible", "accuracy", "screen_accuracy", "confirmed_accuracy",
-    "agreement", "top1", "top5", "gmacs", "speedup", "images_per_s", "predicted_speedup", "measured_speedup",
+    "num_images", "screen_images", "agreement", "top1", "top5", "gmacs", "speedup", "images_per_s", "predicted_speedup", "measured_speedup",
     "predicted_images_per_s", "measured_images_per_s", "latency_ms", "latency_speedup", "compiled_speedup",
     "compiled_images_per_s", "compile_seconds", "seconds", "summary",
 )  # fmt: skip
@@ -361,7 +361,8 @@ def export_configs(out_dir: str | Path, front: Sequence[dict], *, run: dict) -> 
         doc = {
             "trial": r["trial"], "preset": r.get("preset"), "fidelity": r.get("fidelity"),
             "objectives": {k: r.get(k) for k in objective_keys if k in r},
-            "screen_accuracy": r.get("screen_accuracy"), "confirmed_accuracy": r.get("confirmed_accuracy"),
+            "screen_accuracy": r.get("screen_accuracy"), "screen_images": r.get("screen_images"),
+            "confirmed_accuracy": r.get("confirmed_accuracy"),
             "measured_speed": {k: r.get(k) for k in speed_keys if r.get(k) is not None} or None,
             "source": source, "finetuned_weights": r.get("weights"), "finetune_command": shlex.join(cmd),
             "schedule": r.get("schedule"),
@@ -412,7 +413,8 @@ def front_table(front: Sequence[dict], presets: Sequence[dict], objectives: Sequ
     objectives ``verdict_on``, default all).
 
     When the records were confirmed on disjoint images, ``accuracy`` is the confirmed accuracy and a
-    ``screen`` column shows the screening accuracy beside it. When they were re-timed, the measured
+    ``screen`` column shows the screening accuracy beside it (marked "s" where the screening
+    stopped early). When they were re-timed, the measured
     speed-up and images/s, the predicted images/s and the latency at the latency batch follow, and
     with --compile the compiled speed-up.
     """
@@ -433,12 +435,16 @@ def front_table(front: Sequence[dict], presets: Sequence[dict], objectives: Sequ
         vals = "".join(f"{'-' if (v := _value(r, o.name)) is None else f'{v:.4g}':>{w}}"
                        for o, w in zip(objectives, width, strict=True))
         if confirmed:
-            vals += f"{'-' if (v := _value(r, 'screen_accuracy')) is None else f'{v:.4g}':>9}"
+            mark = "s" if r.get("screen_stopped") else ""
+            vals += f"{'-' if (v := _value(r, 'screen_accuracy')) is None else f'{v:.4g}{mark}':>9}"
         vals += "".join(f"{'-' if (v := _value(r, key)) is None else fmt.format(v):>11}" for _, key, fmt in speed)
         label = f"{r.get('preset')}: {r.get('summary')}" if kind == "preset" else str(r.get("summary") or "")
         label = label if len(label) <= 60 else label[:57] + "..."
         trial = "" if r.get("trial") is None else r.get("trial")
         lines.append(f"{trial:>6}  {kind:<7}{vals}  {'* ' if kind == 'preset' else ''}{label}")
+    if any(r.get("screen_stopped") for r in [*front, *presets]):
+        lines.append("s: screening stopped early against a preset at no more GMACs (on its first images; "
+                     "the accuracy is confirmed on all)")
     verdicts = preset_verdicts(front, by_cost, verdict_on or objectives, searched)
     for p, note in verdicts:
         lines.append(f"preset {p.get('preset')}: {note}")

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from search import latency, shared_logits
+from search import latency, screen_bars, shared_logits
 from search.data import TIMM_CROP_SCALE, TensorSet, load_confirm_set, load_eval_set
 from search.evaluate import EarlyStop, evaluate, predict
 from search.models import data_config, load_model
 from search.prefix_cache import PrefixCache
-from spaces import Schedule
+from spaces import Schedule, gmacs
 from spaces.search_space import SearchSpace
 
 FAULT_KEY = "__fault"  # test hook: the driver may mark a trial to raise or return NaN
@@ -149,17 +149,34 @@ def _metrics(setup: WorkerSetup, schedule: Schedule, result: dict[str, Any]) -> 
     }
 
 
-def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str) -> dict[str, Any]:
+def _shared_stop(setup: WorkerSetup, schedule: Schedule) -> EarlyStop | None:
+    """Early stopping for a preset's screening against the other presets already screened (the
+    run cache's search.screen_bars file, read again at every check); None without a run cache
+    or with --stop-chunk 0."""
+    if not setup.stop_chunk or setup.cache_dir is None or "accuracy" not in setup.objectives:
+        return None
+    bars, cost = screen_bars.path_in(setup.cache_dir), gmacs(schedule)
+    return EarlyStop(-math.inf, chunk=setup.stop_chunk, refresh=lambda: screen_bars.best_at_most(bars, cost))
+
+
+def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str, stop: bool = False) -> dict[str, Any]:
     """Evaluate a fixed schedule (a preset, or a front point to confirm) on the screening
-    (``images="screen"``) or the confirmation images."""
+    (``images="screen"``) or the confirmation images. With ``stop`` (presets' screening), it stops
+    once it cannot reach the best accuracy another preset measured at no more GMACs (``stopped``);
+    a full screening is shared for the others' bars."""
     ctx = context(setup)
-    data, reference = (ctx.data, ctx.reference) if images == "screen" else confirm_context(setup)
+    screen = images == "screen"
+    data, reference = (ctx.data, ctx.reference) if screen else confirm_context(setup)
     start = time.perf_counter()
-    timing = dict(setup.timing) if setup.timing is not None and images == "screen" else None
+    timing = dict(setup.timing) if setup.timing is not None and screen else None
+    early_stop = _shared_stop(setup, schedule) if stop and screen else None
     result = evaluate(ctx.model, schedule, data, reference, batch_size=setup.batch_size, timing=timing,
-                      prefix=ctx.prefix if images == "screen" else ctx.confirm_prefix, reference_is_model=True,
-                      dtype=screen_dtype(setup) if images == "screen" else None)
-    return {**_metrics(setup, schedule, result), "eval_seconds": time.perf_counter() - start, "num_images": len(data)}
+                      early_stop=early_stop, prefix=ctx.prefix if screen else ctx.confirm_prefix,
+                      reference_is_model=True, dtype=screen_dtype(setup) if screen else None)
+    metrics = {**_metrics(setup, schedule, result), "stopped": result["stopped"], "num_images": result["num_images"]}
+    if early_stop is not None and not result["stopped"]:
+        screen_bars.add(screen_bars.path_in(setup.cache_dir), metrics["gmacs"], metrics["accuracy"])
+    return {**metrics, "eval_seconds": time.perf_counter() - start}
 
 
 def fixed_trainable(config: dict[str, Any], setup: WorkerSetup) -> None:
@@ -173,7 +190,8 @@ def fixed_trainable(config: dict[str, Any], setup: WorkerSetup) -> None:
         start = time.perf_counter()
         try:
             with deadline(setup.trial_timeout):
-                metrics = evaluate_fixed(setup, Schedule.from_dict(item["schedule"]), item["images"])
+                metrics = evaluate_fixed(setup, Schedule.from_dict(item["schedule"]), item["images"],
+                                         stop=bool(item.get("stop")))
         except Exception as exc:  # noqa: BLE001 - recorded as this schedule's FAIL, the others still run
             metrics = {"accuracy": float("nan"), "error": f"{type(exc).__name__}: {exc}"}
         metrics.update({"item": index, "trial_seconds": time.perf_counter() - start})

@@ -127,3 +127,64 @@ def test_a_stopped_trial_never_enters_the_front(tmp_path: Path) -> None:
         front = json.loads((out / "front.json").read_text())
         assert [r["trial"] for r in front["front"]] == [0]
         assert STOPPED in (out / "trials.csv").read_text()
+
+
+def test_a_bar_that_rises_while_it_runs_stops_the_screening() -> None:
+    """Presets stop against each other: the bar is read again at every check (EarlyStop.refresh)."""
+    data = _set(600, 1000)
+    bars = iter([None, 0.95, 0.95, 0.95])  # nothing measured yet at the first check, then 95 %
+    stop = EarlyStop(-float("inf"), chunk=250, refresh=lambda: next(bars))
+    assert predict_until(_ByFirstPixel(), data, data.labels, stop, batch_size=50).shape == (500, 2)
+    never = EarlyStop(-float("inf"), chunk=250, refresh=lambda: None)
+    assert predict_until(_ByFirstPixel(), data, data.labels, never, batch_size=50).shape == (1000, 2)
+
+
+def test_shared_bars_are_the_best_full_screening_at_no_more_gmacs(tmp_path: Path) -> None:
+    from search import screen_bars
+
+    path = screen_bars.path_in(tmp_path / "cache")
+    assert screen_bars.best_at_most(path, 1.0) is None  # no file yet: no bar
+    screen_bars.add(path, 0.10, 0.90)
+    screen_bars.add(path, 0.20, 0.95)
+    screen_bars.add(path, 0.05, float("nan"))  # a failed one is no bar
+    with open(path, "a") as handle:
+        handle.write('{"gmacs": 0.01, "accu')  # a line cut short by a concurrent write
+    assert screen_bars.best_at_most(path, 0.05) is None
+    assert screen_bars.best_at_most(path, 0.10) == 0.90 and screen_bars.best_at_most(path, 0.15) == 0.90
+    assert screen_bars.best_at_most(path, 0.20) == 0.95
+    screen_bars.seed(path, [(0.30, 0.80)])  # a new (or resumed) presets stage starts from its records only
+    assert screen_bars.best_at_most(path, 0.20) is None and screen_bars.best_at_most(path, 0.30) == 0.80
+
+
+def test_a_preset_stops_against_a_better_cheaper_preset_and_is_still_confirmed(tmp_path: Path) -> None:
+    """On the embedded model: with a better preset at fewer GMACs on file, a weak preset's screening
+    stops after one chunk and is tagged; a preset nothing beats is screened in full and shared. The
+    confirmation candidates keep every preset, stopped or not; a stopped preset counts as screened
+    on --resume."""
+    from search import screen_bars
+    from search.fixed_stage import _confirm_candidates, presets_to_run
+    from search.worker import evaluate_fixed
+
+    spec = model_spec("tokensched_vit_shapes")
+    space = SearchSpace("per-layer", spec, budget_gmacs=0.65 * gmacs(Schedule.empty(spec)))
+    setup = WorkerSetup(space=space, model="tokensched_vit_shapes", num_images=500, confirm_images=100,
+                        batch_size=50, stop_chunk=100, cache_dir=str(tmp_path / "cache"))
+    bars = screen_bars.path_in(setup.cache_dir)
+    weak, strong = from_preset("idlevit:0.3", spec), from_preset("tome:4", spec)
+    screen_bars.seed(bars, [(0.5 * gmacs(weak), 0.99)])
+    stopped = evaluate_fixed(setup, weak, "screen", stop=True)
+    assert stopped["stopped"] and stopped["num_images"] == 100 and stopped["accuracy"] < 0.9
+    screen_bars.seed(bars, [])
+    full = evaluate_fixed(setup, strong, "screen", stop=True)
+    assert not full["stopped"] and full["num_images"] == 500
+    assert screen_bars.best_at_most(bars, gmacs(strong)) == pytest.approx(full["accuracy"])
+    assert evaluate_fixed(setup, weak, "screen")["num_images"] == 500  # stop=False: never stops
+
+    def record(name: str, fidelity: str) -> dict:
+        return {"ray_trial": name, "preset": name, "fidelity": fidelity, "state": "COMPLETE", "accuracy": 0.5,
+                "gmacs": 0.05, "feasible": True, "schedule": from_preset(name, spec).to_dict()}
+
+    records = [record("idlevit:0.3", STOPPED), record("tome:4", "screen")]
+    cfg = SearchConfig(setup=setup, budget="65%", out=tmp_path, presets=True)
+    assert {r["preset"] for r in _confirm_candidates(cfg, records)} == {"idlevit:0.3", "tome:4"}
+    assert {"idlevit:0.3", "tome:4"}.isdisjoint(s.name for s in presets_to_run(space, records))

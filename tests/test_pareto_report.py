@@ -244,3 +244,15 @@ def test_preset_verdicts_name_what_dominates_or_matches() -> None:
     notes = {p["preset"]: note for p, note in preset_verdicts([], presets, ACC_GMACS, searched)}
     assert notes == {"a": "dominated by search trial(s) 7, 8", "b": "matched (not beaten) by search trial(s) 8",
                      "c": "not beaten"}
+
+
+def test_front_table_marks_a_preset_whose_screening_stopped_early(records):
+    front = front_records(records, ACC_GMACS, search_only=True)
+    presets = [{**r, "screen_accuracy": 0.7, "confirmed_accuracy": r["accuracy"]} for r in records if r["preset"]]
+    presets[0]["screen_stopped"] = True
+    lines = front_table(front, presets, ACC_GMACS).splitlines()
+    marked = [line for line in lines if f"* {presets[0]['preset']}" in line]
+    assert len(marked) == 1 and "0.7s" in marked[0]
+    assert sum("0.7s" in line for line in lines) == 1  # the other preset screened in full: no mark
+    assert any(line.startswith("s: screening stopped early") for line in lines)
+    assert not any(line.startswith("s: ") for line in front_table(front, presets[1:], ACC_GMACS).splitlines())
