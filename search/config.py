@@ -9,7 +9,6 @@ from typing import Any
 
 from search.worker import FinetuneJob, WorkerSetup
 
-STUDY_PREFIX = "tokensched"
 EXIT_EMPTY_FRONT = 3
 
 

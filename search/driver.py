@@ -52,7 +52,7 @@ def _settings(cfg: SearchConfig) -> dict[str, Any]:
         "timing_batch": cfg.timing_batch, "latency_batch": cfg.latency_batch, "retime": cfg.retime, "compile": cfg.compile,
         "threads": s.threads,
         "cpus_per_trial": cfg.cpus_per_trial, "gpus_per_trial": cfg.gpus_per_trial,
-        "storage": cfg.storage or run_dir.default_storage_url(cfg.out),
+        "storage": cfg.storage or run_dir.default_storage_url(cfg.out), "study_name": run_dir.study_name(cfg.out),
         "versions": run_dir.versions(),
     }
 

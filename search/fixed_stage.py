@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from search import pareto, report, run_dir, screen_bars
-from search.config import STUDY_PREFIX, SearchConfig
+from search.config import SearchConfig
 from search.outcome import STOPPED, finite, latest_records
 from search.tune_stage import DASHBOARD_ATTRS
 from spaces import Schedule, gmacs
@@ -130,7 +130,7 @@ def _study(cfg: SearchConfig, storage):  # type: ignore[no-untyped-def]
 
     directions = ["maximize" if pareto.OBJECTIVES[o].direction == "max" else "minimize" for o in cfg.setup.objectives]
     return optuna.create_study(storage=storage, sampler=run_dir.sampler(cfg.sampler, cfg.seed, cfg.setup.space),
-                               study_name=f"{STUDY_PREFIX}-{cfg.out.resolve().name}", directions=directions,
+                               study_name=run_dir.study_name(cfg.out), directions=directions,
                                load_if_exists=True)
 
 

@@ -15,10 +15,26 @@ TRIALS_LOG = "trials.jsonl"
 RUN_JSON = "run.json"
 LOCK = ".lock"  # flock'ed by the driver for its whole life (released by the kernel on any exit, kill -9 too)
 CONFIGS = "configs"
+STUDY_PREFIX = "tokensched"  # a new run's study is named <prefix>-<run directory name>
 # Settings a resumed run must share with the run it continues.
 MUST_MATCH = ("model", "checkpoint", "budget_gmacs", "min_gmacs", "space", "methods", "objectives", "data",
               "num_images", "seed", "sampler", "confirm_images", "precision")
 SAMPLERS = ("nsga2", "tpe", "gp", "random", "local-nsga2", "local-tpe", "local-random")
+
+
+def study_name(out: Path) -> str:
+    """The run's Optuna study name: the one its run.json records (so a run directory moved or
+    renamed resumes its own study), else ``tokensched-<directory name>`` (a new run, or one made
+    before the name was recorded)."""
+    run_json = out / RUN_JSON
+    if run_json.is_file():
+        try:
+            recorded = json.loads(run_json.read_text()).get("study_name")
+        except (OSError, json.JSONDecodeError):
+            recorded = None
+        if recorded:
+            return str(recorded)
+    return f"{STUDY_PREFIX}-{out.resolve().name}"
 
 
 def default_out() -> Path:
@@ -41,6 +57,7 @@ def prepare(out: Path, settings: dict[str, Any], *, resume: bool, create: bool =
                                  f"({previous.get(key)!r} there, {settings.get(key)!r} now)")
         previous.setdefault("resumed", []).append(settings["command"])
         previous["trials"] = settings["trials"]
+        previous["storage"] = settings.get("storage", previous.get("storage"))  # where this segment writes
         return previous
     if out.exists() and (not out.is_dir() or any(p.name != LOCK for p in out.iterdir())):
         raise ValueError(f"output directory {out} already exists; pass --resume to continue it or choose another --out")
@@ -205,7 +222,7 @@ def load_study(out: Path, url: str | None = None):  # type: ignore[no-untyped-de
     url = url or default_storage_url(out)
     opened = optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:"))) \
         if url.startswith("journal:") else url
-    return optuna.load_study(study_name=f"tokensched-{out.resolve().name}", storage=opened)
+    return optuna.load_study(study_name=study_name(out), storage=opened)
 
 
 def check_storage_url(url: str) -> None:

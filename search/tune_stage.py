@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from search import pareto, run_dir
-from search.config import STUDY_PREFIX, SearchConfig
+from search.config import SearchConfig
 from search.outcome import STOPPED, finite, latest_records
 from search.running_front import RunningFront
 from search.worker import FAULT_KEY, STOP_KEY, schedule_from_params
@@ -87,7 +87,7 @@ def _searcher(cfg: SearchConfig, storage, bar: RunningFront, starts: list[dict[s
 
     searcher = _Searcher(
         space=space, metric=[o.name for o in objectives], mode=[o.direction for o in objectives],
-        sampler=sampler, storage=storage, study_name=f"{STUDY_PREFIX}-{cfg.out.resolve().name}",
+        sampler=sampler, storage=storage, study_name=run_dir.study_name(cfg.out),
         points_to_evaluate=list(starts) or None,
     )
     return searcher, ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency)
@@ -195,8 +195,7 @@ def run_tune(cfg: SearchConfig, run: dict[str, Any], storage, *, trainable=None)
     if trainable is None:
         from search.worker import trainable
 
-    study_name = f"{STUDY_PREFIX}-{cfg.out.resolve().name}"
-    study = optuna.load_study(study_name=study_name, storage=storage)  # evaluate_presets created it
+    study = optuna.load_study(study_name=run_dir.study_name(cfg.out), storage=storage)  # evaluate_presets created it
     done, failed = run_dir.settle_stale_trials(study, run_dir.read_records(cfg.out), list(cfg.setup.objectives),
                                                cfg.out)
     if done or failed:

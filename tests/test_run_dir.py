@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from search.run_dir import model_args
+from search.run_dir import model_args, study_name
 
 
 def test_model_args_give_the_embedded_weights_unless_a_model_was_named() -> None:
@@ -54,3 +54,14 @@ def test_settle_stale_trials_after_a_kill_in_the_preset_injection(tmp_path: Path
     assert [t.state for t in waiting] == [TrialState.FAIL]
     lines = [json.loads(x) for x in (tmp_path / run_dir.TRIALS_LOG).read_text().splitlines()]
     assert [(r["trial"], r["preset"], r["state"]) for r in lines] == [(searched.number, None, "FAIL")]
+
+
+def test_a_moved_run_keeps_its_study_name(tmp_path: Path) -> None:
+    run = tmp_path / "first"
+    run.mkdir()
+    assert study_name(run) == "tokensched-first"  # a new run: named after its directory
+    (run / "run.json").write_text(json.dumps({"study_name": study_name(run)}))
+    moved = run.rename(tmp_path / "second")
+    assert study_name(moved) == "tokensched-first"  # what run.json recorded
+    (moved / "run.json").write_text(json.dumps({"model": "x"}))  # a run from before the name was recorded
+    assert study_name(moved) == "tokensched-second"

@@ -198,7 +198,9 @@ def test_front_is_confirmed_on_other_images_and_no_preset_dominates_it(smoke) ->
 @pytest.mark.slow
 @pytest.mark.parametrize("storage", ["default", "sqlite"])
 def test_resume_after_kill_completes_without_duplicates(tmp_path: Path, storage: str) -> None:
-    """Killed during the searched trials, resumed to the end: on the default journal as on SQLite."""
+    """Killed during the searched trials, resumed to the end: on the default journal as on SQLite.
+    The journal run is moved to another directory before it is resumed: it continues its own study
+    (run.json records the study's name), not a new one of another --trials."""
     out = tmp_path / "killed"
     url = f"sqlite:///{tmp_path / 'study.db'}" if storage == "sqlite" else None
     args = ["--budget", "65%", *FAST, "--min-gmacs", "60%", "--confirm-images", "40", "--trials", "12",
@@ -213,6 +215,9 @@ def test_resume_after_kill_completes_without_duplicates(tmp_path: Path, storage:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert log.is_file() and len(log.read_text().splitlines()) >= 3
+    if url is None:
+        out = out.rename(tmp_path / "moved")
+        log = out / "trials.jsonl"
     resumed = search(*args, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert len(searched_states(out, url)) == 12 and "RUNNING" not in [t.state.name for t in study(out, url).trials]
@@ -223,6 +228,9 @@ def test_resume_after_kill_completes_without_duplicates(tmp_path: Path, storage:
     assert len(numbers) == len(set(numbers))
     presets = [r["preset"] for r in records if r.get("preset") and r["fidelity"] == "screen"]
     assert presets and len(presets) == len(set(presets))  # each preset evaluated once, kill or not
+    from search import run_dir
+
+    assert optuna.get_all_study_names(run_dir.storage(url, out)) == ["tokensched-killed"]  # moved or not: one study
 
 
 @pytest.mark.slow
