@@ -385,7 +385,8 @@ def _dominates(a: dict, b: dict, objectives: Sequence[Objective]) -> bool:
 
 def preset_verdicts(front: Sequence[dict], presets: Sequence[dict], objectives: Sequence[Objective],
                     searched: Sequence[dict] = ()) -> list[tuple[dict, str]]:
-    """For every preset, the searched schedules that dominate it (or match it), or "not beaten".
+    """For every preset, the searched schedules that dominate it (or match it), or "not beaten" with
+    the searched point that came nearest.
 
     ``searched``: every searched point the verdict may use (default: the searched points of the front).
     """
@@ -403,8 +404,23 @@ def preset_verdicts(front: Sequence[dict], presets: Sequence[dict], objectives: 
         elif same:
             verdicts.append((p, f"matched (not beaten) by search trial(s) {', '.join(same)}"))
         else:
-            verdicts.append((p, "not beaten"))
+            verdicts.append((p, "not beaten" + _closest(p, pool, objectives)))
     return verdicts
+
+
+def _closest(preset: dict, pool: Sequence[dict], objectives: Sequence[Objective]) -> str:
+    """How near the search came to a preset it does not beat: the searched point with the best
+    accuracy among those at least as good on every other objective (no more GMACs, ...); "" when
+    accuracy is not compared or no point qualifies."""
+    if "accuracy" not in [o.name for o in objectives]:
+        return ""
+    others = [o for o in objectives if o.name != "accuracy"]
+    near = [r for r in pool if _covers(r, preset, others)]
+    if not near:
+        return ""
+    best = max(near, key=lambda r: _value(r, "accuracy"))
+    return (f" (best searched at no more cost: trial {best.get('trial')}, accuracy {_value(best, 'accuracy'):.4g} "
+            f"against {_value(preset, 'accuracy'):.4g})")
 
 
 def front_table(front: Sequence[dict], presets: Sequence[dict], objectives: Sequence[Objective],
