@@ -279,13 +279,14 @@ def predict_until(model: nn.Module, data: TensorSet, labels_or_reference: Tensor
 
 def evaluate(model: nn.Module, schedule: Schedule, data: TensorSet, reference: Tensor, *, batch_size: int = 256,
              timing: dict | None = None, early_stop: EarlyStop | None = None, prefix: PrefixCache | None = None,
-             reference_is_model: bool = False, dtype: torch.dtype | None = None) -> dict:
+             reference_is_model: bool = False, dtype: torch.dtype | None = None, hits: bool = False) -> dict:
     """Everything the CLI and the search report for one schedule (one flat dict). With
     ``early_stop``, the accuracy may come from the first images only: ``stopped`` says so and
     ``num_images`` how many. ``prefix`` (the unreduced `model`'s cache for `data`) lets the
     forward start at the schedule's first reducing block. With ``reference_is_model`` (`reference`
     holds this very model's unreduced logits on `data`), a schedule that reduces nothing reuses them.
-    ``dtype`` (torch.bfloat16): the forward under autocast; `reference` stays what it is (fp32)."""
+    ``dtype`` (torch.bfloat16): the forward under autocast; `reference` stays what it is (fp32).
+    With ``hits``, ``hits`` holds each image's outcome (top-1 right, or agreeing without labels)."""
     start = schedule.first_reducing_block()
     if reference_is_model and start == schedule.model.depth and dtype is None:
         logits = reference
@@ -306,6 +307,9 @@ def evaluate(model: nn.Module, schedule: Schedule, data: TensorSet, reference: T
     acc = accuracy(logits, data.labels[:seen], reference[:seen])
     out = {"schedule": schedule.name, "summary": schedule.summary(), **asdict(acc), "stopped": seen < len(data),
            "gmacs": gmacs(schedule), "baseline_gmacs": gmacs(Schedule.empty(schedule.model))}
+    if hits:
+        target = data.labels[:seen] if data.has_labels else reference[:seen].argmax(1)
+        out["hits"] = logits.argmax(1) == target
     if timing is not None:
         speed = throughput(model, schedule, **timing)
         remove_schedule(model)

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from search import pareto, report, run_dir, screen_bars
+from search import paired, pareto, report, run_dir, screen_bars
 from search.config import SearchConfig
 from search.outcome import STOPPED, finite, latest_records
 from search.tune_stage import DASHBOARD_ATTRS
@@ -218,7 +218,7 @@ def run_confirm(cfg: SearchConfig, run: dict[str, Any]) -> None:
                     "screen_accuracy": screen.get("accuracy"), "screen_images": screen.get("num_images"),
                     "screen_stopped": screen.get("fidelity") == STOPPED})
         rec.update({k: (result or {}).get(k) for k in ("accuracy", "agreement", "top1", "top5", "kl", "error",
-                                                        "eval_seconds", "trial_seconds", "num_images")})
+                                                        "eval_seconds", "trial_seconds", "num_images", paired.KEY)})
         rec["confirmed_accuracy"] = rec["accuracy"]
         run_dir.append_record(cfg.out, rec)
 

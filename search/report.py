@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from search import paired
 from search.pareto import Objective, non_dominated
 
 __all__ = [
@@ -410,8 +411,10 @@ def preset_verdicts(front: Sequence[dict], presets: Sequence[dict], objectives: 
 
 def _closest(preset: dict, pool: Sequence[dict], objectives: Sequence[Objective]) -> str:
     """How near the search came to a preset it does not beat: the searched point with the best
-    accuracy among those at least as good on every other objective (no more GMACs, ...); "" when
-    accuracy is not compared or no point qualifies."""
+    accuracy among those at least as good on every other objective (no more GMACs, ...) and, when
+    both were confirmed on the same images, on how many images the preset is right where that
+    point is wrong and the reverse, with the exact McNemar p-value of the split (a large p: the
+    difference may be chance); "" when accuracy is not compared or no point qualifies."""
     if "accuracy" not in [o.name for o in objectives]:
         return ""
     others = [o for o in objectives if o.name != "accuracy"]
@@ -419,8 +422,12 @@ def _closest(preset: dict, pool: Sequence[dict], objectives: Sequence[Objective]
     if not near:
         return ""
     best = max(near, key=lambda r: _value(r, "accuracy"))
-    return (f" (best searched at no more cost: trial {best.get('trial')}, accuracy {_value(best, 'accuracy'):.4g} "
-            f"against {_value(preset, 'accuracy'):.4g})")
+    text = (f"best searched at no more cost: trial {best.get('trial')}, accuracy {_value(best, 'accuracy'):.4g} "
+            f"against {_value(preset, 'accuracy'):.4g}")
+    pair = paired.compare(preset, best)
+    if pair is not None:
+        text += f"; right on {pair[0]} images it misses, it on {pair[1]}: McNemar p={pair[2]:.2g}"
+    return f" ({text})"
 
 
 def front_table(front: Sequence[dict], presets: Sequence[dict], objectives: Sequence[Objective],

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from search import latency, screen_bars, shared_logits
+from search import latency, paired, screen_bars, shared_logits
 from search.data import TIMM_CROP_SCALE, TensorSet, load_confirm_set, load_eval_set
 from search.evaluate import EarlyStop, evaluate, predict
 from search.models import data_config, load_model
@@ -172,8 +172,10 @@ def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str, stop: bo
     early_stop = _shared_stop(setup, schedule) if stop and screen else None
     result = evaluate(ctx.model, schedule, data, reference, batch_size=setup.batch_size, timing=timing,
                       early_stop=early_stop, prefix=ctx.prefix if screen else ctx.confirm_prefix,
-                      reference_is_model=True, dtype=screen_dtype(setup) if screen else None)
+                      reference_is_model=True, dtype=screen_dtype(setup) if screen else None, hits=not screen)
     metrics = {**_metrics(setup, schedule, result), "stopped": result["stopped"], "num_images": result["num_images"]}
+    if not screen:  # for image-by-image comparisons in the verdict (search.paired)
+        metrics[paired.KEY] = paired.encode(result["hits"])
     if early_stop is not None and not result["stopped"]:
         screen_bars.add(screen_bars.path_in(setup.cache_dir), metrics["gmacs"], metrics["accuracy"])
     return {**metrics, "eval_seconds": time.perf_counter() - start}

@@ -187,6 +187,10 @@ def test_front_is_confirmed_on_other_images_and_no_preset_dominates_it(smoke) ->
     assert front and all(r["fidelity"] == "confirm" and r["num_images"] == 40 for r in front)
     assert all(r["accuracy"] == r["confirmed_accuracy"] and r["screen_accuracy"] is not None for r in front)
     presets = [r for r in records_of(out) if r.get("preset") and r["fidelity"] == "confirm"]
+    from search import paired
+
+    for r in (r for r in records_of(out) if r["fidelity"] == "confirm"):  # image by image, for the verdict
+        assert paired.decode(r[paired.KEY], r["num_images"]).mean() == pytest.approx(r["accuracy"])
     points = np.array([[r["accuracy"], r["gmacs"]] for r in front])
     for p in presets:
         dominated = (p["accuracy"] >= points[:, 0]) & (p["gmacs"] <= points[:, 1]) & (
