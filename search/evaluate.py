@@ -277,6 +277,12 @@ def predict_until(model: nn.Module, data: TensorSet, labels_or_reference: Tensor
     return torch.cat(logits)
 
 
+def _targets(data: TensorSet, reference: Tensor) -> Tensor:
+    """What each image's top-1 is scored against: its label, or without labels the unreduced
+    model's prediction (`reference` logits)."""
+    return data.labels if data.has_labels else reference.argmax(1)
+
+
 def evaluate(model: nn.Module, schedule: Schedule, data: TensorSet, reference: Tensor, *, batch_size: int = 256,
              timing: dict | None = None, early_stop: EarlyStop | None = None, prefix: PrefixCache | None = None,
              reference_is_model: bool = False, dtype: torch.dtype | None = None, hits: bool = False) -> dict:
@@ -298,9 +304,8 @@ def evaluate(model: nn.Module, schedule: Schedule, data: TensorSet, reference: T
             if early_stop is None:
                 logits = predict(model, data, batch_size=batch_size, start=begin, dtype=dtype)
             else:
-                target = data.labels if data.has_labels else reference.argmax(1)
-                logits = predict_until(model, data, target, early_stop, batch_size=batch_size, start=begin,
-                                       dtype=dtype)
+                logits = predict_until(model, data, _targets(data, reference), early_stop, batch_size=batch_size,
+                                       start=begin, dtype=dtype)
         finally:
             remove_schedule(model)
     seen = logits.shape[0]
@@ -308,8 +313,7 @@ def evaluate(model: nn.Module, schedule: Schedule, data: TensorSet, reference: T
     out = {"schedule": schedule.name, "summary": schedule.summary(), **asdict(acc), "stopped": seen < len(data),
            "gmacs": gmacs(schedule), "baseline_gmacs": gmacs(Schedule.empty(schedule.model))}
     if hits:
-        target = data.labels[:seen] if data.has_labels else reference[:seen].argmax(1)
-        out["hits"] = logits.argmax(1) == target
+        out["hits"] = logits.argmax(1) == _targets(data, reference)[:seen]
     if timing is not None:
         speed = throughput(model, schedule, **timing)
         remove_schedule(model)

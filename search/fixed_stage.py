@@ -13,6 +13,7 @@ from search import paired, pareto, report, run_dir, screen_bars
 from search.config import SearchConfig
 from search.outcome import STOPPED, finite, latest_records
 from search.tune_stage import DASHBOARD_ATTRS
+from search.worker import presets_stop
 from spaces import Schedule, gmacs
 from spaces.presets import presets_in_range
 from spaces.search_space import SearchSpace, preset_params
@@ -165,10 +166,10 @@ def evaluate_presets(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  
     if not cfg.presets:
         return
     records = latest_records(run_dir.read_records(cfg.out))
-    stop = bool(cfg.setup.stop_chunk) and cfg.setup.cache_dir is not None and "accuracy" in cfg.setup.objectives
+    stop = presets_stop(cfg.setup)
     if stop:  # the bars start from the presets a resumed run already screened in full
         screen_bars.seed(screen_bars.path_in(cfg.setup.cache_dir),
-                         [(r["gmacs"], r["accuracy"]) for r in records if r.get("preset") and _screened(r)
+                         [(r["gmacs"], r["accuracy"]) for r in records if r.get("preset") and r.get("state") == "COMPLETE"
                           and r.get("fidelity", "screen") == "screen" and finite(r.get("accuracy"))])
     items = [{"preset": s.name, "schedule": s.to_dict(), "images": "screen", "stop": stop}
              for s in presets_to_run(cfg.setup.space, records)]

@@ -149,11 +149,17 @@ def _metrics(setup: WorkerSetup, schedule: Schedule, result: dict[str, Any]) -> 
     }
 
 
+def presets_stop(setup: WorkerSetup) -> bool:
+    """Whether presets stop early against each other on the screening images: with a run cache to
+    share their results in, --stop-chunk above 0 and accuracy among the objectives."""
+    return bool(setup.stop_chunk) and setup.cache_dir is not None and "accuracy" in setup.objectives
+
+
 def _shared_stop(setup: WorkerSetup, schedule: Schedule) -> EarlyStop | None:
     """Early stopping for a preset's screening against the other presets already screened (the
-    run cache's search.screen_bars file, read again at every check); None without a run cache
-    or with --stop-chunk 0."""
-    if not setup.stop_chunk or setup.cache_dir is None or "accuracy" not in setup.objectives:
+    run cache's search.screen_bars file, read again at every check); None where `presets_stop`
+    says no."""
+    if not presets_stop(setup):
         return None
     bars, cost = screen_bars.path_in(setup.cache_dir), gmacs(schedule)
     return EarlyStop(-math.inf, chunk=setup.stop_chunk, refresh=lambda: screen_bars.best_at_most(bars, cost))
