@@ -10,6 +10,7 @@ from torch import nn
 from spaces.model_spec import ModelSpec
 
 DEFAULT_MODEL = "tokensched_vit_shapes"  # the embedded default (search/embedded/)
+RANDOM_INIT_SEED = 0  # a model without weights is initialised from this seed in every process
 
 
 def _register_embedded() -> None:
@@ -21,7 +22,11 @@ def _register_embedded() -> None:
 
 
 def create(name: str, *, pretrained: bool = False, device: str | torch.device = "cpu", **kwargs) -> nn.Module:
-    """timm.create_model with one-line ValueErrors for unknown names and unreachable weights."""
+    """timm.create_model with one-line ValueErrors for unknown names and unreachable weights.
+
+    Without pretrained weights the initialisation is drawn from RANDOM_INIT_SEED on the CPU,
+    whatever the caller's random state: every Ray worker then holds the same model as the
+    process that computed the unreduced logits (a random model is still worth timing)."""
     import timm
 
     _register_embedded()
@@ -30,8 +35,13 @@ def create(name: str, *, pretrained: bool = False, device: str | torch.device = 
     if pretrained and not _hub_reachable():
         _hub_offline()  # cached weights still load; nothing waits on retries
     try:
-        with torch.device(device):
-            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        if pretrained or torch.device(device).type == "meta":
+            with torch.device(device):
+                return timm.create_model(name, pretrained=pretrained, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            with torch.device("cpu"):
+                return timm.create_model(name, pretrained=False, **kwargs).to(device)
     except (OSError, RuntimeError) as err:  # hub download failures (no network, no such file)
         if not pretrained:
             raise
@@ -59,8 +69,12 @@ def _hub_offline() -> None:
 
 
 def model_spec(name: str) -> ModelSpec:
-    """The shape of a timm model, built on the meta device: no weights, no memory, no network."""
+    """The shape of a timm model, built on the meta device: no weights, no memory, no network.
+    A model the reducers cannot run or the cost model cannot price is a one-line ValueError."""
+    from reducers.patch import check_supported
+
     model = create(name, device="meta")
+    check_supported(model)
     return ModelSpec.from_model(model, name=name)
 
 
