@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -41,7 +41,6 @@ _NEEDS: dict[str, frozenset[str]] = {
     "adaptive": frozenset({"cls", "metric", "value_norm"}),
     "diffrate": frozenset({"cls"}),
 }
-_USES_CLS = ("prune", "idle", "condense", "adaptive", "diffrate")
 
 
 @dataclass
@@ -236,13 +235,28 @@ class ReducingBlock(Block):
 
 
 class _ReducingModelMixin:
-    """Resets the per-forward state before the blocks run."""
+    """Resets the per-forward state before the blocks run; average pooling weighs each token
+    by the patches it stands for (ToMe's MAE patch: the average of the unmerged patches)."""
 
     _ts_state: ForwardState
 
     def forward_features(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         self._ts_state.reset()
         return super().forward_features(*args, **kwargs)  # type: ignore[misc]
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type  # type: ignore[attr-defined]
+        size = self._ts_state.size
+        if pool_type not in ("avg", "avgmax") or size is None:
+            return super().pool(x, pool_type=pool_type)  # type: ignore[misc]
+        start = 0 if self.pool_include_prefix else self.num_prefix_tokens  # type: ignore[attr-defined]
+        mean = weighted_mean(x[:, start:], size[:, start:])
+        return mean if pool_type == "avg" else 0.5 * (x[:, start:].amax(dim=1) + mean)
+
+
+def weighted_mean(x: Tensor, size: Tensor) -> Tensor:
+    """The mean of tokens x [B, N, C] over N, each counted `size` [B, N, 1] times."""
+    return (x * size).sum(dim=1) / size.sum(dim=1)
 
 
 _MODEL_CLASSES: dict[type, type] = {}
@@ -254,28 +268,38 @@ def _reducing_model_class(cls: type) -> type:
     return _MODEL_CLASSES[cls]
 
 
-def _check_model(model: nn.Module) -> None:
+def check_supported(model: nn.Module) -> None:
+    """Raise a one-line ValueError unless `model` is a VisionTransformer this module can patch
+    and the cost model prices: timm's pre-norm Block, Attention and Mlp, pooled by a class
+    token, an average, a max or nothing (not an attention-pool head)."""
     if not isinstance(model, VisionTransformer):
-        raise ValueError(f"{type(model).__name__} is not a timm VisionTransformer")
+        raise ValueError(f"{type(model).__name__} is not a timm VisionTransformer; supported: timm's "
+                         "VisionTransformer (ViT, DeiT, DeiT III, DINOv2, ...) with its own Block, Attention and Mlp")
     for i, blk in enumerate(model.blocks):
         if type(blk) not in (Block, ReducingBlock):
             raise ValueError(f"block {i} is a {type(blk).__name__}; only timm's pre-norm Block is supported")
         if type(blk.attn) not in (Attention, ReducingAttention):
             raise ValueError(f"block {i} attention is a {type(blk.attn).__name__}; only timm's Attention is supported")
+        if type(blk.mlp) is not Mlp:
+            raise ValueError(f"block {i} MLP is a {type(blk.mlp).__name__}; only timm's Mlp is supported "
+                             "(the cost model prices fc1 and fc2 of one hidden width)")
+    if getattr(model, "attn_pool", None) is not None:
+        raise ValueError(f"the {model.global_pool!r} head pools by attention, which the cost model does not price; "
+                         "supported heads: class token, avg, avgmax, max")
 
 
 def apply_schedule(model: nn.Module, schedule: Schedule) -> nn.Module:
     """Patch `model` in place to run `schedule`; returns it. Re-applying replaces the schedule."""
-    _check_model(model)
+    check_supported(model)
     spec = ModelSpec.from_model(model)
     if not spec.same_shape(schedule.model):
         raise ValueError(
             f"schedule is for {schedule.model.name} (depth {schedule.model.depth}, {schedule.model.tokens} tokens, "
             f"width {schedule.model.embed_dim}); model has depth {spec.depth}, {spec.tokens} tokens, width {spec.embed_dim}"
         )
-    uses_cls = {p.method for p in schedule.layers} & set(_USES_CLS)
+    uses_cls = schedule.cls_methods()
     if uses_cls and getattr(model, "cls_token", None) is None:
-        raise ValueError(f"methods {sorted(uses_cls)} rank tokens by CLS attention; this model has no class token")
+        raise ValueError(f"methods {uses_cls} rank tokens by CLS attention; this model has no class token")
     if not hasattr(model, "_ts_original_class"):
         model._ts_original_class = type(model)
     model.__class__ = _reducing_model_class(model._ts_original_class)

@@ -24,11 +24,15 @@ class ModelSpec:
     num_prefix_tokens: int
     patch_macs: int  # patch embedding (a strided convolution)
     head_macs: int  # classifier head(s)
+    class_token: bool = True  # False: pooled by average (or max); no method that reads CLS attention runs
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name != "name" and (not isinstance(value, int) or value < 0):
+            if f.name == "class_token":
+                if not isinstance(value, bool):
+                    raise ValueError(f"ModelSpec.class_token must be a bool, got {value!r}")
+            elif f.name != "name" and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"ModelSpec.{f.name} must be a non-negative integer, got {value!r}")
         if self.depth < 1 or self.num_patches < 1 or self.embed_dim < 1:
             raise ValueError(f"ModelSpec needs depth, num_patches and embed_dim >= 1, got {self}")
@@ -48,7 +52,7 @@ class ModelSpec:
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
-        missing = sorted(known - set(data))
+        missing = sorted(known - set(data) - {"class_token"})  # specs written before it had one
         if unknown or missing:
             raise ValueError(f"model spec: unknown keys {unknown}, missing keys {missing}")
         return cls(**data)
@@ -69,6 +73,12 @@ class ModelSpec:
         if not blocks or not all(hasattr(b, "attn") and hasattr(b, "mlp") for b in blocks):
             raise ValueError(f"{type(model).__name__} has no transformer blocks with attn and mlp")
         attn, mlp = blocks[0].attn, blocks[0].mlp
+        fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
+        if not hasattr(fc1, "out_features") or getattr(fc2, "in_features", None) != fc1.out_features:
+            raise ValueError(f"{type(model).__name__}'s MLP ({type(mlp).__name__}) is not fc1 -> fc2 of one hidden "
+                             "width; the cost model prices only that")
+        if not (hasattr(attn, "num_heads") and hasattr(attn, "head_dim")):
+            raise ValueError(f"{type(model).__name__}'s attention ({type(attn).__name__}) has no num_heads and head_dim")
         proj = model.patch_embed.proj
         patch_area = proj.kernel_size[0] * proj.kernel_size[1]
         num_patches = int(model.patch_embed.num_patches)
@@ -80,9 +90,10 @@ class ModelSpec:
             embed_dim=int(model.embed_dim),
             num_heads=int(attn.num_heads),
             head_dim=int(attn.head_dim),
-            mlp_hidden=int(mlp.fc1.out_features),
+            mlp_hidden=int(fc1.out_features),
             num_patches=num_patches,
             num_prefix_tokens=int(model.num_prefix_tokens),
             patch_macs=num_patches * proj.in_channels * patch_area * proj.out_channels,
             head_macs=sum(h.in_features * h.out_features for h in heads),
+            class_token=getattr(model, "cls_token", None) is not None,
         )

@@ -20,6 +20,7 @@ from spaces.model_spec import ModelSpec
 
 SCHEMA_VERSION = 2  # 2: prune's fuse_weights and idle's rank (schema 1 files load as what they computed)
 METHODS = ("none", "prune", "merge", "idle", "condense", "adaptive", "diffrate")
+CLS_METHODS = ("prune", "idle", "condense", "adaptive", "diffrate")  # rank tokens by the class token's attention
 AFTER_ATTENTION = ("prune", "merge", "condense", "adaptive", "diffrate")  # reduce between attention and MLP
 WEIGHTINGS = ("size", "size_relevance")
 FUSE_WEIGHTS = ("raw", "normalized")  # prune: EViT's raw CLS-attention-weighted sum, or our normalised one
@@ -262,6 +263,11 @@ class Schedule:
         """All tokens (prefix included) entering each block."""
         p = self.model.num_prefix_tokens
         return [n + p for n in self.patch_tokens_entering()[:-1]]
+
+    def cls_methods(self) -> list[str]:
+        """The methods of this schedule that read the class token's attention (a model without one
+        cannot run them)."""
+        return sorted({p.method for p in self.layers} & set(CLS_METHODS))
 
     def summary(self) -> str:
         return " ".join(f"{i}:{p.short()}" for i, p in enumerate(self.layers) if p.method != "none") or "none"

@@ -154,3 +154,49 @@ def test_rejects_non_vit_other_depth_and_no_class_token() -> None:
     apply_schedule(gap, from_preset("tome:4", gap))  # ToMe needs no CLS
     with torch.inference_mode():
         assert gap(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_average_pool_weighs_merged_tokens_by_size() -> None:
+    """ToMe's MAE patch: after merging, the average pool counts each token as the patches it holds."""
+    from reducers.patch import weighted_mean
+
+    x = torch.tensor([[[1.0, 0.0], [4.0, 2.0], [10.0, 6.0]]])
+    size = torch.tensor([[[1.0], [3.0], [2.0]]])
+    assert torch.equal(weighted_mean(x, size), torch.tensor([[(1 + 12 + 20) / 6, (0 + 6 + 12) / 6]]))
+    torch.manual_seed(0)
+    gap = timm.create_model("deit_tiny_patch16_224", img_size=64, class_token=False, global_pool="avg").eval()
+    images = torch.randn(2, 3, 64, 64)
+    spec = ModelSpec.from_model(gap)
+    layers = [LayerPlan()] * spec.depth
+    layers[-1] = LayerPlan("merge", r=6)  # the sizes reach the pool unchanged by any later block
+    apply_schedule(gap, Schedule(spec, tuple(layers)))
+    with torch.inference_mode():
+        logits = gap(images)
+        features = gap.forward_features(images)
+        size = last_forward_state(gap).size
+        assert size is not None and size.sum(dim=1).eq(spec.num_patches).all()
+        expected = gap.head(gap.fc_norm(weighted_mean(features, size)))
+        unweighted = gap.head(gap.fc_norm(features.mean(dim=1)))
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits, unweighted)  # the sizes are not all 1: the weighting matters
+
+
+@pytest.mark.parametrize(("name", "kwargs", "problem"), [
+    ("eva02_tiny_patch14_224", {}, "Eva is not a timm VisionTransformer"),
+    ("vit_base_patch16_rpn_224", {"depth": 2}, "block 0 is a ResPostBlock"),
+    ("vit_dwee_patch16_reg1_gap_256", {"depth": 2}, "attention is a DiffAttention"),
+    ("vit_small_patch16_224", {"depth": 2, "mlp_layer": timm.layers.GluMlp}, "MLP is a GluMlp"),
+    ("vit_base_patch16_siglip_224", {"depth": 2}, "pools by attention"),
+])
+def test_unsupported_models_are_one_line_errors(name: str, kwargs: dict, problem: str) -> None:
+    """What the reducers cannot run or the cost model cannot price is refused by name, before any work."""
+    from reducers.patch import check_supported
+    from search.models import model_spec
+
+    with torch.device("meta"):
+        model = timm.create_model(name, **kwargs)
+    with pytest.raises(ValueError, match=problem):
+        check_supported(model)
+    if not kwargs:
+        with pytest.raises(ValueError, match=problem):
+            model_spec(name)
