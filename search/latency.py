@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from spaces import LayerPlan, ModelSpec, Schedule, breakdown
+from spaces.schedule import CLS_METHODS
 
 FORMAT = "tokensched-latency-profile"
 VERSION = 3  # 3: rest and scale fitted to whole models; 2: every kind in one chain per token count
@@ -121,7 +122,7 @@ class LatencyProfile:
         try:
             grid = tuple(int(n) for n in data["grid"])
             tables = {str(k): tuple(float(v) for v in vals) for k, vals in data["tables"].items()}
-            missing = sorted({NONE, SIZED, MLP, *REFERENCE_PLANS} - set(tables))
+            missing = sorted(set(timed_kinds(ModelSpec.from_dict(data["spec"]))) - set(tables))
             if missing or any(len(v) != len(grid) for v in tables.values()) or list(grid) != sorted(set(grid)):
                 raise ValueError(f"tables missing {missing} or not one value per grid point")
             return cls(key=ProfileKey(**data["key"]), spec=dict(data["spec"]), grid=grid, tables=tables,
@@ -208,18 +209,26 @@ def predict_us(profile: LatencyProfile, schedule: Schedule) -> float:
     return profile.rest_us + profile.scale * blocks_us(profile, schedule)
 
 
+def timed_kinds(spec: ModelSpec) -> tuple[str, ...]:
+    """The block kinds a profile of `spec` times: the unreduced block (plain and with sizes), the
+    MLP alone, and the reference plan of every method the model can run."""
+    return (NONE, SIZED, MLP, *(m for m in REFERENCE_PLANS if spec.class_token or m not in CLS_METHODS))
+
+
 def calibration_schedules(spec: ModelSpec) -> list[Schedule]:
     """Whole models the profile is fitted to: unreduced, ToMe-like merging in every block, and
-    pruning, condensing, idling and prune-or-pool from a quarter of the depth on (fixed, any shape)."""
+    pruning, condensing, idling and prune-or-pool from a quarter of the depth on (fixed, any shape;
+    on a model without a class token, the first two only)."""
     d = spec.depth
     thirds = (d // 4, d // 2, 3 * d // 4)
 
     def at(blocks, plan: LayerPlan) -> Schedule:  # type: ignore[no-untyped-def]
         return Schedule(model=spec, layers=tuple(plan if i in blocks else LayerPlan() for i in range(d)))
 
-    return [Schedule.empty(spec), at(range(d), LayerPlan("merge", keep=0.85)), at(thirds, LayerPlan("prune", keep=0.5)),
-            at(thirds, LayerPlan("condense", keep=0.6)), at(range(d // 4, d), LayerPlan("idle", keep=0.5)),
-            at(thirds, LayerPlan("adaptive", keep=0.6))]
+    every = [Schedule.empty(spec), at(range(d), LayerPlan("merge", keep=0.85)), at(thirds, LayerPlan("prune", keep=0.5)),
+             at(thirds, LayerPlan("condense", keep=0.6)), at(range(d // 4, d), LayerPlan("idle", keep=0.5)),
+             at(thirds, LayerPlan("adaptive", keep=0.6))]
+    return [c for c in every if spec.class_token or not c.cls_methods()]
 
 
 def fit_whole(measured: list[float], blocks: list[float]) -> tuple[float, float]:
@@ -330,7 +339,7 @@ def build(model, key: ProfileKey, *, grid: tuple[int, ...] | None = None,
 
     start = time.perf_counter()
     spec = ModelSpec.from_model(model, name=key.model)
-    kinds = (NONE, SIZED, MLP, *REFERENCE_PLANS)
+    kinds = timed_kinds(spec)
     if spec.depth < len(kinds) + 1:
         raise ValueError(f"a latency profile times each of {len(kinds)} block kinds in a block of its own beside "
                          f"an unreduced partner: the model needs {len(kinds) + 1} blocks, it has {spec.depth}")
@@ -352,8 +361,9 @@ def build(model, key: ProfileKey, *, grid: tuple[int, ...] | None = None,
         return block_call(model, block_of[kind], x, size=size)
 
     layers = [LayerPlan()] * spec.depth
-    for kind in REFERENCE_PLANS:
-        layers[block_of[kind]] = REFERENCE_PLANS[kind]
+    for kind in kinds:
+        if kind in REFERENCE_PLANS:
+            layers[block_of[kind]] = REFERENCE_PLANS[kind]
     model.eval()
     calibration = calibration_schedules(spec)  # whole models, each a copy (the model's blocks are timed alone)
     wholes = [apply_schedule(copy.deepcopy(remove_schedule(model)), c).eval() for c in calibration]

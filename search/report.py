@@ -414,13 +414,13 @@ def _closest(preset: dict, pool: Sequence[dict], objectives: Sequence[Objective]
     accuracy among those at least as good on every other objective (no more GMACs, ...) and, when
     both were confirmed on the same images, on how many images the preset is right where that
     point is wrong and the reverse, with the exact McNemar p-value of the split (a large p: the
-    difference may be chance); "" when accuracy is not compared or no point qualifies."""
+    difference may be chance); "" when accuracy is not compared."""
     if "accuracy" not in [o.name for o in objectives]:
         return ""
     others = [o for o in objectives if o.name != "accuracy"]
     near = [r for r in pool if _covers(r, preset, others)]
     if not near:
-        return ""
+        return f" (no searched schedule at no more cost: {', '.join(o.name for o in others)})"
     best = max(near, key=lambda r: _value(r, "accuracy"))
     text = (f"best searched at no more cost: trial {best.get('trial')}, accuracy {_value(best, 'accuracy'):.4g} "
             f"against {_value(preset, 'accuracy'):.4g}")

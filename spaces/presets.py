@@ -248,13 +248,16 @@ def effective_key(schedule: Schedule) -> tuple:
 
 
 def presets_in_range(spec: ModelSpec, max_gmacs: float | None, min_gmacs: float | None = None) -> list[Schedule]:
-    """The presets of `family_presets` whose GMACs lie in [min_gmacs, max_gmacs], one per distinct
-    schedule (ToMe's decreasing schedules coincide once r passes about n / 4: the first name is kept)."""
+    """The presets of `family_presets` whose GMACs lie in [min_gmacs, max_gmacs] and that the model
+    can run (on a model without a class token, ToMe's only), one per distinct schedule (ToMe's
+    decreasing schedules coincide once r passes about n / 4: the first name is kept)."""
     from spaces.cost import gmacs
 
     chosen, seen = [], set()
     for name in family_presets(spec):
         schedule = build_preset(name, spec)
+        if not spec.class_token and schedule.cls_methods():
+            continue
         cost = gmacs(schedule)
         if (max_gmacs is not None and cost > max_gmacs + 1e-12) or (min_gmacs is not None and cost < min_gmacs - 1e-12):
             continue

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from spaces.budget import fit_target, most_reduced
 from spaces.cost import gmacs
 from spaces.model_spec import ModelSpec
-from spaces.schedule import FUSE_WEIGHTS, IDLE_RANKS, METHODS, LayerPlan, Schedule, ppt_threshold
+from spaces.schedule import CLS_METHODS, FUSE_WEIGHTS, IDLE_RANKS, METHODS, LayerPlan, Schedule, ppt_threshold
 
 REDUCING = tuple(m for m in METHODS if m != "none")
 KEEP_RANGE = (0.1, 1.0)
@@ -31,6 +31,11 @@ FRACTION_RANGE = (0.5, 1.0)  # share of the budget a trial aims at without min_g
 STAGES = 3
 FAMILIES = {"evit": "prune", "idlevit": "idle", "ppt": "adaptive", "tcvit": "condense"}
 SPACES = ("two-phase", "per-layer", "staged", "tome", *FAMILIES)
+
+
+def runnable_methods(spec: ModelSpec) -> tuple[str, ...]:
+    """The reducing methods `spec`'s model can run: all of them, or without a class token ToMe's merge only."""
+    return REDUCING if spec.class_token else tuple(m for m in REDUCING if m not in CLS_METHODS)
 
 
 class TrialLike(Protocol):
@@ -48,17 +53,26 @@ class SearchSpace:
 
     name: str
     spec: ModelSpec
-    methods: tuple[str, ...] = REDUCING
+    methods: tuple[str, ...] | None = None  # None: every method the model can run (runnable_methods)
     budget_gmacs: float | None = None
     min_gmacs: float | None = None  # the cheapest a trial aims at (default: half the budget)
 
     def __post_init__(self) -> None:
         if self.name not in SPACES:
             raise ValueError(f"unknown space {self.name!r}; valid: {', '.join(SPACES)}")
+        family = FAMILIES.get(self.name) or ("merge" if self.name == "tome" else None)
+        if family in CLS_METHODS and not self.spec.class_token:
+            raise ValueError(f"space {self.name!r} uses method {family!r}, which ranks tokens by the class token's "
+                             f"attention, and {self.spec.name} has none; use --space per-layer or tome")
+        if self.methods is None:
+            object.__setattr__(self, "methods", runnable_methods(self.spec))
         bad = [m for m in self.methods if m not in REDUCING]
         if bad or not self.methods:
             raise ValueError(f"unknown method(s) {bad or '(none given)'}; valid: {', '.join(REDUCING)}")
-        family = FAMILIES.get(self.name) or ("merge" if self.name == "tome" else None)
+        needs_cls = sorted(set(self.methods) & set(CLS_METHODS))
+        if needs_cls and not self.spec.class_token:
+            raise ValueError(f"methods {', '.join(needs_cls)} rank tokens by the class token's attention and "
+                             f"{self.spec.name} has none; use --methods {','.join(runnable_methods(self.spec))}")
         if family and family not in self.methods:
             raise ValueError(f"space {self.name!r} uses method {family!r}, which --methods excludes")
         if self.min_gmacs is not None and not (self.min_gmacs > 0 and (self.budget_gmacs is None

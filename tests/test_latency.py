@@ -89,6 +89,14 @@ def test_calibration_schedules_cover_every_method_once_and_the_unreduced_model()
     assert all(len(m) == 1 for m in methods) and len({m.pop() for m in methods}) == len(found) - 1
 
 
+def test_a_model_without_a_class_token_is_timed_and_calibrated_on_merging_only() -> None:
+    pooled = replace(SPEC, class_token=False)
+    assert latency.timed_kinds(pooled) == ("none", "none~sized", "mlp", "merge")
+    assert set(latency.timed_kinds(SPEC)) == set(hand_made().tables)
+    found = latency.calibration_schedules(pooled)
+    assert [sorted({p.method for p in s.layers}) for s in found] == [["none"], ["merge"]]
+
+
 def test_profile_round_trips_and_refuses_other_versions(tmp_path: Path) -> None:
     made = replace(hand_made(), scale=0.9, calibration=({"summary": "none", "measured_us": 1.0, "blocks_us": 2.0},))
     path = made.save(tmp_path / "p.json")

@@ -245,7 +245,7 @@ def test_preset_verdicts_name_what_dominates_or_matches() -> None:
     assert notes == {"a": "dominated by search trial(s) 7, 8", "b": "matched (not beaten) by search trial(s) 8",
                      "c": "not beaten (best searched at no more cost: trial 8, accuracy 0.95 against 0.99)"}
     cheap = {p["preset"]: note for p, note in preset_verdicts([], [rec(None, 0.5, 0.05, "d")], ACC_GMACS, searched)}
-    assert cheap == {"d": "not beaten"}  # nothing searched at no more GMACs
+    assert cheap == {"d": "not beaten (no searched schedule at no more cost: gmacs)"}  # nothing searched that cheap
 
 
 def test_front_table_marks_a_preset_whose_screening_stopped_early(records):

@@ -293,6 +293,11 @@ BAD = {
     "zero min-gmacs": (["--budget", "65%", "--min-gmacs", "0GMACs"], "must be positive"),
     "negative min-gmacs": (["--budget", "65%", "--min-gmacs=-5%"], "must be positive"),
     "malformed min-gmacs": (["--budget", "65%", "--min-gmacs", "lots"], "malformed"),
+    "class-token method on a pooled model": (["--budget", "65%", "--model", "vit_wee_patch16_reg1_gap_256",
+                                              "--methods", "merge,prune"], "prune rank tokens by the class token"),
+    "class-token space on a pooled model": (["--budget", "65%", "--model", "vit_wee_patch16_reg1_gap_256",
+                                             "--space", "evit"], "space 'evit' uses method 'prune'"),
+    "unsupported ViT": (["--budget", "65%", "--model", "eva02_tiny_patch14_224"], "Eva is not a timm VisionTransformer"),
 }
 
 

@@ -110,6 +110,26 @@ def test_unknown_space_and_methods_are_refused(spec) -> None:
         SearchSpace("evit", spec, methods=tuple(m for m in REDUCING if m != "prune"))
 
 
+def test_a_model_without_a_class_token_searches_and_presets_merging_only(spec) -> None:
+    from dataclasses import replace
+
+    from spaces.presets import presets_in_range
+
+    pooled = replace(spec, name="pooled", class_token=False)
+    assert SearchSpace("per-layer", pooled).methods == ("merge",)
+    assert SearchSpace("per-layer", spec).methods == REDUCING
+    with pytest.raises(ValueError, match="prune rank tokens by the class token's attention and pooled has none"):
+        SearchSpace("per-layer", pooled, methods=("merge", "prune"))
+    with pytest.raises(ValueError, match="space 'idlevit' uses method 'idle'"):
+        SearchSpace("idlevit", pooled)
+    study = optuna.create_study()
+    space = _space(pooled, "two-phase")
+    assert all({p.method for p in space(study.ask()).layers} <= {"none", "merge"} for _ in range(10))
+    chosen = presets_in_range(pooled, None)
+    assert chosen and all(s.name.startswith("tome:") for s in chosen)
+    assert {s.name.split(":")[0] for s in presets_in_range(spec, None)} > {"tome"}
+
+
 def test_two_phase_runs_the_early_method_then_the_late_one(spec) -> None:
     params = {"phase.first": 2, "phase.switch": 6, "phase.early": "merge", "phase.late": "diffrate",
               "phase.early_keep": 0.8, "phase.late_keep": 0.6, "phase.order": 2, "phase.alpha": 0.5,

@@ -157,7 +157,7 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
     from search.config import SearchConfig
     from search.driver import command_line, default_min_gmacs
     from search.evaluate import eval_batch_size
-    from search.models import DEFAULT_MODEL, model_spec
+    from search.models import DEFAULT_MODEL, RANDOM_INIT_SEED, model_spec
     from search.pareto import OBJECTIVES
     from search.run_dir import SAMPLERS, default_out
     from search.worker import FinetuneJob, WorkerSetup
@@ -178,7 +178,7 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
     if not math.isfinite(budget) or budget > baseline * (1 + 1e-9):
         raise ValueError(f"--budget {args.budget} is {budget:.4g} GMACs, above the unreduced {spec.name} "
                          f"({baseline:.4f} GMACs); use at most 100%")
-    space = SearchSpace(args.space, spec, methods=_split(args.methods), budget_gmacs=budget)
+    space = SearchSpace(args.space, spec, methods=_split(args.methods) if args.methods else None, budget_gmacs=budget)
     if args.min_gmacs is not None:
         try:
             min_gmacs = parse_budget(args.min_gmacs, baseline)
@@ -200,6 +200,9 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
             raise ValueError(f"--finetune-lr must be positive, got {args.finetune_lr}")
     check_search_inputs(args)
     _check_compile(args)
+    if args.model is not None and not args.pretrained and args.checkpoint is None:
+        print(f"warning: {args.model} has random weights (add --pretrained or --checkpoint); every worker "
+              f"initialises it from seed {RANDOM_INIT_SEED}", file=sys.stderr)
     latency_profile = _check_latency_profile(args, spec)
     setup = WorkerSetup(space=space, model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                         data=args.data, num_images=args.num_images, seed=args.seed,

@@ -114,7 +114,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--budget", required=True, help="GMACs budget: 3.0GMACs, '3.0 GMACs', 65%% (of the unreduced model) or 0.65x")
     p.add_argument("--space", default="per-layer", help=f"search space: {', '.join(SPACES)} (default per-layer)")
-    p.add_argument("--methods", default=",".join(REDUCING), help=f"methods to choose from (default {','.join(REDUCING)})")
+    p.add_argument("--methods", default=None, help=f"methods to choose from (default {','.join(REDUCING)}; for a model "
+                   "without a class token, merge)")
     p.add_argument("--sampler", default="local-nsga2",
                    help=f"Optuna sampler: {', '.join(SAMPLERS)} (default local-nsga2: half the trials move a point of "
                         "the front, presets included, the other half NSGA-II's)")
