@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +56,7 @@ def main() -> int:
             for r in range(args.repeats):
                 order = batches[r % len(batches):] + batches[:r % len(batches)]  # rotate: drift spreads evenly
                 for b in order:
-                    samples[b].append(time_call(lambda: model(inputs[b]), device) / b * 2000)
+                    samples[b].append(time_call(lambda x=inputs[b]: model(x), device) / b * 2000)
         remove_schedule(model)
         per = {b: statistics.median(s) for b, s in samples.items()}
         ref = per.get(auto, per[batches[0]])

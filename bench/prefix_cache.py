@@ -39,7 +39,7 @@ def _run_schedules(run: Path):  # type: ignore[no-untyped-def]
 def _drawn_schedules(spec, count: int, seed: int):  # type: ignore[no-untyped-def]
     import optuna
 
-    from spaces import gmacs, Schedule
+    from spaces import Schedule, gmacs
     from spaces.presets import presets_in_range
     from spaces.search_space import SearchSpace
 
