@@ -178,6 +178,20 @@ def test_architecture_is_a_plain_12_block_vit() -> None:
     assert tuple(cfg["mean"]) == synthetic.MEAN and tuple(cfg["std"]) == synthetic.STD
 
 
+def test_pooled_variant_has_no_class_token_and_trains_under_its_own_name(tmp_path) -> None:
+    from search.models import model_spec
+
+    model = timm.create_model(embedded.NAME_GAP)
+    assert model.num_prefix_tokens == 0 and model.cls_token is None and model.global_pool == "avg"
+    spec = model_spec(embedded.NAME_GAP)
+    assert not spec.class_token and spec.depth == 12 and spec.num_patches == 64
+    argv = ["--steps", "1", "--batch-size", "4", "--warmup-steps", "1", "--eval-images", "10", "--threads", "1"]
+    assert train_main(["--model", embedded.NAME_GAP, "--out", str(tmp_path), "--run-dir", str(tmp_path), *argv]) == 0
+    trained = timm.create_model(embedded.NAME_GAP, pretrained=True,
+                                pretrained_cfg_overlay={"file": str(tmp_path / f"{embedded.NAME_GAP}.safetensors")})
+    assert trained.pos_embed.shape == (1, 64, 128)
+
+
 @needs_weights
 def test_pretrained_loads_the_shipped_weights_offline() -> None:
     model = timm.create_model(embedded.NAME, pretrained=True)

@@ -8,6 +8,16 @@ Importing the package registers the model with timm. The rest of ``search/`` tre
 other timm model and data set; docs/embedded-task.md tells why the task looks the way it does.
 """
 
-from search.embedded.model import ARCH, NAME, WEIGHTS, WEIGHTS_DIR, tokensched_vit_shapes
+from search.embedded.model import (
+    ARCH,
+    ARCH_GAP,
+    NAME,
+    NAME_GAP,
+    WEIGHTS,
+    WEIGHTS_DIR,
+    tokensched_vit_shapes,
+    tokensched_vit_shapes_gap,
+)
 
-__all__ = ["ARCH", "NAME", "WEIGHTS", "WEIGHTS_DIR", "tokensched_vit_shapes"]
+__all__ = ["ARCH", "ARCH_GAP", "NAME", "NAME_GAP", "WEIGHTS", "WEIGHTS_DIR", "tokensched_vit_shapes",
+           "tokensched_vit_shapes_gap"]

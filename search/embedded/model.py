@@ -29,7 +29,8 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from search.embedded.synthetic import IMAGE_SIZE, MEAN, NUM_CLASSES, STD
 
-__all__ = ["ARCH", "NAME", "WEIGHTS_DIR", "WEIGHTS", "default_cfgs", "tokensched_vit_shapes"]
+__all__ = ["ARCH", "ARCH_GAP", "NAME", "NAME_GAP", "WEIGHTS_DIR", "WEIGHTS", "default_cfgs", "tokensched_vit_shapes",
+           "tokensched_vit_shapes_gap"]
 
 NAME = "tokensched_vit_shapes"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -46,10 +47,16 @@ ARCH: dict[str, Any] = dict(
     global_pool="token",
 )
 
-# Read by timm's @register_model below: the architecture's default pretrained_cfg.
-default_cfgs = generate_default_cfgs({
-    NAME: dict(
-        file=str(WEIGHTS),
+# A second model for the same task: no class token, pooled by the average of the patch tokens
+# (as timm's *_gap_* ViTs), so only merging applies. Its weights are not shipped; train them with
+# python -m search.embedded.train --model tokensched_vit_shapes_gap --out DIR --steps 1500.
+NAME_GAP = "tokensched_vit_shapes_gap"
+ARCH_GAP: dict[str, Any] = dict(ARCH, class_token=False, global_pool="avg")
+
+
+def _cfg(name: str) -> dict[str, Any]:
+    return dict(
+        file=str(WEIGHTS_DIR / f"{name}.safetensors"),
         num_classes=NUM_CLASSES,
         input_size=(3, IMAGE_SIZE, IMAGE_SIZE),
         pool_size=None,
@@ -62,8 +69,11 @@ default_cfgs = generate_default_cfgs({
         classifier="head",
         license="apache-2.0",
         notes=("Trained from scratch on search.embedded.synthetic (shapes on clutter) by python -m search.embedded.train.",),
-    ),
-})
+    )
+
+
+# Read by timm's @register_model below: the architectures' default pretrained_cfgs.
+default_cfgs = generate_default_cfgs({NAME: _cfg(NAME), NAME_GAP: _cfg(NAME_GAP)})
 
 
 @register_model
@@ -77,4 +87,18 @@ def tokensched_vit_shapes(pretrained: bool = False, **kwargs: Any) -> VisionTran
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **dict(ARCH, **kwargs),
+    )
+
+
+@register_model
+def tokensched_vit_shapes_gap(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """The embedded default's shape without a class token, average-pooled (merging only)."""
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        VisionTransformer,
+        NAME_GAP,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **dict(ARCH_GAP, **kwargs),
     )

@@ -156,9 +156,9 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     """Run the training described by ``args``; returns the summary (also written to JSON)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    run_dir, out_file = Path(args.run_dir), Path(args.out) / embedded.WEIGHTS.name
+    run_dir, out_file = Path(args.run_dir), Path(args.out) / f"{args.model}.safetensors"
     ckpt_path = run_dir / "checkpoint.pt"
-    model = timm.create_model(embedded.NAME, pretrained=False)
+    model = timm.create_model(args.model, pretrained=False)
     init_pos_embed(model)
     optimizer = _make_optimizer(model, args)
     heldout = make_split("heldout", args.eval_images, seed=0)
@@ -174,7 +174,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     else:
         total = _steps_for_minutes(model, optimizer, args)
         start_step = 8  # the timing steps were real steps 0..7
-    log.info("training %s for %d steps of %d images (seed %d)", embedded.NAME, total, args.batch_size, args.seed)
+    log.info("training %s for %d steps of %d images (seed %d)", args.model, total, args.batch_size, args.seed)
     wall0 = last_eval = time.perf_counter()
     window_start, window_images, losses = wall0, 0, []
     model.train()
@@ -199,7 +199,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     _checkpoint(ckpt_path, model, optimizer, total, total)
     tmp = out_file.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"architecture": embedded.NAME, "steps": str(total), "seed": str(args.seed),
+              metadata={"architecture": args.model, "steps": str(total), "seed": str(args.seed),
                         "heldout_top1": f"{acc:.4f}"})
     tmp.chmod(0o644)  # safetensors writes 0600; the weights ship as package data
     tmp.replace(out_file)
@@ -215,7 +215,9 @@ def train(args: argparse.Namespace) -> dict[str, object]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m search.embedded.train", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="directory for tokensched_vit_shapes.safetensors")
+    p.add_argument("--out", required=True, help="directory for <model>.safetensors")
+    p.add_argument("--model", default=embedded.NAME, choices=(embedded.NAME, embedded.NAME_GAP),
+                   help=f"architecture (default {embedded.NAME}; {embedded.NAME_GAP}: no class token, average-pooled)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--steps", type=int, help="number of training steps (exactly reproducible)")
     budget.add_argument("--minutes", type=float, help="wall-clock budget, converted to steps at the start")
@@ -243,7 +245,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    out_file = Path(args.out) / embedded.WEIGHTS.name
+    out_file = Path(args.out) / f"{args.model}.safetensors"
     if (args.steps is not None and args.steps < 1) or (args.minutes is not None and args.minutes <= 0):
         print("error: --steps and --minutes must be positive", file=sys.stderr)
         return 2
