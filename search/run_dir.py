@@ -270,7 +270,9 @@ def sampler(name: str, seed: int, space=None):  # type: ignore[no-untyped-def]
         key = ScheduleKey(space) if space is not None else None
         return LocalMoveSampler(sampler(name.removeprefix("local-"), seed), seed=seed, key=key, axis=BUDGET_PARAM)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
+        from search.samplers import PicklableNSGAIISampler
+
+        return PicklableNSGAIISampler(seed=seed, population_size=20)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
     if name == "gp":

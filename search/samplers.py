@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -30,11 +31,33 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.pareto import non_dominated
 
-__all__ = ["LocalMoveSampler", "ScheduleKey"]
+__all__ = ["LocalMoveSampler", "PicklableNSGAIISampler", "ScheduleKey"]
 
 _PARENT = "local:parent"  # system attrs of a local trial: its parent's number, the moved parameters, all values
 _MOVED = "local:moved"
 _PARAMS = "local:params"
+
+
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NSGA-II that survives pickling. Ray Tune pickles the searcher, and with it the sampler, when
+    it builds a Tuner; Optuna 5.1's genetic samplers hold a threading.Lock, which cannot be pickled.
+    The lock guards only this process's population cache, so a copy gets a new one."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if not isinstance(v, _LOCKS)}
+        state[_DROPPED] = {k: _LOCKS.index(type(v)) for k, v in self.__dict__.items() if isinstance(v, _LOCKS)}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        dropped = state.pop(_DROPPED, {})
+        self.__dict__.update(state)
+        for name, kind in dropped.items():
+            setattr(self, name, (threading.Lock, threading.RLock)[kind]())
+
+
+_LOCKS = (type(threading.Lock()), type(threading.RLock()))  # by kind: 0 Lock, 1 RLock
+_DROPPED = "_locks_dropped_by_pickle"
 
 
 class LocalMoveSampler(BaseSampler):

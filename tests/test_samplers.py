@@ -160,3 +160,28 @@ def test_kept_front_and_seen_keys_draw_what_recomputing_them_draws() -> None:
         runs.append([(t.params, t.system_attrs.get("local:parent")) for t in study.trials])
     assert runs[0] == runs[1]
     assert sum(parent is not None for _, parent in runs[0]) >= 20
+
+
+def test_every_sampler_survives_the_pickling_ray_tune_does_and_samples_the_same_after() -> None:
+    """Ray Tune pickles the searcher, sampler included, when it builds a Tuner (Optuna 5.1's NSGA-II
+    holds a threading.Lock: the default command crashed there). A copy must also sample what the
+    original samples."""
+    import pickle
+
+    from ray.tune.search.optuna import OptunaSearch
+
+    from search.run_dir import SAMPLERS
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in SAMPLERS:
+        searcher = OptunaSearch(space={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
+                                metric=["a", "b"], mode=["max", "min"], sampler=sampler(name, 5))
+        pickle.dumps(searcher)  # what tune.Tuner does with it
+        original = sampler(name, 5)
+        copy = pickle.loads(pickle.dumps(original))
+        runs = []
+        for s in (original, copy):
+            study = optuna.create_study(directions=["maximize", "minimize"], sampler=s)
+            study.optimize(_objective, n_trials=25)
+            runs.append([t.params for t in study.trials])
+        assert runs[0] == runs[1], name
