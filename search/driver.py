@@ -49,6 +49,7 @@ def _settings(cfg: SearchConfig) -> dict[str, Any]:
         "space": space.name, "methods": list(space.methods), "objectives": list(s.objectives), "sampler": cfg.sampler,
         "trials": cfg.trials, "device": s.device, "batch_size": s.batch_size, "precision": s.screen_precision,
         "timing": dict(s.timing) if s.timing else None, "concurrency": cfg.concurrency,
+        "deterministic": cfg.deterministic,
         "timing_batch": cfg.timing_batch, "latency_batch": cfg.latency_batch, "retime": cfg.retime, "compile": cfg.compile,
         "threads": s.threads,
         "cpus_per_trial": cfg.cpus_per_trial, "gpus_per_trial": cfg.gpus_per_trial,

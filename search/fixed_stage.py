@@ -185,7 +185,8 @@ def evaluate_presets(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  
 
     _run_fixed(cfg, run, items, "presets", "presets", record)
     told = {t.user_attrs.get("preset") for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-    for rec in latest_records(run_dir.read_records(cfg.out)):
+    rank = {s.name: i for i, s in enumerate(run_presets(cfg.setup.space))}  # told in one order, however they finished
+    for rec in sorted(latest_records(run_dir.read_records(cfg.out)), key=lambda r: rank.get(r.get("preset"), -1)):
         if rec.get("preset") and rec.get("state") == "COMPLETE" and rec.get("fidelity", "screen") == "screen" \
                 and rec["preset"] not in told and all(finite(rec.get(o)) for o in cfg.setup.objectives):
             told_as = _inject_preset(cfg, study, rec)

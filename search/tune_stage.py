@@ -90,7 +90,9 @@ def _searcher(cfg: SearchConfig, storage, bar: RunningFront, starts: list[dict[s
         sampler=sampler, storage=storage, study_name=run_dir.study_name(cfg.out),
         points_to_evaluate=list(starts) or None,
     )
-    return searcher, ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency)
+    # --deterministic: the sampler sees the results of a whole batch of --concurrency trials at once,
+    # before it suggests the next batch (workers wait for a batch's slowest trial).
+    return searcher, ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency, batch=cfg.deterministic)
 
 
 def _optuna_number(searcher, trial_id: str) -> int | None:  # type: ignore[no-untyped-def]

@@ -31,7 +31,8 @@ from search.prefix_cache import PrefixCache
 from spaces import Schedule, gmacs
 from spaces.search_space import SearchSpace
 
-FAULT_KEY = "__fault"  # test hook: the driver may mark a trial to raise or return NaN
+FAULT_KEY = "__fault"  # test hook: the driver may mark a trial to raise, return NaN, hang or be slow
+SLOW_FAULT_SECONDS = 4.0
 STOP_KEY = "__stop_below"  # the driver's bar for early stopping: the best accuracy measured at no more GMACs
 
 
@@ -56,6 +57,8 @@ class WorkerSetup:
     stop_chunk: int | None = 250  # screen searched trials in chunks of this many images, stopping early; None: never
     cache_dir: str | None = None  # the run's cache: the unreduced logits, computed once and shared (search.shared_logits)
     screen_precision: str = "fp32"  # "bf16": screening forwards under bf16 autocast (the confirmation stays fp32)
+    shared_bars: bool = True  # presets stop against every preset screened so far, on any worker; False: only
+    #                            against those before them in their own batch (the same in every run)
     prefix_cache_mb: int = 1024  # memory for the tokens entering block k (search.prefix_cache), per image set; 0: off
     latency: Any = None  # the run's search.latency.LatencyProfile: every record gets its predicted speed
 
@@ -155,27 +158,35 @@ def presets_stop(setup: WorkerSetup) -> bool:
     return bool(setup.stop_chunk) and setup.cache_dir is not None and "accuracy" in setup.objectives
 
 
-def _shared_stop(setup: WorkerSetup, schedule: Schedule) -> EarlyStop | None:
-    """Early stopping for a preset's screening against the other presets already screened (the
-    run cache's search.screen_bars file, read again at every check); None where `presets_stop`
-    says no."""
+def _shared_stop(setup: WorkerSetup, schedule: Schedule,
+                 batch_bars: list[tuple[float, float]] | None = None) -> EarlyStop | None:
+    """Early stopping for a preset's screening against the other presets already screened: with
+    `setup.shared_bars`, every one so far (the run cache's search.screen_bars file, read again at
+    every check; what it holds depends on how fast the workers ran), else only those of its own
+    batch (`batch_bars`: (gmacs, accuracy) of the batch's earlier full screenings). None where
+    `presets_stop` says no."""
     if not presets_stop(setup):
         return None
-    bars, cost = screen_bars.path_in(setup.cache_dir), gmacs(schedule)
-    return EarlyStop(-math.inf, chunk=setup.stop_chunk, refresh=lambda: screen_bars.best_at_most(bars, cost))
+    cost = gmacs(schedule)
+    if setup.shared_bars:
+        bars = screen_bars.path_in(setup.cache_dir)
+        return EarlyStop(-math.inf, chunk=setup.stop_chunk, refresh=lambda: screen_bars.best_at_most(bars, cost))
+    below = max((a for g, a in batch_bars or () if g <= cost + screen_bars.SLACK), default=-math.inf)
+    return EarlyStop(below, chunk=setup.stop_chunk)
 
 
-def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str, stop: bool = False) -> dict[str, Any]:
+def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str, stop: bool = False,
+                   batch_bars: list[tuple[float, float]] | None = None) -> dict[str, Any]:
     """Evaluate a fixed schedule (a preset, or a front point to confirm) on the screening
     (``images="screen"``) or the confirmation images. With ``stop`` (presets' screening), it stops
     once it cannot reach the best accuracy another preset measured at no more GMACs (``stopped``);
-    a full screening is shared for the others' bars."""
+    a full screening is shared for the others' bars (``batch_bars``: see _shared_stop)."""
     ctx = context(setup)
     screen = images == "screen"
     data, reference = (ctx.data, ctx.reference) if screen else confirm_context(setup)
     start = time.perf_counter()
     timing = dict(setup.timing) if setup.timing is not None and screen else None
-    early_stop = _shared_stop(setup, schedule) if stop and screen else None
+    early_stop = _shared_stop(setup, schedule, batch_bars) if stop and screen else None
     result = evaluate(ctx.model, schedule, data, reference, batch_size=setup.batch_size, timing=timing,
                       early_stop=early_stop, prefix=ctx.prefix if screen else ctx.confirm_prefix,
                       reference_is_model=True, dtype=screen_dtype(setup) if screen else None, hits=not screen)
@@ -194,12 +205,15 @@ def fixed_trainable(config: dict[str, Any], setup: WorkerSetup) -> None:
     and its error, and the batch goes on."""
     from ray import tune
 
+    batch_bars: list[tuple[float, float]] = []  # this batch's full screenings (gmacs, accuracy)
     for index, item in enumerate(config["items"]):
         start = time.perf_counter()
         try:
             with deadline(setup.trial_timeout):
                 metrics = evaluate_fixed(setup, Schedule.from_dict(item["schedule"]), item["images"],
-                                         stop=bool(item.get("stop")))
+                                         stop=bool(item.get("stop")), batch_bars=batch_bars)
+            if item.get("stop") and not metrics["stopped"] and math.isfinite(metrics["accuracy"]):
+                batch_bars.append((metrics["gmacs"], metrics["accuracy"]))
         except Exception as exc:  # noqa: BLE001 - recorded as this schedule's FAIL, the others still run
             metrics = {"accuracy": float("nan"), "error": f"{type(exc).__name__}: {exc}"}
         metrics.update({"item": index, "trial_seconds": time.perf_counter() - start})
@@ -222,6 +236,8 @@ def evaluate_params(setup: WorkerSetup, params: dict[str, Any]) -> dict[str, Any
         raise RuntimeError("injected failure (test hook)")
     if fault == "hang":
         time.sleep(1e6)
+    if fault == "slow":  # finishes after the trials suggested after it (tests of --deterministic)
+        time.sleep(SLOW_FAULT_SECONDS)
     schedule = schedule_from_params(setup.space, params)
     start = time.perf_counter()
     timing = dict(setup.timing) if setup.timing is not None else None

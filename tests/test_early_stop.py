@@ -188,3 +188,25 @@ def test_a_preset_stops_against_a_better_cheaper_preset_and_is_still_confirmed(t
     cfg = SearchConfig(setup=setup, budget="65%", out=tmp_path, presets=True)
     assert {r["preset"] for r in _confirm_candidates(cfg, records)} == {"idlevit:0.3", "tome:4"}
     assert {"idlevit:0.3", "tome:4"}.isdisjoint(s.name for s in presets_to_run(space, records))
+
+
+def test_without_shared_bars_a_preset_stops_only_against_its_own_batch(tmp_path: Path) -> None:
+    """--deterministic (shared_bars=False): the bars file, whatever the other workers wrote, is
+    ignored; a batch's earlier full screenings at no more GMACs are the bar."""
+    import dataclasses
+
+    from search import screen_bars
+    from search.worker import evaluate_fixed
+
+    spec = model_spec("tokensched_vit_shapes")
+    space = SearchSpace("per-layer", spec, budget_gmacs=0.65 * gmacs(Schedule.empty(spec)))
+    setup = WorkerSetup(space=space, model="tokensched_vit_shapes", num_images=500, confirm_images=100,
+                        batch_size=50, stop_chunk=100, cache_dir=str(tmp_path / "cache"), shared_bars=False)
+    weak = from_preset("idlevit:0.3", spec)
+    screen_bars.seed(screen_bars.path_in(setup.cache_dir), [(0.5 * gmacs(weak), 0.99)])  # another worker's
+    assert evaluate_fixed(setup, weak, "screen", stop=True)["num_images"] == 500
+    assert evaluate_fixed(setup, weak, "screen", stop=True, batch_bars=[(2 * gmacs(weak), 0.99)])["num_images"] == 500
+    stopped = evaluate_fixed(setup, weak, "screen", stop=True, batch_bars=[(0.5 * gmacs(weak), 0.99)])
+    assert stopped["stopped"] and stopped["num_images"] == 100
+    shared = dataclasses.replace(setup, shared_bars=True)  # the default reads the file
+    assert evaluate_fixed(shared, weak, "screen", stop=True)["num_images"] == 100

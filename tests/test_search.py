@@ -450,3 +450,38 @@ def test_compile_retimes_the_front_compiled_against_compiled(tmp_path: Path) -> 
     again = search(*args, "--resume", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(json.loads((out / "run.json").read_text())["compiled_runs"]) == 1  # nothing compiled twice
+
+
+def _run_outcome(out: Path) -> dict[str, object]:
+    """What a run found, independent of the order its records were written in: every searched trial
+    (by number: parameters, schedule, accuracy, fidelity, images seen), every preset's screening and
+    confirmation, and the closing verdicts."""
+    records = [r for r in records_of(out) if "measured_speedup" not in r]
+    searched = {(r["trial"], r["fidelity"]): (json.dumps({k: v for k, v in (r.get("params") or {}).items()}, sort_keys=True),
+                                               json.dumps(r.get("schedule"), sort_keys=True), r.get("accuracy"),
+                                               r.get("num_images"))
+                for r in records if not r.get("preset") and r.get("state") == "COMPLETE"}
+    presets = {(r["preset"], r["fidelity"]): (r.get("accuracy"), r.get("num_images"), r.get("trial"))
+               for r in records if r.get("preset")}
+    return {"searched": searched, "presets": presets}
+
+
+@pytest.mark.slow
+def test_deterministic_runs_give_the_same_trials_whatever_order_ray_finishes_them_in(tmp_path: Path) -> None:
+    """--deterministic: two runs whose trials finish in different orders (a slow trial injected at
+    different suggestions) find the same trials, presets and verdicts. Presets stop early (chunks of
+    16 images) against their own batch only, so their screening is the same too."""
+    args = ["--budget", "65%", "--num-images", "96", "--batch-size", "48", "--timing-batch", "8",  # trained weights
+            "--min-gmacs", "45%", "--confirm-images", "40", "--stop-chunk", "16", "--trials", "10", "--no-retime",
+            "--deterministic"]
+    outcomes, verdicts = [], []
+    for slow in ("1:slow,4:slow", "2:slow,5:slow"):
+        out = tmp_path / slow.replace(":", "-").replace(",", "_")
+        proc = search(*args, "--fail-trials", slow, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outcomes.append(_run_outcome(out))
+        verdicts.append([line for line in proc.stdout.splitlines() if line.startswith(("preset ", "the search"))])
+    assert len(outcomes[0]["searched"]) >= 10
+    assert any(fidelity == "stopped" for _, fidelity in outcomes[0]["presets"])  # the batch bars stopped some
+    assert outcomes[0] == outcomes[1]
+    assert verdicts[0] == verdicts[1] and verdicts[0]

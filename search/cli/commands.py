@@ -210,7 +210,7 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
                         threads=max(1, int(args.cpus_per_trial)), timing=timing,
                         objectives=objectives, confirm_images=args.confirm_images,
                         stop_chunk=args.stop_chunk or None, prefix_cache_mb=args.prefix_cache_mb,
-                        screen_precision=args.screen_precision,
+                        screen_precision=args.screen_precision, shared_bars=not args.deterministic,
                         trial_timeout=args.trial_timeout)
     faults, ft_faults = ({int(k): v for k, v in (item.split(":") for item in _split(text))}
                          for text in (args.fail_trials, args.fail_finetunes))
@@ -227,7 +227,7 @@ def search_config(args: argparse.Namespace, argv: Sequence[str]):  # type: ignor
                         fault_trials=faults, finetune_top=args.finetune_top, finetune=job, retries=args.retries,
                         fault_finetunes=ft_faults, timing_batch=args.timing_batch,
                         latency_batch=args.latency_batch, latency_profile=latency_profile, retime=not args.no_retime,
-                        compile=args.compile)
+                        compile=args.compile, deterministic=args.deterministic)
 
 
 def _check_compile(args: argparse.Namespace) -> None:
