@@ -49,10 +49,12 @@ def starting_points(cfg: SearchConfig, searched: int) -> list[dict[str, Any]]:
     return uniform_starts(cfg.setup.space)[: cfg.trials // 5]
 
 
-def _searcher(cfg: SearchConfig, storage, bar: RunningFront, starts: list[dict[str, Any]] = ()):  # type: ignore[no-untyped-def,assignment]
+def _searcher(cfg: SearchConfig, storage, bar: RunningFront, starts: list[dict[str, Any]] = (),  # type: ignore[no-untyped-def,assignment]
+              *, total: int = 0, finished: dict[str, dict[str, Any]] | None = None):
     """Ray's OptunaSearch on the run's study, `starts` enqueued first; each suggestion carries the
     early-stopping bar read from `bar`, the front of accuracy against GMACs (kept up to date by the
-    trial recorder)."""
+    trial recorder; with --deterministic, in suggestion order from `finished`, the recorder's
+    records by Ray trial id, as the searcher is told them). `total`: the suggestions to come."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -90,9 +92,16 @@ def _searcher(cfg: SearchConfig, storage, bar: RunningFront, starts: list[dict[s
         sampler=sampler, storage=storage, study_name=run_dir.study_name(cfg.out),
         points_to_evaluate=list(starts) or None,
     )
-    # --deterministic: the sampler sees the results of a whole batch of --concurrency trials at once,
-    # before it suggests the next batch (workers wait for a batch's slowest trial).
-    return searcher, ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency, batch=cfg.deterministic)
+    if cfg.deterministic:
+        from search.in_order import InOrderLimiter
+
+        def tell_bar(trial_id: str) -> None:
+            if finished is not None and trial_id in finished:
+                bar.add(finished[trial_id])
+
+        return searcher, InOrderLimiter(searcher, cfg.concurrency, lag=2 * cfg.concurrency, total=total,
+                                        on_tell=tell_bar)
+    return searcher, ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency)
 
 
 def _optuna_number(searcher, trial_id: str) -> int | None:  # type: ignore[no-untyped-def]
@@ -141,9 +150,11 @@ class _Nodes:
         return node or self._by_trial.get(trial.trial_id)
 
 
-def _callback(cfg: SearchConfig, searcher, progress, fronts: list[RunningFront]):  # type: ignore[no-untyped-def]
+def _callback(cfg: SearchConfig, searcher, progress, fronts: list[RunningFront],  # type: ignore[no-untyped-def]
+              finished: dict[str, dict[str, Any]] | None = None):
     """The Tune callback that records each finished trial: its line in trials.jsonl, its labels in
-    the Optuna trial, the running `fronts` (the progress bar's, the stop bar's) and the progress bar."""
+    the Optuna trial, the running `fronts` (the progress bar's, the stop bar's), `finished` (its
+    record by Ray trial id) and the progress bar."""
     from ray import tune
 
     shown = fronts[0]
@@ -172,6 +183,8 @@ def _callback(cfg: SearchConfig, searcher, progress, fronts: list[RunningFront])
                     record["schedule"] = json.loads(record["schedule"])
                 _label_optuna_trial(searcher, trial.trial_id, record)  # before Tune tells Optuna the result
             run_dir.append_record(cfg.out, record)
+            if finished is not None:
+                finished[trial.trial_id] = record
             for front in fronts:
                 front.add(record)
             progress.set_postfix(front=len(shown), hv=f"{shown.hypervolume:.4f}")
@@ -217,7 +230,9 @@ def run_tune(cfg: SearchConfig, run: dict[str, Any], storage, *, trainable=None)
     for front in (shown, bar):
         front.extend(records)
     searched = sum("preset" not in t.user_attrs for t in study.get_trials(deepcopy=False))
-    searcher, limited = _searcher(cfg, storage, bar, starting_points(cfg, searched))
+    by_ray_trial: dict[str, dict[str, Any]] = {}  # --deterministic: the bar learns them in suggestion order
+    searcher, limited = _searcher(cfg, storage, bar, starting_points(cfg, searched), total=remaining,
+                                  finished=by_ray_trial)
     progress = tqdm(total=cfg.trials, initial=finished, desc="trials", unit="trial", file=sys.stderr)
     setup_resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     tuner = tune.Tuner(
@@ -226,7 +241,8 @@ def run_tune(cfg: SearchConfig, run: dict[str, Any], storage, *, trainable=None)
         run_config=tune.RunConfig(
             storage_path=str((cfg.out / "ray").resolve()), name=f"tune-{len(run.get('resumed', [])) + 1}",
             failure_config=tune.FailureConfig(max_failures=cfg.retries),
-            verbose=0, callbacks=[_callback(cfg, searcher, progress, [shown, bar])],
+            verbose=0, callbacks=[_callback(cfg, searcher, progress, [shown] if cfg.deterministic else [shown, bar],
+                                            by_ray_trial if cfg.deterministic else None)],
         ),
     )
     tuner.fit()

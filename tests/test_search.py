@@ -468,20 +468,21 @@ def _run_outcome(out: Path) -> dict[str, object]:
 
 @pytest.mark.slow
 def test_deterministic_runs_give_the_same_trials_whatever_order_ray_finishes_them_in(tmp_path: Path) -> None:
-    """--deterministic: two runs whose trials finish in different orders (a slow trial injected at
-    different suggestions) find the same trials, presets and verdicts. Presets stop early (chunks of
-    16 images) against their own batch only, so their screening is the same too."""
+    """--deterministic: two runs whose trials finish in different orders (slow trials injected at
+    different suggestions) find the same trials and verdicts. Without presets the local sampler
+    moves from a front of searched trials only, so what it has seen at each suggestion matters
+    (the same two runs without --deterministic differ). The presets' own-batch bars are tested in
+    tests/test_early_stop.py."""
     args = ["--budget", "65%", "--num-images", "96", "--batch-size", "48", "--timing-batch", "8",  # trained weights
-            "--min-gmacs", "45%", "--confirm-images", "40", "--stop-chunk", "16", "--trials", "10", "--no-retime",
+            "--confirm-images", "40", "--stop-chunk", "16", "--trials", "14", "--no-retime", "--no-presets",
             "--deterministic"]
     outcomes, verdicts = [], []
-    for slow in ("1:slow,4:slow", "2:slow,5:slow"):
+    for slow in ("1:slow,5:slow,8:slow", "2:slow,6:slow,9:slow"):
         out = tmp_path / slow.replace(":", "-").replace(",", "_")
         proc = search(*args, "--fail-trials", slow, "--out", str(out))
         assert proc.returncode == 0, proc.stderr[-2000:]
         outcomes.append(_run_outcome(out))
-        verdicts.append([line for line in proc.stdout.splitlines() if line.startswith(("preset ", "the search"))])
-    assert len(outcomes[0]["searched"]) >= 10
-    assert any(fidelity == "stopped" for _, fidelity in outcomes[0]["presets"])  # the batch bars stopped some
+        verdicts.append([line for line in proc.stdout.splitlines() if not line.startswith(" ")])
+    assert len(outcomes[0]["searched"]) >= 14
     assert outcomes[0] == outcomes[1]
-    assert verdicts[0] == verdicts[1] and verdicts[0]
+    assert verdicts[0] == verdicts[1]

@@ -133,9 +133,9 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-trial", type=_non_negative_float, default=0.0, help="GPUs per trial (default 0)")
     p.add_argument("--concurrency", type=_positive_int, default=2, help="trials at once (default 2)")
     p.add_argument("--deterministic", action="store_true",
-                   help="the same seed gives the same trials and verdict in every run: the sampler sees each batch "
-                        "of --concurrency trials only once all of it has finished, and presets stop early only "
-                        "against presets of their own batch (workers wait for a batch's slowest trial)")
+                   help="the same seed gives the same trials and verdict in every run: the sampler is told results "
+                        "in suggestion order, suggestion k seeing those of suggestions 0..k-2*concurrency only, and "
+                        "presets stop early only against presets of their own batch")
     p.add_argument("--num-images", type=_positive_int, default=2000, help="screening subset size (default 2000)")
     p.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="evaluation batch, or auto (default): 64 on CPU, 256 on CUDA")
