@@ -391,8 +391,9 @@ def preset_verdicts(front: Sequence[dict], presets: Sequence[dict], objectives: 
 
     ``searched``: every searched point the verdict may use (default: the searched points of the front).
     """
-    pool = [r for r in (searched or front) if not r.get("preset") and r.get("feasible")
-            and all(_value(r, o.name) is not None for o in objectives)]
+    pool = sorted((r for r in (searched or front) if not r.get("preset") and r.get("feasible")
+                   and all(_value(r, o.name) is not None for o in objectives)),
+                  key=lambda r: (r.get("trial") is None, r.get("trial") or 0))  # by trial: the same text every run
     verdicts = []
     for p in presets:
         if any(_value(p, o.name) is None for o in objectives):
