@@ -379,9 +379,22 @@ def _covers(a: dict, b: dict, objectives: Sequence[Objective]) -> bool:
                for o in objectives)
 
 
+COST_TIE = 1e-3  # costs and speeds within 0.1 % of each other are a tie in a verdict, not a win
+
+
+def _better(a: dict, b: dict, o: Objective) -> bool:
+    """a is strictly better than b on `o`: any accuracy difference counts (the image split says
+    whether it is chance); a cost or speed must differ by more than COST_TIE of b's (the cost model
+    is no finer: a schedule that differs from a preset in one tiny merge is the preset)."""
+    va, vb = _value(a, o.name), _value(b, o.name)
+    if o.name == "accuracy":
+        return va != vb
+    return abs(va - vb) > COST_TIE * abs(vb)
+
+
 def _dominates(a: dict, b: dict, objectives: Sequence[Objective]) -> bool:
-    """a covers b and is strictly better on at least one objective."""
-    return _covers(a, b, objectives) and any(_value(a, o.name) != _value(b, o.name) for o in objectives)
+    """a covers b and is strictly better on at least one objective (costs beyond a tie)."""
+    return _covers(a, b, objectives) and any(_better(a, b, o) for o in objectives)
 
 
 def preset_verdicts(front: Sequence[dict], presets: Sequence[dict], objectives: Sequence[Objective],

@@ -54,14 +54,18 @@ def test_a_preset_not_beaten_names_the_split_of_the_images() -> None:
                     f"right on 3 images it misses, it on 1: McNemar p={p:.2g})")
 
 
-def test_a_dominated_preset_says_by_how_much_and_the_split_of_the_images() -> None:
-    """A win at equal accuracy and a sliver fewer GMACs shows as such: 0 % and a split of ties."""
+def test_a_dominated_preset_says_by_how_much_and_a_sliver_of_gmacs_is_a_tie() -> None:
+    """Equal accuracy at 0.02 % fewer GMACs (below report.COST_TIE) is a match, not a win; at 1 % fewer
+    it dominates, and the verdict says by how much, with the split of the images."""
     preset = _record([True] * 95 + [False] * 5, preset="p", accuracy=0.95, gmacs=0.5, feasible=True)
-    same = _record([True] * 94 + [False, True] + [False] * 4, trial=7, accuracy=0.95, gmacs=0.4999, feasible=True)
-    better = _record([True] * 97 + [False] * 3, trial=8, accuracy=0.97, gmacs=0.45, feasible=True)
-    [(_, note)] = preset_verdicts([], [preset], ACC_GMACS, [same])
-    assert note == ("dominated by search trial(s) 7 (most accurate: trial 7, accuracy 0.95 against 0.95 at 0.02 % "
+    sliver = _record([True] * 94 + [False, True] + [False] * 4, trial=7, accuracy=0.95, gmacs=0.4999, feasible=True)
+    cheaper = _record([True] * 94 + [False, True] + [False] * 4, trial=8, accuracy=0.95, gmacs=0.495, feasible=True)
+    better = _record([True] * 97 + [False] * 3, trial=9, accuracy=0.97, gmacs=0.45, feasible=True)
+    [(_, note)] = preset_verdicts([], [preset], ACC_GMACS, [sliver])
+    assert note == "matched (not beaten) by search trial(s) 7"
+    [(_, note)] = preset_verdicts([], [preset], ACC_GMACS, [sliver, cheaper])
+    assert note == ("dominated by search trial(s) 8 (most accurate: trial 8, accuracy 0.95 against 0.95 at 1 % "
                     "fewer GMACs; right on 1 images it misses, it on 1: McNemar p=1)")
-    [(_, note)] = preset_verdicts([], [preset], ACC_GMACS, [same, better])
-    assert note.startswith("dominated by search trial(s) 7, 8 (most accurate: trial 8, accuracy 0.97 against 0.95 at "
+    [(_, note)] = preset_verdicts([], [preset], ACC_GMACS, [sliver, cheaper, better])
+    assert note.startswith("dominated by search trial(s) 8, 9 (most accurate: trial 9, accuracy 0.97 against 0.95 at "
                            "10 % fewer GMACs; right on 0 images it misses, it on 2:")
