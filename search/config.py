@@ -38,7 +38,7 @@ class SearchConfig:
     latency_profile: str | None = None  # a profile file given on purpose (its key must match the run's)
     retime: bool = True  # re-time every front point and preset after the confirmation
     compile: bool = False  # also re-time them under torch.compile, compiled against compiled
-    deterministic: bool = False  # the same seed gives the same trials, whatever order Ray finishes them in
+    deterministic: bool = True  # the same seed gives the same trials, whatever order Ray finishes them in
 
 
 @dataclass

@@ -57,8 +57,8 @@ class WorkerSetup:
     stop_chunk: int | None = 250  # screen searched trials in chunks of this many images, stopping early; None: never
     cache_dir: str | None = None  # the run's cache: the unreduced logits, computed once and shared (search.shared_logits)
     screen_precision: str = "fp32"  # "bf16": screening forwards under bf16 autocast (the confirmation stays fp32)
-    shared_bars: bool = True  # presets stop against every preset screened so far, on any worker; False: only
-    #                            against those before them in their own batch (the same in every run)
+    shared_bars: bool = False  # presets stop only against those before them in their own batch (the same in
+    #                             every run); True (--no-deterministic): against every preset screened so far
     prefix_cache_mb: int = 1024  # memory for the tokens entering block k (search.prefix_cache), per image set; 0: off
     latency: Any = None  # the run's search.latency.LatencyProfile: every record gets its predicted speed
 

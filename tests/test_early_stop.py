@@ -168,7 +168,7 @@ def test_a_preset_stops_against_a_better_cheaper_preset_and_is_still_confirmed(t
     spec = model_spec("tokensched_vit_shapes")
     space = SearchSpace("per-layer", spec, budget_gmacs=0.65 * gmacs(Schedule.empty(spec)))
     setup = WorkerSetup(space=space, model="tokensched_vit_shapes", num_images=500, confirm_images=100,
-                        batch_size=50, stop_chunk=100, cache_dir=str(tmp_path / "cache"))
+                        batch_size=50, stop_chunk=100, cache_dir=str(tmp_path / "cache"), shared_bars=True)
     bars = screen_bars.path_in(setup.cache_dir)
     weak, strong = from_preset("idlevit:0.3", spec), from_preset("tome:4", spec)
     screen_bars.seed(bars, [(0.5 * gmacs(weak), 0.99)])
@@ -191,8 +191,8 @@ def test_a_preset_stops_against_a_better_cheaper_preset_and_is_still_confirmed(t
 
 
 def test_without_shared_bars_a_preset_stops_only_against_its_own_batch(tmp_path: Path) -> None:
-    """--deterministic (shared_bars=False): the bars file, whatever the other workers wrote, is
-    ignored; a batch's earlier full screenings at no more GMACs are the bar."""
+    """--deterministic, the default (shared_bars=False): the bars file, whatever the other workers
+    wrote, is ignored; a batch's earlier full screenings at no more GMACs are the bar."""
     import dataclasses
 
     from search import screen_bars
@@ -208,5 +208,5 @@ def test_without_shared_bars_a_preset_stops_only_against_its_own_batch(tmp_path:
     assert evaluate_fixed(setup, weak, "screen", stop=True, batch_bars=[(2 * gmacs(weak), 0.99)])["num_images"] == 500
     stopped = evaluate_fixed(setup, weak, "screen", stop=True, batch_bars=[(0.5 * gmacs(weak), 0.99)])
     assert stopped["stopped"] and stopped["num_images"] == 100
-    shared = dataclasses.replace(setup, shared_bars=True)  # the default reads the file
+    shared = dataclasses.replace(setup, shared_bars=True)  # --no-deterministic reads the file
     assert evaluate_fixed(shared, weak, "screen", stop=True)["num_images"] == 100

@@ -132,10 +132,11 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-trial", type=_positive_float, default=1.0, help="CPUs per trial (default 1)")
     p.add_argument("--gpus-per-trial", type=_non_negative_float, default=0.0, help="GPUs per trial (default 0)")
     p.add_argument("--concurrency", type=_positive_int, default=2, help="trials at once (default 2)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="the same seed gives the same trials and verdict in every run: the sampler is told results "
-                        "in suggestion order, suggestion k seeing those of suggestions 0..k-2*concurrency only, and "
-                        "presets stop early only against presets of their own batch")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                   help="the same seed gives the same trials and verdict in every run (default): the sampler is told "
+                        "results in suggestion order, suggestion k seeing those of suggestions 0..k-2*concurrency "
+                        "only, and presets stop early only against presets of their own batch; --no-deterministic: "
+                        "each result as soon as Ray has it, and presets stop against every preset screened so far")
     p.add_argument("--num-images", type=_positive_int, default=2000, help="screening subset size (default 2000)")
     p.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="evaluation batch, or auto (default): 64 on CPU, 256 on CUDA")
