@@ -412,11 +412,11 @@ def preset_verdicts(front: Sequence[dict], presets: Sequence[dict], objectives: 
         if any(_value(p, o.name) is None for o in objectives):
             verdicts.append((p, "missing objective values, not compared"))
             continue
-        dom = [str(r.get("trial")) for r in pool if _dominates(r, p, objectives)]
-        same = [str(r.get("trial")) for r in pool if _covers(r, p, objectives) and not _dominates(r, p, objectives)]
-        if dom:
-            beaters = [r for r in pool if _dominates(r, p, objectives)]
-            verdicts.append((p, f"dominated by search trial(s) {', '.join(dom)}" + _margin(p, beaters, objectives)))
+        beaters = [r for r in pool if _dominates(r, p, objectives)]
+        same = [str(r.get("trial")) for r in pool if _covers(r, p, objectives) and r not in beaters]
+        if beaters:
+            dom = ", ".join(str(r.get("trial")) for r in beaters)
+            verdicts.append((p, f"dominated by search trial(s) {dom}" + _margin(p, beaters, objectives)))
         elif same:
             verdicts.append((p, f"matched (not beaten) by search trial(s) {', '.join(same)}"))
         else:

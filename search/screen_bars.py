@@ -56,12 +56,17 @@ def best_at_most(path: str | Path, gmacs: float) -> float | None:
         lines = Path(path).read_text().splitlines()
     except OSError:
         return None
-    best = None
+    points = []
     for line in lines:
         try:
             point = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if point["gmacs"] <= gmacs + SLACK and (best is None or point["accuracy"] > best):
-            best = float(point["accuracy"])
-    return best
+        points.append((point["gmacs"], point["accuracy"]))
+    return best_of(points, gmacs)
+
+
+def best_of(points: Iterable[tuple[float, float]], gmacs: float) -> float | None:
+    """The best accuracy among (gmacs, accuracy) points at no more than `gmacs`; None when there is none."""
+    fitting = [float(a) for g, a in points if g <= gmacs + SLACK]
+    return max(fitting) if fitting else None

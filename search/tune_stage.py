@@ -50,10 +50,10 @@ def starting_points(cfg: SearchConfig, searched: int) -> list[dict[str, Any]]:
 
 
 def _searcher(cfg: SearchConfig, storage, bar: RunningFront, starts: list[dict[str, Any]] = (),  # type: ignore[no-untyped-def,assignment]
-              *, total: int = 0, finished: dict[str, dict[str, Any]] | None = None):
+              *, total: int = 0, records: dict[str, dict[str, Any]] | None = None):
     """Ray's OptunaSearch on the run's study, `starts` enqueued first; each suggestion carries the
     early-stopping bar read from `bar`, the front of accuracy against GMACs (kept up to date by the
-    trial recorder; with --deterministic, in suggestion order from `finished`, the recorder's
+    trial recorder; with --deterministic, in suggestion order from `records`, the recorder's
     records by Ray trial id, as the searcher is told them). `total`: the suggestions to come."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -96,8 +96,8 @@ def _searcher(cfg: SearchConfig, storage, bar: RunningFront, starts: list[dict[s
         from search.in_order import InOrderLimiter
 
         def tell_bar(trial_id: str) -> None:
-            if finished is not None and trial_id in finished:
-                bar.add(finished[trial_id])
+            if records is not None and trial_id in records:
+                bar.add(records[trial_id])
 
         return searcher, InOrderLimiter(searcher, cfg.concurrency, lag=2 * cfg.concurrency, total=total,
                                         on_tell=tell_bar)
@@ -151,9 +151,9 @@ class _Nodes:
 
 
 def _callback(cfg: SearchConfig, searcher, progress, fronts: list[RunningFront],  # type: ignore[no-untyped-def]
-              finished: dict[str, dict[str, Any]] | None = None):
+              records: dict[str, dict[str, Any]] | None = None):
     """The Tune callback that records each finished trial: its line in trials.jsonl, its labels in
-    the Optuna trial, the running `fronts` (the progress bar's, the stop bar's), `finished` (its
+    the Optuna trial, the running `fronts` (the progress bar's, the stop bar's), `records` (each
     record by Ray trial id) and the progress bar."""
     from ray import tune
 
@@ -183,8 +183,8 @@ def _callback(cfg: SearchConfig, searcher, progress, fronts: list[RunningFront],
                     record["schedule"] = json.loads(record["schedule"])
                 _label_optuna_trial(searcher, trial.trial_id, record)  # before Tune tells Optuna the result
             run_dir.append_record(cfg.out, record)
-            if finished is not None:
-                finished[trial.trial_id] = record
+            if records is not None:
+                records[trial.trial_id] = record
             for front in fronts:
                 front.add(record)
             progress.set_postfix(front=len(shown), hv=f"{shown.hypervolume:.4f}")
@@ -232,7 +232,7 @@ def run_tune(cfg: SearchConfig, run: dict[str, Any], storage, *, trainable=None)
     searched = sum("preset" not in t.user_attrs for t in study.get_trials(deepcopy=False))
     by_ray_trial: dict[str, dict[str, Any]] = {}  # --deterministic: the bar learns them in suggestion order
     searcher, limited = _searcher(cfg, storage, bar, starting_points(cfg, searched), total=remaining,
-                                  finished=by_ray_trial)
+                                  records=by_ray_trial)
     progress = tqdm(total=cfg.trials, initial=finished, desc="trials", unit="trial", file=sys.stderr)
     setup_resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     tuner = tune.Tuner(

@@ -171,8 +171,8 @@ def _shared_stop(setup: WorkerSetup, schedule: Schedule,
     if setup.shared_bars:
         bars = screen_bars.path_in(setup.cache_dir)
         return EarlyStop(-math.inf, chunk=setup.stop_chunk, refresh=lambda: screen_bars.best_at_most(bars, cost))
-    below = max((a for g, a in batch_bars or () if g <= cost + screen_bars.SLACK), default=-math.inf)
-    return EarlyStop(below, chunk=setup.stop_chunk)
+    below = screen_bars.best_of(batch_bars or (), cost)
+    return EarlyStop(-math.inf if below is None else below, chunk=setup.stop_chunk)
 
 
 def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str, stop: bool = False,
@@ -180,7 +180,8 @@ def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str, stop: bo
     """Evaluate a fixed schedule (a preset, or a front point to confirm) on the screening
     (``images="screen"``) or the confirmation images. With ``stop`` (presets' screening), it stops
     once it cannot reach the best accuracy another preset measured at no more GMACs (``stopped``);
-    a full screening is shared for the others' bars (``batch_bars``: see _shared_stop)."""
+    a full screening is shared for the others' bars (in the run cache, and appended to ``batch_bars``,
+    the batch's own: see _shared_stop)."""
     ctx = context(setup)
     screen = images == "screen"
     data, reference = (ctx.data, ctx.reference) if screen else confirm_context(setup)
@@ -195,6 +196,8 @@ def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str, stop: bo
         metrics[paired.KEY] = paired.encode(result["hits"])
     if early_stop is not None and not result["stopped"]:
         screen_bars.add(screen_bars.path_in(setup.cache_dir), metrics["gmacs"], metrics["accuracy"])
+        if batch_bars is not None and math.isfinite(metrics["accuracy"]):
+            batch_bars.append((metrics["gmacs"], metrics["accuracy"]))
     return {**metrics, "eval_seconds": time.perf_counter() - start}
 
 
@@ -212,8 +215,6 @@ def fixed_trainable(config: dict[str, Any], setup: WorkerSetup) -> None:
             with deadline(setup.trial_timeout):
                 metrics = evaluate_fixed(setup, Schedule.from_dict(item["schedule"]), item["images"],
                                          stop=bool(item.get("stop")), batch_bars=batch_bars)
-            if item.get("stop") and not metrics["stopped"] and math.isfinite(metrics["accuracy"]):
-                batch_bars.append((metrics["gmacs"], metrics["accuracy"]))
         except Exception as exc:  # noqa: BLE001 - recorded as this schedule's FAIL, the others still run
             metrics = {"accuracy": float("nan"), "error": f"{type(exc).__name__}: {exc}"}
         metrics.update({"item": index, "trial_seconds": time.perf_counter() - start})
