@@ -12,6 +12,14 @@ schedule, and a move of an idle one only repeats its parent. The rest of the tri
 the wrapped sampler (NSGA-II, TPE, ...), which also sees every trial. A front of strong presets
 is where a better schedule is most likely to be found, and a population-based sampler reaches
 it only slowly in a 60-trial run.
+
+Presets told to the study (user attribute ``preset``) are also targets: while fewer than
+``challenge_until`` searched trials dominate a preset, a share of the local moves is a challenge,
+the shape of a searched front point nearest in cost run at the preset's cost (the preset's own
+``axis`` value, so the fit lands at no more GMACs). A costlier searched shape that is more
+accurate usually stays more accurate a little cheaper, which is how a preset gets dominated; one
+searched win on the screening images can vanish on other images, so a preset stays a target
+until several searched trials dominate it.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ __all__ = ["LocalMoveSampler", "PicklableNSGAIISampler", "ScheduleKey"]
 _PARENT = "local:parent"  # system attrs of a local trial: its parent's number, the moved parameters, all values
 _MOVED = "local:moved"
 _PARAMS = "local:params"
+_TARGET = "local:target"  # a challenge's preset (trial number)
 
 
 class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
@@ -65,14 +74,25 @@ class LocalMoveSampler(BaseSampler):
 
     ``axis`` names the parameter a cost-axis move changes (``axis_share`` of the local moves, by
     a Gaussian step of ``axis_step`` of its range); ``key(params)`` says what a trial runs, so no
-    local move repeats one (up to ``attempts`` draws)."""
+    local move repeats one (up to ``attempts`` draws). While a preset is dominated by fewer than
+    ``challenge_until`` searched trials, ``challenge_share`` of the local moves challenge one.
+
+    With ``adapt``, these shares are where the sampler starts: each kind of trial (the base's, a
+    local move, a challenge) is then drawn in proportion to its starting share times its rate of
+    entering the front so far ((entered + 1) / (finished + 2)), none below ``least_share``."""
 
     def __init__(self, base: BaseSampler, *, share: float = 0.5, seed: int | None = None,
                  key: Callable[[dict[str, Any]], Hashable] | None = None, axis: str | None = None,
-                 axis_share: float = 0.4, axis_step: float = 0.05, attempts: int = 20) -> None:
+                 axis_share: float = 0.4, axis_step: float = 0.05, attempts: int = 20,
+                 challenge_share: float = 0.5, challenge_until: int = 2, adapt: bool = False,
+                 least_share: float = 0.1) -> None:
         self.base = base
         self.share = share
         self.key, self.axis, self.axis_share, self.axis_step, self.attempts = key, axis, axis_share, axis_step, attempts
+        self.challenge_share, self.challenge_until = challenge_share, challenge_until
+        self.adapt, self.least_share = adapt, least_share
+        self._record = {kind: [0, 0] for kind in _KINDS}  # kind -> [finished, entered the front]
+        self._good: list[FrozenTrial] = []  # every feasible COMPLETE trial _front has seen, presets included
         self._rng = random.Random(seed)
         self._keys: dict[int, Hashable] = {}  # trial number -> key of its parameters
         self._moves: dict[int, dict[str, Any] | None] = {}  # trial id -> its local move (None: the base's)
@@ -90,12 +110,61 @@ class LocalMoveSampler(BaseSampler):
         self._looked_at.update(t.number for t in new)
         good = [t for t in new if t.values is not None and all(math.isfinite(v) for v in t.values)
                 and all(v <= 0 for k, v in t.system_attrs.items() if k.startswith("constraints:"))]
+        self._good.extend(good)
         if good:
             pool = [*self._front_trials, *good]
-            directions = ["max" if d == optuna.study.StudyDirection.MAXIMIZE else "min" for d in study.directions]
-            mask = non_dominated(np.array([t.values for t in pool]), directions)
+            mask = non_dominated(np.array([t.values for t in pool]), _directions(study))
             self._front_trials = sorted((t for t, keep in zip(pool, mask, strict=True) if keep), key=lambda t: t.number)
+        entered = {t.number for t in self._front_trials}
+        for t in new:
+            kind = _kind(t)
+            if kind is not None:
+                self._record[kind][0] += 1
+                self._record[kind][1] += t.number in entered
         return list(self._front_trials)
+
+    def shares(self, challenges: bool) -> dict[str, float]:
+        """The chance of each kind of trial now (``challenge`` only when there are ``challenges``)."""
+        start = {"base": 1.0 - self.share, "local": self.share * (1.0 - self.challenge_share if challenges else 1.0)}
+        if challenges:
+            start["challenge"] = self.share * self.challenge_share
+        if not self.adapt:
+            return start
+        weight = {k: v * (self._record[k][1] + 1) / (self._record[k][0] + 2) for k, v in start.items()}
+        total = sum(weight.values())
+        share = {k: max(self.least_share, w / total) for k, w in weight.items()}
+        total = sum(share.values())
+        return {k: v / total for k, v in share.items()}
+
+    def _targets(self, study: Study) -> list[FrozenTrial]:
+        """The presets (after a `_front` call) that fewer than `challenge_until` searched trials dominate."""
+        presets = [t for t in self._good if t.user_attrs.get("preset") and self.axis in t.params]
+        searched = [t for t in self._good if not t.user_attrs.get("preset")]
+        if not presets or self.axis is None:
+            return []
+        if not searched:
+            return presets
+        sign = np.array([-1.0 if d == "max" else 1.0 for d in _directions(study)])  # all minimised
+        p = np.array([t.values for t in presets]) * sign
+        q = np.array([t.values for t in searched]) * sign
+        dominated = (q[None] <= p[:, None]).all(-1) & (q[None] < p[:, None]).any(-1)  # [preset, searched]
+        return [t for t, n in zip(presets, dominated.sum(1), strict=True) if n < self.challenge_until]
+
+    def _challenge(self, front: list[FrozenTrial], targets: list[FrozenTrial],
+                   seen: set[Hashable]) -> tuple[FrozenTrial, FrozenTrial, dict[str, Any]] | None:
+        """A target preset and the searched front point nearest it in cost whose shape, at the
+        preset's cost, has not run yet: (target, parent, parameters), or None."""
+        assert self.axis is not None
+        target = self._rng.choice(targets)
+        cost = target.params[self.axis]
+        searched = sorted((t for t in front if not t.user_attrs.get("preset") and self.axis in t.params
+                           and t.params[self.axis] > cost),
+                          key=lambda t: (t.params[self.axis], t.number))  # costlier only, the nearest first
+        for parent in searched[: self.attempts]:
+            params = {**parent.params, self.axis: cost}
+            if self.key is None or self._key_of(params) not in seen:
+                return target, parent, params
+        return None
 
     def _seen(self, study: Study) -> set[Hashable]:
         """Keys of every trial that ran or runs (cached by trial number; the set grows with them)."""
@@ -121,15 +190,32 @@ class LocalMoveSampler(BaseSampler):
             params[name] = self._move(params[name], parent.distributions[name], step)
         return moved, params
 
+    def _pick(self, shares: dict[str, float]) -> str:
+        u, total = self._rng.random(), 0.0
+        for kind, share in shares.items():
+            total += share
+            if u < total:
+                return kind
+        return kind
+
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         self.base.before_trial(study, trial)
         self._moves[trial._trial_id] = None
-        if trial.system_attrs.get("fixed_params") or self._rng.random() >= self.share:
-            return  # an enqueued trial, or the base sampler's turn
+        if trial.system_attrs.get("fixed_params"):
+            return  # an enqueued trial
         front = self._front(study)
-        if not front:
+        targets = self._targets(study) if self.challenge_share > 0 else []
+        kind = self._pick(self.shares(bool(targets)))
+        if kind == "base" or not front:
             return
         seen = self._seen(study) if self.key is not None else set()
+        if kind == "challenge":
+            challenge = self._challenge(front, targets, seen)
+            if challenge is not None:
+                target, parent, params = challenge
+                study._storage.set_trial_system_attr(trial._trial_id, _TARGET, target.number)
+                self._set_move(study, trial, parent, [self.axis], params)
+                return
         for _ in range(self.attempts):
             parent = self._rng.choice(front)
             moved, params = self._draw(parent)
@@ -137,6 +223,10 @@ class LocalMoveSampler(BaseSampler):
                 break
         else:
             return  # every draw repeated a trial: the base sampler's turn
+        self._set_move(study, trial, parent, moved, params)
+
+    def _set_move(self, study: Study, trial: FrozenTrial, parent: FrozenTrial, moved: list[str],
+                  params: dict[str, Any]) -> None:
         study._storage.set_trial_system_attr(trial._trial_id, _PARENT, parent.number)
         study._storage.set_trial_system_attr(trial._trial_id, _MOVED, moved)
         study._storage.set_trial_system_attr(trial._trial_id, _PARAMS, params)
@@ -192,6 +282,22 @@ class LocalMoveSampler(BaseSampler):
 
     def reseed_rng(self) -> None:
         self.base.reseed_rng()
+
+
+_KINDS = ("base", "local", "challenge")
+
+
+def _kind(trial: FrozenTrial) -> str | None:
+    """Which kind of suggestion a trial was; None for an enqueued one (a preset, a starting point)."""
+    if trial.system_attrs.get("fixed_params"):
+        return None
+    if _TARGET in trial.system_attrs:
+        return "challenge"
+    return "local" if _PARENT in trial.system_attrs else "base"
+
+
+def _directions(study: Study) -> list[str]:
+    return ["max" if d == optuna.study.StudyDirection.MAXIMIZE else "min" for d in study.directions]
 
 
 class ScheduleKey:

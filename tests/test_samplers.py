@@ -154,7 +154,8 @@ def test_kept_front_and_seen_keys_draw_what_recomputing_them_draws() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     runs = []
     for cls in (LocalMoveSampler, Recomputing):
-        local = cls(optuna.samplers.NSGAIISampler(seed=2, population_size=10), seed=2, key=key, axis="x")
+        local = cls(optuna.samplers.NSGAIISampler(seed=2, population_size=10), seed=2, key=key, axis="x",
+                    adapt=False)  # Recomputing keeps no tally of which kind entered the front
         study = optuna.create_study(directions=["maximize", "minimize"], sampler=local)
         study.optimize(objective, n_trials=80)
         runs.append([(t.params, t.system_attrs.get("local:parent")) for t in study.trials])
@@ -185,3 +186,86 @@ def test_every_sampler_survives_the_pickling_ray_tune_does_and_samples_the_same_
             study.optimize(_objective, n_trials=25)
             runs.append([t.params for t in study.trials])
         assert runs[0] == runs[1], name
+
+
+def _front_numbers(trials: list, before: int) -> set[int]:
+    """Numbers of the COMPLETE trials on the front of those finished before trial `before`."""
+    done = [t for t in trials[:before] if t.state == optuna.trial.TrialState.COMPLETE]
+    mask = non_dominated(np.array([t.values for t in done]), ["max", "min"])
+    return {t.number for t, keep in zip(done, mask, strict=True) if keep}
+
+
+def _dominators(trials: list, preset, before: int) -> int:
+    """Searched trials finished before `before` that dominate `preset` (accuracy up, cost down)."""
+    a, c = preset.values
+    return sum(1 for t in trials[:before] if t.state == optuna.trial.TrialState.COMPLETE
+               and not t.user_attrs.get("preset") and t.values[0] >= a and t.values[1] <= c
+               and tuple(t.values) != (a, c))
+
+
+def _cost_axis_objective(trial: optuna.Trial) -> tuple[float, float]:
+    """x is the cost, as the budget share is in the search spaces; n and c are the shape."""
+    x, n = trial.suggest_float("x", 0.0, 1.0), trial.suggest_int("n", 0, 10)
+    c = trial.suggest_categorical("c", ["a", "b", "c"])
+    return x * (0.5 + 0.05 * n + (0.2 if c == "a" else 0.0)), x
+
+
+def test_a_challenge_runs_the_nearest_searched_front_shape_at_a_preset_cost_until_two_trials_beat_it() -> None:
+    """Every challenge copies the searched front point nearest the preset in the axis parameter and
+    takes the preset's axis value; a preset that two searched trials dominate is no longer challenged."""
+    from search.samplers import LocalMoveSampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    local = LocalMoveSampler(optuna.samplers.RandomSampler(seed=4), seed=4, axis="x", challenge_share=0.6,
+                             adapt=False)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=local)
+    study.enqueue_trial({"x": 0.3, "n": 0, "c": "b"}, user_attrs={"preset": "p"})  # accuracy 0.15 at cost 0.3
+    study.optimize(_cost_axis_objective, n_trials=60)
+    trials = study.trials
+    preset = trials[0]
+    challenges = [t for t in trials if "local:target" in t.system_attrs]
+    assert challenges
+    for t in challenges:
+        assert t.system_attrs["local:target"] == 0 and t.params["x"] == preset.params["x"]
+        assert _dominators(trials, preset, t.number) < 2
+        parent = trials[t.system_attrs["local:parent"]]
+        assert all(t.params[k] == parent.params[k] for k in t.params if k != "x")
+        searched = [n for n in _front_numbers(trials, t.number) if n != 0]
+        distance = abs(parent.params["x"] - preset.params["x"])
+        assert parent.number in searched
+        assert all(abs(trials[n].params["x"] - preset.params["x"]) >= distance for n in searched)
+    beaten_at = next(n for n in range(len(trials)) if _dominators(trials, preset, n) >= 2)
+    assert beaten_at < len(trials) - 10  # the test sees challenges stop, not just run out of trials
+
+
+class _DominatedSampler(optuna.samplers.BaseSampler):
+    """Always proposes x=1, n=0, c="b": accuracy 1.0 at cost 1.0, never on the front of `_objective`
+    once the enqueued point (accuracy 1.0 at cost 0.6) is there."""
+
+    def infer_relative_search_space(self, study, trial):  # type: ignore[no-untyped-def]
+        return {}
+
+    def sample_relative(self, study, trial, search_space):  # type: ignore[no-untyped-def]
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):  # type: ignore[no-untyped-def]
+        return {"x": 1.0, "n": 0, "c": "b"}[param_name]
+
+
+def test_a_kind_of_trial_that_never_enters_the_front_loses_its_share() -> None:
+    """With adapt, base trials that are always dominated drop toward least_share; without, they keep
+    about 1 - share of the trials."""
+    from search.samplers import LocalMoveSampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    late_base = {}
+    for adapt in (True, False):
+        local = LocalMoveSampler(_DominatedSampler(), seed=6, adapt=adapt, least_share=0.1)
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=local)
+        study.enqueue_trial({"x": 0.5, "n": 2, "c": "a"})
+        study.optimize(_objective, n_trials=100)
+        late_base[adapt] = sum("local:parent" not in t.system_attrs for t in study.trials[50:])
+        shares = local.shares(challenges=False)
+        assert abs(sum(shares.values()) - 1.0) < 1e-9 and min(shares.values()) >= 0.1 - 1e-9
+    assert late_base[True] <= 12  # about 10 % of 50, not half
+    assert 15 <= late_base[False] <= 35
