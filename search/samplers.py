@@ -15,7 +15,7 @@ it only slowly in a 60-trial run.
 
 Presets told to the study (user attribute ``preset``) are also targets: while fewer than
 ``challenge_until`` searched trials dominate a preset, a share of the local moves is a challenge,
-the shape of a searched front point nearest in cost run at the preset's cost (the preset's own
+the shape of the nearest costlier searched front point run at the preset's cost (the preset's own
 ``axis`` value, so the fit lands at no more GMACs). A costlier searched shape that is more
 accurate usually stays more accurate a little cheaper, which is how a preset gets dominated; one
 searched win on the screening images can vanish on other images, so a preset stays a target
@@ -75,23 +75,16 @@ class LocalMoveSampler(BaseSampler):
     ``axis`` names the parameter a cost-axis move changes (``axis_share`` of the local moves, by
     a Gaussian step of ``axis_step`` of its range); ``key(params)`` says what a trial runs, so no
     local move repeats one (up to ``attempts`` draws). While a preset is dominated by fewer than
-    ``challenge_until`` searched trials, ``challenge_share`` of the local moves challenge one.
-
-    With ``adapt``, these shares are where the sampler starts: each kind of trial (the base's, a
-    local move, a challenge) is then drawn in proportion to its starting share times its rate of
-    entering the front so far ((entered + 1) / (finished + 2)), none below ``least_share``."""
+    ``challenge_until`` searched trials, ``challenge_share`` of the local moves challenge one."""
 
     def __init__(self, base: BaseSampler, *, share: float = 0.5, seed: int | None = None,
                  key: Callable[[dict[str, Any]], Hashable] | None = None, axis: str | None = None,
                  axis_share: float = 0.4, axis_step: float = 0.05, attempts: int = 20,
-                 challenge_share: float = 0.5, challenge_until: int = 2, adapt: bool = False,
-                 least_share: float = 0.1) -> None:
+                 challenge_share: float = 0.5, challenge_until: int = 2) -> None:
         self.base = base
         self.share = share
         self.key, self.axis, self.axis_share, self.axis_step, self.attempts = key, axis, axis_share, axis_step, attempts
         self.challenge_share, self.challenge_until = challenge_share, challenge_until
-        self.adapt, self.least_share = adapt, least_share
-        self._record = {kind: [0, 0] for kind in _KINDS}  # kind -> [finished, entered the front]
         self._good: list[FrozenTrial] = []  # every feasible COMPLETE trial _front has seen, presets included
         self._rng = random.Random(seed)
         self._keys: dict[int, Hashable] = {}  # trial number -> key of its parameters
@@ -115,26 +108,7 @@ class LocalMoveSampler(BaseSampler):
             pool = [*self._front_trials, *good]
             mask = non_dominated(np.array([t.values for t in pool]), _directions(study))
             self._front_trials = sorted((t for t, keep in zip(pool, mask, strict=True) if keep), key=lambda t: t.number)
-        entered = {t.number for t in self._front_trials}
-        for t in new:
-            kind = _kind(t)
-            if kind is not None:
-                self._record[kind][0] += 1
-                self._record[kind][1] += t.number in entered
         return list(self._front_trials)
-
-    def shares(self, challenges: bool) -> dict[str, float]:
-        """The chance of each kind of trial now (``challenge`` only when there are ``challenges``)."""
-        start = {"base": 1.0 - self.share, "local": self.share * (1.0 - self.challenge_share if challenges else 1.0)}
-        if challenges:
-            start["challenge"] = self.share * self.challenge_share
-        if not self.adapt:
-            return start
-        weight = {k: v * (self._record[k][1] + 1) / (self._record[k][0] + 2) for k, v in start.items()}
-        total = sum(weight.values())
-        share = {k: max(self.least_share, w / total) for k, w in weight.items()}
-        total = sum(share.values())
-        return {k: v / total for k, v in share.items()}
 
     def _targets(self, study: Study) -> list[FrozenTrial]:
         """The presets (after a `_front` call) that fewer than `challenge_until` searched trials dominate."""
@@ -152,8 +126,8 @@ class LocalMoveSampler(BaseSampler):
 
     def _challenge(self, front: list[FrozenTrial], targets: list[FrozenTrial],
                    seen: set[Hashable]) -> tuple[FrozenTrial, FrozenTrial, dict[str, Any]] | None:
-        """A target preset and the searched front point nearest it in cost whose shape, at the
-        preset's cost, has not run yet: (target, parent, parameters), or None."""
+        """A target preset and the cheapest searched front point costlier than it whose shape, at
+        the preset's cost, has not run yet: (target, parent, parameters), or None."""
         assert self.axis is not None
         target = self._rng.choice(targets)
         cost = target.params[self.axis]
@@ -190,14 +164,6 @@ class LocalMoveSampler(BaseSampler):
             params[name] = self._move(params[name], parent.distributions[name], step)
         return moved, params
 
-    def _pick(self, shares: dict[str, float]) -> str:
-        u, total = self._rng.random(), 0.0
-        for kind, share in shares.items():
-            total += share
-            if u < total:
-                return kind
-        return kind
-
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         self.base.before_trial(study, trial)
         self._moves[trial._trial_id] = None
@@ -205,11 +171,11 @@ class LocalMoveSampler(BaseSampler):
             return  # an enqueued trial
         front = self._front(study)
         targets = self._targets(study) if self.challenge_share > 0 else []
-        kind = self._pick(self.shares(bool(targets)))
-        if kind == "base" or not front:
+        u = self._rng.random()  # [0, 1 - share): the base's turn; the top challenge_share of the rest: a challenge
+        if u < 1.0 - self.share or not front:
             return
         seen = self._seen(study) if self.key is not None else set()
-        if kind == "challenge":
+        if targets and u >= 1.0 - self.share * self.challenge_share:
             challenge = self._challenge(front, targets, seen)
             if challenge is not None:
                 target, parent, params = challenge
@@ -282,18 +248,6 @@ class LocalMoveSampler(BaseSampler):
 
     def reseed_rng(self) -> None:
         self.base.reseed_rng()
-
-
-_KINDS = ("base", "local", "challenge")
-
-
-def _kind(trial: FrozenTrial) -> str | None:
-    """Which kind of suggestion a trial was; None for an enqueued one (a preset, a starting point)."""
-    if trial.system_attrs.get("fixed_params"):
-        return None
-    if _TARGET in trial.system_attrs:
-        return "challenge"
-    return "local" if _PARENT in trial.system_attrs else "base"
 
 
 def _directions(study: Study) -> list[str]:

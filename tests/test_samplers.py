@@ -47,7 +47,7 @@ def test_local_sampler_is_seeded() -> None:
 
 def test_local_moves_never_repeat_what_ran_and_move_along_the_axis() -> None:
     """With a key (here: c is idle unless n > 5, x counts to one decimal), no local trial runs what an
-    earlier trial ran; about 40 % of them move the axis parameter alone, by a small step."""
+    earlier trial ran; 40 % of the draws move the axis parameter alone, by a small step."""
     from search.samplers import LocalMoveSampler
 
     def key(params: dict) -> tuple:
@@ -67,7 +67,12 @@ def test_local_moves_never_repeat_what_ran_and_move_along_the_axis() -> None:
                 assert abs(t.params["x"] - study.trials[t.system_attrs["local:parent"]].params["x"]) < 0.3
         seen.add(key(t.params))
     local_trials = sum("local:parent" in t.system_attrs for t in study.trials)
-    assert local_trials >= 20 and 0.2 <= moved_axis / local_trials <= 0.6
+    # 40 % of the draws move the axis alone, but a small axis step often lands on a schedule that
+    # already ran and is drawn again, so fewer of the trials do (0.14-0.32 over seeds 0-7)
+    assert local_trials >= 20 and 0.1 <= moved_axis / local_trials <= 0.6
+    parent = next(t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    draws = [local._draw(parent)[0] for _ in range(2000)]  # 0.4, plus one name of three drawn alone: 0.6 / 9
+    assert 0.42 <= sum(moved == ["x"] for moved in draws) / len(draws) <= 0.51
 
 
 def test_schedule_key_sees_through_idle_parameters() -> None:
@@ -154,8 +159,7 @@ def test_kept_front_and_seen_keys_draw_what_recomputing_them_draws() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     runs = []
     for cls in (LocalMoveSampler, Recomputing):
-        local = cls(optuna.samplers.NSGAIISampler(seed=2, population_size=10), seed=2, key=key, axis="x",
-                    adapt=False)  # Recomputing keeps no tally of which kind entered the front
+        local = cls(optuna.samplers.NSGAIISampler(seed=2, population_size=10), seed=2, key=key, axis="x")
         study = optuna.create_study(directions=["maximize", "minimize"], sampler=local)
         study.optimize(objective, n_trials=80)
         runs.append([(t.params, t.system_attrs.get("local:parent")) for t in study.trials])
@@ -210,14 +214,14 @@ def _cost_axis_objective(trial: optuna.Trial) -> tuple[float, float]:
     return x * (0.5 + 0.05 * n + (0.2 if c == "a" else 0.0)), x
 
 
-def test_a_challenge_runs_the_nearest_searched_front_shape_at_a_preset_cost_until_two_trials_beat_it() -> None:
-    """Every challenge copies the searched front point nearest the preset in the axis parameter and
-    takes the preset's axis value; a preset that two searched trials dominate is no longer challenged."""
+def test_a_challenge_runs_the_nearest_costlier_searched_front_shape_at_a_preset_cost_until_two_trials_beat_it() -> None:
+    """Every challenge copies the cheapest searched front point costlier than the preset (in the
+    axis parameter) and takes the preset's axis value; a preset that two searched trials dominate
+    is no longer challenged."""
     from search.samplers import LocalMoveSampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    local = LocalMoveSampler(optuna.samplers.RandomSampler(seed=4), seed=4, axis="x", challenge_share=0.6,
-                             adapt=False)
+    local = LocalMoveSampler(optuna.samplers.RandomSampler(seed=4), seed=4, axis="x", challenge_share=0.6)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=local)
     study.enqueue_trial({"x": 0.3, "n": 0, "c": "b"}, user_attrs={"preset": "p"})  # accuracy 0.15 at cost 0.3
     study.optimize(_cost_axis_objective, n_trials=60)
@@ -230,42 +234,8 @@ def test_a_challenge_runs_the_nearest_searched_front_shape_at_a_preset_cost_unti
         assert _dominators(trials, preset, t.number) < 2
         parent = trials[t.system_attrs["local:parent"]]
         assert all(t.params[k] == parent.params[k] for k in t.params if k != "x")
-        searched = [n for n in _front_numbers(trials, t.number) if n != 0]
-        distance = abs(parent.params["x"] - preset.params["x"])
-        assert parent.number in searched
-        assert all(abs(trials[n].params["x"] - preset.params["x"]) >= distance for n in searched)
+        costlier = [n for n in _front_numbers(trials, t.number) if n != 0 and trials[n].params["x"] > 0.3]
+        assert parent.number in costlier
+        assert all(trials[n].params["x"] >= parent.params["x"] for n in costlier)
     beaten_at = next(n for n in range(len(trials)) if _dominators(trials, preset, n) >= 2)
     assert beaten_at < len(trials) - 10  # the test sees challenges stop, not just run out of trials
-
-
-class _DominatedSampler(optuna.samplers.BaseSampler):
-    """Always proposes x=1, n=0, c="b": accuracy 1.0 at cost 1.0, never on the front of `_objective`
-    once the enqueued point (accuracy 1.0 at cost 0.6) is there."""
-
-    def infer_relative_search_space(self, study, trial):  # type: ignore[no-untyped-def]
-        return {}
-
-    def sample_relative(self, study, trial, search_space):  # type: ignore[no-untyped-def]
-        return {}
-
-    def sample_independent(self, study, trial, param_name, param_distribution):  # type: ignore[no-untyped-def]
-        return {"x": 1.0, "n": 0, "c": "b"}[param_name]
-
-
-def test_a_kind_of_trial_that_never_enters_the_front_loses_its_share() -> None:
-    """With adapt, base trials that are always dominated drop toward least_share; without, they keep
-    about 1 - share of the trials."""
-    from search.samplers import LocalMoveSampler
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    late_base = {}
-    for adapt in (True, False):
-        local = LocalMoveSampler(_DominatedSampler(), seed=6, adapt=adapt, least_share=0.1)
-        study = optuna.create_study(directions=["maximize", "minimize"], sampler=local)
-        study.enqueue_trial({"x": 0.5, "n": 2, "c": "a"})
-        study.optimize(_objective, n_trials=100)
-        late_base[adapt] = sum("local:parent" not in t.system_attrs for t in study.trials[50:])
-        shares = local.shares(challenges=False)
-        assert abs(sum(shares.values()) - 1.0) < 1e-9 and min(shares.values()) >= 0.1 - 1e-9
-    assert late_base[True] <= 12  # about 10 % of 50, not half
-    assert 15 <= late_base[False] <= 35
