@@ -86,6 +86,12 @@ def non_dominated(points: np.ndarray, directions: Sequence[str]) -> np.ndarray:
     return ~_dominated_min(_as_min(points, directions))
 
 
+def dominated_count(points: np.ndarray, by: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Int [n]: how many rows of ``by`` [k, m] dominate each row of ``points`` [n, m]."""
+    p, q = _as_min(points, directions), _as_min(by, directions)
+    return ((q[None] <= p[:, None]).all(-1) & (q[None] < p[:, None]).any(-1)).sum(1)
+
+
 def nondominated_ranks(points: np.ndarray, directions: Sequence[str]) -> np.ndarray:
     """Front index per point: 0 for the non-dominated front, 1 for the next, ..."""
     losses = _as_min(points, directions)

@@ -37,7 +37,7 @@ from optuna.samplers import BaseSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
-from search.pareto import non_dominated
+from search.pareto import dominated_count, non_dominated
 
 __all__ = ["LocalMoveSampler", "PicklableNSGAIISampler", "ScheduleKey"]
 
@@ -111,18 +111,18 @@ class LocalMoveSampler(BaseSampler):
         return list(self._front_trials)
 
     def _targets(self, study: Study) -> list[FrozenTrial]:
-        """The presets (after a `_front` call) that fewer than `challenge_until` searched trials dominate."""
-        presets = [t for t in self._good if t.user_attrs.get("preset") and self.axis in t.params]
-        searched = [t for t in self._good if not t.user_attrs.get("preset")]
-        if not presets or self.axis is None:
+        """The presets (after a `_front` call), by number, that fewer than `challenge_until` searched
+        trials dominate."""
+        if self.axis is None:
             return []
-        if not searched:
+        presets = sorted((t for t in self._good if t.user_attrs.get("preset") and self.axis in t.params),
+                         key=lambda t: t.number)
+        searched = [t for t in self._good if not t.user_attrs.get("preset")]
+        if not presets or not searched:
             return presets
-        sign = np.array([-1.0 if d == "max" else 1.0 for d in _directions(study)])  # all minimised
-        p = np.array([t.values for t in presets]) * sign
-        q = np.array([t.values for t in searched]) * sign
-        dominated = (q[None] <= p[:, None]).all(-1) & (q[None] < p[:, None]).any(-1)  # [preset, searched]
-        return [t for t, n in zip(presets, dominated.sum(1), strict=True) if n < self.challenge_until]
+        counts = dominated_count(np.array([t.values for t in presets]), np.array([t.values for t in searched]),
+                                 _directions(study))
+        return [t for t, n in zip(presets, counts, strict=True) if n < self.challenge_until]
 
     def _challenge(self, front: list[FrozenTrial], targets: list[FrozenTrial],
                    seen: set[Hashable]) -> tuple[FrozenTrial, FrozenTrial, dict[str, Any]] | None:
@@ -169,14 +169,16 @@ class LocalMoveSampler(BaseSampler):
         self._moves[trial._trial_id] = None
         if trial.system_attrs.get("fixed_params"):
             return  # an enqueued trial
-        front = self._front(study)
-        targets = self._targets(study) if self.challenge_share > 0 else []
         u = self._rng.random()  # [0, 1 - share): the base's turn; the top challenge_share of the rest: a challenge
-        if u < 1.0 - self.share or not front:
+        if u < 1.0 - self.share:
+            return
+        front = self._front(study)
+        if not front:
             return
         seen = self._seen(study) if self.key is not None else set()
-        if targets and u >= 1.0 - self.share * self.challenge_share:
-            challenge = self._challenge(front, targets, seen)
+        if u >= 1.0 - self.share * self.challenge_share:
+            targets = self._targets(study)
+            challenge = self._challenge(front, targets, seen) if targets else None
             if challenge is not None:
                 target, parent, params = challenge
                 study._storage.set_trial_system_attr(trial._trial_id, _TARGET, target.number)

@@ -13,6 +13,7 @@ import yaml
 from search.pareto import (
     OBJECTIVES,
     Objective,
+    dominated_count,
     hv_contributions,
     hypervolume,
     hypervolume_history,
@@ -45,6 +46,14 @@ def test_non_dominated_duplicates_and_mixed_directions():
     assert mask.tolist() == [True, True, True, False, True, False]
     # flipping both directions flips the front
     assert non_dominated(pts, ["min", "max"]).tolist() == [False, False, False, False, False, True]
+
+
+def test_dominated_count_counts_the_strict_dominators_among_the_other_set():
+    # (accuracy max, gmacs min): an equal point does not dominate, one better on both or on one does
+    points = np.array([[0.8, 4.0], [0.6, 5.0]])
+    by = np.array([[0.8, 4.0], [0.9, 3.0], [0.8, 3.5], [0.7, 4.5], [0.5, 6.0]])
+    assert dominated_count(points, by, ["max", "min"]).tolist() == [2, 4]
+    assert dominated_count(points, by[:0], ["max", "min"]).tolist() == [0, 0]
 
 
 def test_non_dominated_chunked_matches_bruteforce():
