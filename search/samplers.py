@@ -80,11 +80,11 @@ class LocalMoveSampler(BaseSampler):
     def __init__(self, base: BaseSampler, *, share: float = 0.5, seed: int | None = None,
                  key: Callable[[dict[str, Any]], Hashable] | None = None, axis: str | None = None,
                  axis_share: float = 0.4, axis_step: float = 0.05, attempts: int = 20,
-                 challenge_share: float = 0.5, challenge_until: int = 2) -> None:
+                 challenge_share: float = 0.5, challenge_until: int = 2, challenge_shave: float = 0.01) -> None:
         self.base = base
         self.share = share
         self.key, self.axis, self.axis_share, self.axis_step, self.attempts = key, axis, axis_share, axis_step, attempts
-        self.challenge_share, self.challenge_until = challenge_share, challenge_until
+        self.challenge_share, self.challenge_until, self.challenge_shave = challenge_share, challenge_until, challenge_shave
         self._good: list[FrozenTrial] = []  # every feasible COMPLETE trial _front has seen, presets included
         self._rng = random.Random(seed)
         self._keys: dict[int, Hashable] = {}  # trial number -> key of its parameters
@@ -127,7 +127,9 @@ class LocalMoveSampler(BaseSampler):
     def _challenge(self, front: list[FrozenTrial], targets: list[FrozenTrial],
                    seen: set[Hashable]) -> tuple[FrozenTrial, FrozenTrial, dict[str, Any]] | None:
         """A target preset and the cheapest searched front point costlier than it whose shape, at
-        the preset's cost, has not run yet: (target, parent, parameters), or None."""
+        the preset's cost, has not run yet: (target, parent, parameters). When every such shape has
+        run, a target on the front is its own parent, at ``challenge_shave`` less of its axis value
+        (once: the key then repeats). None when neither is left."""
         assert self.axis is not None
         target = self._rng.choice(targets)
         cost = target.params[self.axis]
@@ -138,6 +140,11 @@ class LocalMoveSampler(BaseSampler):
             params = {**parent.params, self.axis: cost}
             if self.key is None or self._key_of(params) not in seen:
                 return target, parent, params
+        if any(t.number == target.number for t in front):  # none left: its own shape, a little cheaper
+            shaved = max(cost * (1.0 - self.challenge_shave), target.distributions[self.axis].low)
+            params = {**target.params, self.axis: shaved}
+            if shaved < cost and (self.key is None or self._key_of(params) not in seen):
+                return target, target, params
         return None
 
     def _seen(self, study: Study) -> set[Hashable]:

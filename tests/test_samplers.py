@@ -239,3 +239,31 @@ def test_a_challenge_runs_the_nearest_costlier_searched_front_shape_at_a_preset_
         assert all(trials[n].params["x"] >= parent.params["x"] for n in costlier)
     beaten_at = next(n for n in range(len(trials)) if _dominators(trials, preset, n) >= 2)
     assert beaten_at < len(trials) - 10  # the test sees challenges stop, not just run out of trials
+
+
+def test_a_preset_with_no_costlier_searched_shape_left_is_challenged_once_by_its_own_shape_a_little_cheaper() -> None:
+    """A preset on the front with nothing costlier to borrow a shape from (here: the most accurate
+    point there is, at the top of the axis) runs its own parameters at 1 % less of its axis value,
+    once (the key then repeats); a shave never happens while a costlier searched shape has not run."""
+    from search.samplers import LocalMoveSampler
+
+    def key(params: dict) -> tuple:
+        return round(params["x"], 6), params["n"], params["c"]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    local = LocalMoveSampler(optuna.samplers.RandomSampler(seed=5), seed=5, key=key, axis="x", challenge_share=0.6)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=local)
+    study.enqueue_trial({"x": 1.0, "n": 10, "c": "a"}, user_attrs={"preset": "top"})  # 1.2 at cost 1: on every front
+    study.enqueue_trial({"x": 0.3, "n": 0, "c": "b"}, user_attrs={"preset": "low"})
+    study.optimize(_cost_axis_objective, n_trials=60)
+    trials = study.trials
+    shaves = [t for t in trials if "local:target" in t.system_attrs
+              and t.system_attrs["local:parent"] == t.system_attrs["local:target"]]
+    assert [(t.system_attrs["local:target"], t.params) for t in shaves] == [(0, {"x": 0.99, "n": 10, "c": "a"})]
+    for t in shaves:
+        target = trials[t.system_attrs["local:target"]]
+        assert target.number in _front_numbers(trials, t.number)
+        ran = {key(u.params) for u in trials[: t.number]}
+        costlier = [trials[n] for n in _front_numbers(trials, t.number)
+                    if not trials[n].user_attrs.get("preset") and trials[n].params["x"] > target.params["x"]]
+        assert all(key({**u.params, "x": target.params["x"]}) in ran for u in costlier)
