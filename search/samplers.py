@@ -19,7 +19,10 @@ the shape of the nearest costlier searched front point run at the preset's cost 
 ``axis`` value, so the fit lands at no more GMACs). A costlier searched shape that is more
 accurate usually stays more accurate a little cheaper, which is how a preset gets dominated; one
 searched win on the screening images can vanish on other images, so a preset stays a target
-until several searched trials dominate it.
+until several searched trials dominate it. A target on the front that no costlier searched front
+point is left to challenge (a preset as accurate as the unreduced model, or the first trials,
+before any searched point) is challenged once by its own shape at ``challenge_shave`` less of
+its axis value.
 """
 
 from __future__ import annotations
