@@ -141,12 +141,12 @@ class LocalMoveSampler(BaseSampler):
                           key=lambda t: (t.params[self.axis], t.number))  # costlier only, the nearest first
         for parent in searched[: self.attempts]:
             params = {**parent.params, self.axis: cost}
-            if self.key is None or self._key_of(params) not in seen:
+            if self._is_new(params, seen):
                 return target, parent, params
         if any(t.number == target.number for t in front):  # none left: its own shape, a little cheaper
             shaved = max(cost * (1.0 - self.challenge_shave), target.distributions[self.axis].low)
             params = {**target.params, self.axis: shaved}
-            if shaved < cost and (self.key is None or self._key_of(params) not in seen):
+            if shaved < cost and self._is_new(params, seen):
                 return target, target, params
         return None
 
@@ -197,7 +197,7 @@ class LocalMoveSampler(BaseSampler):
         for _ in range(self.attempts):
             parent = self._rng.choice(front)
             moved, params = self._draw(parent)
-            if self.key is None or self._key_of(params) not in seen:
+            if self._is_new(params, seen):
                 break
         else:
             return  # every draw repeated a trial: the base sampler's turn
@@ -209,6 +209,10 @@ class LocalMoveSampler(BaseSampler):
         study._storage.set_trial_system_attr(trial._trial_id, _MOVED, moved)
         study._storage.set_trial_system_attr(trial._trial_id, _PARAMS, params)
         self._moves[trial._trial_id] = params
+
+    def _is_new(self, params: dict[str, Any], seen: set[Hashable]) -> bool:
+        """Whether `params` run something no trial ran (always, without a key)."""
+        return self.key is None or self._key_of(params) not in seen
 
     def _key_of(self, params: dict[str, Any]) -> Hashable:
         assert self.key is not None
