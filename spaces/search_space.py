@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from spaces.budget import fit_target, most_reduced
 from spaces.cost import gmacs
 from spaces.model_spec import ModelSpec
+from spaces.presets import effective_key
 from spaces.schedule import CLS_METHODS, FUSE_WEIGHTS, IDLE_RANKS, METHODS, LayerPlan, Schedule, ppt_threshold
 
 REDUCING = tuple(m for m in METHODS if m != "none")
@@ -320,6 +321,43 @@ def preset_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any] | No
     if rebuilt.tokens_entering() != schedule.tokens_entering() or abs(gmacs(rebuilt) - gmacs(schedule)) > 1e-9:
         return None
     return params
+
+
+TRIM_MIN_SAVING = 1e-3  # a trim must save more than this share of the GMACs (the verdicts' cost tie)
+
+
+def trimmed_tail(params: dict[str, Any], space: SearchSpace, *, min_saving: float = TRIM_MIN_SAVING) -> dict[str, Any] | None:
+    """The per-layer parameters of the same schedule with its last block trimmed: every patch token
+    but one pruned after that block's attention, before its MLP; None when the space cannot say it
+    or it saves no more than `min_saving` of the GMACs.
+
+    On a model pooled by its class token, the MLP of the last block's patch tokens computes what
+    no later layer reads: the class token's output, hence every prediction, is the same, and the
+    trimmed schedule costs less. The blocks before it are kept exactly (the budget share is set
+    to the trimmed cost, so the budget fit leaves every keep ratio as it is); a schedule the fit
+    had rescaled, or whose last block idles tokens (IdleViT picks its active tokens before
+    attention, so the class token would read fewer), has no trim.
+    """
+    import optuna
+
+    if space.name != "per-layer" or "prune" not in space.methods or space.budget_gmacs is None:
+        return None
+    unfitted = SearchSpace(space.name, space.spec, space.methods)
+    schedule = space(optuna.trial.FixedTrial(params))
+    if schedule.layers[-1].method == "idle" or effective_key(unfitted(optuna.trial.FixedTrial(params))) != effective_key(schedule):
+        return None
+    last = f"layer{space.spec.depth - 1:02d}"
+    trimmed = {**params, f"{last}.method": "prune", f"{last}.keep": KEEP_RANGE[0], f"{last}.fuse": False}
+    target = unfitted(optuna.trial.FixedTrial(trimmed))
+    cost = gmacs(target)
+    if cost >= gmacs(schedule) * (1 - min_saving):
+        return None
+    trimmed[BUDGET_PARAM] = cost / space.budget_gmacs * (1 + 1e-9)  # at the trimmed cost: the fit keeps every ratio
+    low, high = space.fraction_range
+    if not low <= trimmed[BUDGET_PARAM] <= high:
+        return None
+    rebuilt = space(optuna.trial.FixedTrial(trimmed))
+    return trimmed if effective_key(rebuilt) == effective_key(target) else None
 
 
 class _UniformTrial:
