@@ -6,7 +6,6 @@ import json
 import platform
 import sys
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -261,19 +260,15 @@ def segment_seed(seed: int, out: Path) -> int:
 
 def sampler(name: str, seed: int, space=None):  # type: ignore[no-untyped-def]
     """Pinned explicitly (PITFALLS 5: Optuna 5 changed the defaults). With the search `space`, the
-    local moves never repeat a schedule and move along its budget share, and a preset's first
-    challenge is its own schedule with the last block trimmed (`trimmed_tail`)."""
+    local moves never repeat a schedule and move along its budget share."""
     import optuna
 
     if name.startswith("local-"):  # local moves around the front, the rest from the named sampler
-        from search.report import COST_TIE
         from search.samplers import LocalMoveSampler, ScheduleKey
-        from spaces.search_space import BUDGET_PARAM, trimmed_tail
+        from spaces.search_space import BUDGET_PARAM
 
         key = ScheduleKey(space) if space is not None else None
-        trim = partial(trimmed_tail, space=space, min_saving=COST_TIE) if space is not None else None
-        return LocalMoveSampler(sampler(name.removeprefix("local-"), seed), seed=seed, key=key, axis=BUDGET_PARAM,
-                                trim=trim)
+        return LocalMoveSampler(sampler(name.removeprefix("local-"), seed), seed=seed, key=key, axis=BUDGET_PARAM)
     if name == "nsga2":
         from search.samplers import PicklableNSGAIISampler
 

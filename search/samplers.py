@@ -22,9 +22,7 @@ searched win on the screening images can vanish on other images, so a preset sta
 until several searched trials dominate it. A target on the front that no costlier searched front
 point is left to challenge (a preset as accurate as the unreduced model, or the first trials,
 before any searched point) is challenged once by its own shape at ``challenge_shave`` less of
-its axis value. With a ``trim`` (parameters -> the same schedule without the computation no
-prediction reads, e.g. ``spaces.search_space.trimmed_tail``), a target's first challenge is its
-own trimmed schedule: the same predictions at fewer GMACs, when the model allows it.
+its axis value.
 """
 
 from __future__ import annotations
@@ -50,7 +48,6 @@ _PARENT = "local:parent"  # system attrs of a local trial: its parent's number, 
 _MOVED = "local:moved"
 _PARAMS = "local:params"
 _TARGET = "local:target"  # a challenge's preset (trial number)
-_CHALLENGE = "local:challenge"  # its kind: "trim", "shape" (a costlier searched shape) or "shave"
 
 
 class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
@@ -81,19 +78,16 @@ class LocalMoveSampler(BaseSampler):
     ``axis`` names the parameter a cost-axis move changes (``axis_share`` of the local moves, by
     a Gaussian step of ``axis_step`` of its range); ``key(params)`` says what a trial runs, so no
     local move repeats one (up to ``attempts`` draws). While a preset is dominated by fewer than
-    ``challenge_until`` searched trials, ``challenge_share`` of the local moves challenge one;
-    ``trim(params)`` gives a preset's first challenge (None: it has none)."""
+    ``challenge_until`` searched trials, ``challenge_share`` of the local moves challenge one."""
 
     def __init__(self, base: BaseSampler, *, share: float = 0.5, seed: int | None = None,
                  key: Callable[[dict[str, Any]], Hashable] | None = None, axis: str | None = None,
                  axis_share: float = 0.4, axis_step: float = 0.05, attempts: int = 20,
-                 challenge_share: float = 0.5, challenge_until: int = 2, challenge_shave: float = 0.01,
-                 trim: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None) -> None:
+                 challenge_share: float = 0.5, challenge_until: int = 2, challenge_shave: float = 0.01) -> None:
         self.base = base
         self.share = share
         self.key, self.axis, self.axis_share, self.axis_step, self.attempts = key, axis, axis_share, axis_step, attempts
         self.challenge_share, self.challenge_until, self.challenge_shave = challenge_share, challenge_until, challenge_shave
-        self.trim = trim
         self._good: list[FrozenTrial] = []  # every feasible COMPLETE trial _front has seen, presets included
         self._rng = random.Random(seed)
         self._keys: dict[int, Hashable] = {}  # trial number -> key of its parameters
@@ -134,30 +128,26 @@ class LocalMoveSampler(BaseSampler):
         return [t for t, n in zip(presets, counts, strict=True) if n < self.challenge_until]
 
     def _challenge(self, front: list[FrozenTrial], targets: list[FrozenTrial],
-                   seen: set[Hashable]) -> tuple[FrozenTrial, FrozenTrial, dict[str, Any], str] | None:
-        """A target preset and what challenges it: (target, parent, parameters, kind). First its own
-        trimmed schedule ("trim", once); then the cheapest searched front point costlier than it
-        whose shape, at the preset's cost, has not run yet ("shape"). When every such shape has run,
-        a target on the front is its own parent, at ``challenge_shave`` less of its axis value
-        ("shave", once: the key then repeats). None when none is left."""
+                   seen: set[Hashable]) -> tuple[FrozenTrial, FrozenTrial, dict[str, Any]] | None:
+        """A target preset and the cheapest searched front point costlier than it whose shape, at
+        the preset's cost, has not run yet: (target, parent, parameters). When every such shape has
+        run, a target on the front is its own parent, at ``challenge_shave`` less of its axis value
+        (once: the key then repeats). None when neither is left."""
         assert self.axis is not None
         target = self._rng.choice(targets)
         cost = target.params[self.axis]
-        trimmed = self.trim(target.params) if self.trim is not None else None
-        if trimmed is not None and self._is_new(trimmed, seen):
-            return target, target, trimmed, "trim"
         searched = sorted((t for t in front if not t.user_attrs.get("preset") and self.axis in t.params
                            and t.params[self.axis] > cost),
                           key=lambda t: (t.params[self.axis], t.number))  # costlier only, the nearest first
         for parent in searched[: self.attempts]:
             params = {**parent.params, self.axis: cost}
             if self._is_new(params, seen):
-                return target, parent, params, "shape"
+                return target, parent, params
         if any(t.number == target.number for t in front):  # none left: its own shape, a little cheaper
             shaved = max(cost * (1.0 - self.challenge_shave), target.distributions[self.axis].low)
             params = {**target.params, self.axis: shaved}
             if shaved < cost and self._is_new(params, seen):
-                return target, target, params, "shave"
+                return target, target, params
         return None
 
     def _seen(self, study: Study) -> set[Hashable]:
@@ -200,11 +190,9 @@ class LocalMoveSampler(BaseSampler):
             targets = self._targets(study)
             challenge = self._challenge(front, targets, seen) if targets else None
             if challenge is not None:
-                target, parent, params, kind = challenge
+                target, parent, params = challenge
                 study._storage.set_trial_system_attr(trial._trial_id, _TARGET, target.number)
-                study._storage.set_trial_system_attr(trial._trial_id, _CHALLENGE, kind)
-                moved = sorted(k for k in params if params[k] != parent.params.get(k))
-                self._set_move(study, trial, parent, moved, params)
+                self._set_move(study, trial, parent, [self.axis], params)
                 return
         for _ in range(self.attempts):
             parent = self._rng.choice(front)

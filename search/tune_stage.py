@@ -37,16 +37,28 @@ class _Suggested:
         self.last = self.space(trial)
 
 
-def starting_points(cfg: SearchConfig, searched: int) -> list[dict[str, Any]]:
-    """The local sampler's first trials when it has no front to move from (--no-presets and no
-    searched trial in the study yet, in any state: a resumed run's enqueued ones are still there):
-    each method alone at the top and the bottom of the budget range
-    (spaces.search_space.uniform_starts), at most a fifth of --trials. Other samplers: none."""
-    from spaces.search_space import uniform_starts
+def starting_points(cfg: SearchConfig, study) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """The local sampler's first searched trials, at most a fifth of --trials; none for other
+    samplers, nor once the study holds a searched trial in any state (a resumed run's enqueued ones
+    are still there). With presets: the trimmed tail of every preset told to the study that has one
+    (spaces.search_space.trimmed_tail: the preset's own schedule, its last block's patch tokens
+    pruned after attention: the same predictions at fewer GMACs), in the order they were told. With
+    nothing to start from (--no-presets): each method alone at the top and the bottom of the budget
+    range (spaces.search_space.uniform_starts)."""
+    from optuna.trial import TrialState
 
-    if cfg.presets or searched or not cfg.sampler.startswith("local-"):
+    from spaces.search_space import trimmed_tail, uniform_starts
+
+    trials = study.get_trials(deepcopy=False)
+    if any("preset" not in t.user_attrs for t in trials) or not cfg.sampler.startswith("local-"):
         return []
-    return uniform_starts(cfg.setup.space)[: cfg.trials // 5]
+    if cfg.presets:
+        told = sorted((t for t in trials if t.user_attrs.get("preset") and t.params and t.state == TrialState.COMPLETE),
+                      key=lambda t: t.number)
+        starts = [p for p in (trimmed_tail(t.params, cfg.setup.space) for t in told) if p is not None]
+    else:
+        starts = uniform_starts(cfg.setup.space)
+    return starts[: cfg.trials // 5]
 
 
 def _searcher(cfg: SearchConfig, storage, bar: RunningFront, starts: list[dict[str, Any]] = (),  # type: ignore[no-untyped-def,assignment]
@@ -229,9 +241,8 @@ def run_tune(cfg: SearchConfig, run: dict[str, Any], storage, *, trainable=None)
     records = latest_records(run_dir.read_records(cfg.out))  # read once; then kept up to date trial by trial
     for front in (shown, bar):
         front.extend(records)
-    searched = sum("preset" not in t.user_attrs for t in study.get_trials(deepcopy=False))
     by_ray_trial: dict[str, dict[str, Any]] = {}  # --deterministic: the bar learns them in suggestion order
-    searcher, limited = _searcher(cfg, storage, bar, starting_points(cfg, searched), total=remaining,
+    searcher, limited = _searcher(cfg, storage, bar, starting_points(cfg, study), total=remaining,
                                   records=by_ray_trial)
     progress = tqdm(total=cfg.trials, initial=finished, desc="trials", unit="trial", file=sys.stderr)
     setup_resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}

@@ -323,13 +323,13 @@ def preset_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any] | No
     return params
 
 
-TRIM_MIN_SAVING = 1e-3  # a trim must save more than this share of the GMACs (the verdicts' cost tie)
+TRIM_MIN_SAVING = 1e-3  # a trim must save more than this share of the GMACs (search.report.COST_TIE: less is a tie)
 
 
 def trimmed_tail(params: dict[str, Any], space: SearchSpace, *, min_saving: float = TRIM_MIN_SAVING) -> dict[str, Any] | None:
-    """The per-layer parameters of the same schedule with its last block trimmed: every patch token
-    but one pruned after that block's attention, before its MLP; None when the space cannot say it
-    or it saves no more than `min_saving` of the GMACs.
+    """The per-layer parameters of the same schedule with its last block trimmed: its patch tokens
+    pruned to the fewest the space keeps (10 %) after that block's attention, before its MLP; None
+    when the space cannot say it or it saves no more than `min_saving` of the GMACs.
 
     On a model pooled by its class token, the MLP of the last block's patch tokens computes what
     no later layer reads: the class token's output, hence every prediction, is the same, and the

@@ -43,3 +43,35 @@ def test_folder_confirmation_images_are_disjoint_files(tmp_path: Path) -> None:
     assert len(screen) == len(confirm) == 30
     assert not _rows(screen.images) & _rows(confirm.images)  # together: all 60 images, each once
     assert len(_rows(screen.images) | _rows(confirm.images)) == 60
+
+
+def test_a_searched_trial_running_a_presets_trimmed_tail_is_confirmed_even_off_the_screening_front(tmp_path: Path) -> None:
+    """The confirmation candidates: every preset, the searched screening front, and the searched
+    trials that run a preset's trimmed tail, chosen by what they run (not by their scores); another
+    searched trial off the front is not confirmed."""
+    import optuna
+
+    from search.config import SearchConfig
+    from search.fixed_stage import _confirm_candidates
+    from search.models import model_spec
+    from search.worker import WorkerSetup
+    from spaces import Schedule, from_preset, gmacs
+    from spaces.search_space import SearchSpace, preset_params, trimmed_tail
+
+    spec = model_spec("tokensched_vit_shapes")
+    baseline = gmacs(Schedule.empty(spec))
+    space = SearchSpace("per-layer", spec, budget_gmacs=0.65 * baseline, min_gmacs=0.16 * baseline)
+    params = preset_params(from_preset("tome:4", spec), space)
+    trim = space(optuna.trial.FixedTrial(trimmed_tail(params, space)))
+    shaved = space(optuna.trial.FixedTrial({**params, "budget.fraction": 0.9 * params["budget.fraction"]}))
+
+    def record(name: str, schedule: Schedule, accuracy: float, **extra) -> dict:  # type: ignore[no-untyped-def]
+        return {"ray_trial": name, "fidelity": "screen", "state": "COMPLETE", "accuracy": accuracy,
+                "gmacs": gmacs(schedule), "predicted_speedup": baseline / gmacs(schedule), "feasible": True,
+                "schedule": schedule.to_dict(), **extra}
+
+    best = from_preset("tome:8", spec)  # cheaper than both and more accurate: alone on the searched front
+    records = [record("tome:4", from_preset("tome:4", spec), 0.98, preset="tome:4", params=params),
+               record("best", best, 0.99), record("trim", trim, 0.98), record("shaved", shaved, 0.97)]
+    cfg = SearchConfig(setup=WorkerSetup(space=space), budget="65%", out=tmp_path, presets=True)
+    assert [r["ray_trial"] for r in _confirm_candidates(cfg, records)] == ["tome:4", "best", "trim"]

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import optuna
 import pytest
+import torch
 
 from search.models import DEFAULT_MODEL, model_spec
+from search.report import COST_TIE
 from spaces import Schedule, from_preset, gmacs
 from spaces.budget import parse_budget
-from spaces.search_space import REDUCING, SPACES, SearchSpace, cheapest_gmacs, preset_params
+from spaces.cost import breakdown
+from spaces.search_space import (
+    KEEP_RANGE,
+    REDUCING,
+    SPACES,
+    TRIM_MIN_SAVING,
+    SearchSpace,
+    cheapest_gmacs,
+    preset_params,
+    trimmed_tail,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -173,19 +187,96 @@ def test_uniform_starts_run_each_method_alone_at_both_ends_of_the_budget_range()
     assert uniform_starts(SearchSpace("staged", spec, budget_gmacs=budget)) == []
 
 
-def test_the_local_sampler_starts_uniform_only_with_nothing_to_move_from(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def _run_space(spec) -> SearchSpace:
+    """The default run's space: 65 % of the GMACs, down to the cheapest preset (ToMe's at 16.6 %)."""
+    baseline = gmacs(Schedule.empty(spec))
+    return SearchSpace("per-layer", spec, budget_gmacs=0.65 * baseline, min_gmacs=0.16 * baseline)
+
+
+def _study_with(space: SearchSpace, presets: list[str], searched: int = 0) -> optuna.Study:
+    """An in-memory study holding `presets` told as finished trials (as the presets stage does) and
+    `searched` enqueued searched trials (a resumed run's)."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for name in presets:
+        study.enqueue_trial(preset_params(from_preset(name, space.spec), space), user_attrs={"preset": name})
+        trial = study.ask()
+        space(trial)
+        study.tell(trial, [0.9, 1.0])
+    for _ in range(searched):
+        study.enqueue_trial({})
+    return study
+
+
+def test_the_local_sampler_starts_from_the_presets_trims_or_uniform_with_nothing_to_move_from(spec, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
     from search.config import SearchConfig
-    from search.models import DEFAULT_MODEL, model_spec
     from search.tune_stage import starting_points
     from search.worker import WorkerSetup
-    from spaces.search_space import SearchSpace
 
-    space = SearchSpace("per-layer", model_spec(DEFAULT_MODEL), budget_gmacs=0.1)
+    space = _run_space(spec)
     cfg = SearchConfig(setup=WorkerSetup(space=space), budget="65%", out=tmp_path, presets=False, trials=60)
-    assert len(starting_points(cfg, searched=0)) == 12
-    assert len(starting_points(replace(cfg, trials=20), searched=0)) == 4  # at most a fifth of the trials
-    assert starting_points(replace(cfg, presets=True), searched=0) == []  # the presets are the start
-    assert starting_points(cfg, searched=3) == []  # a resumed run: its starts are in the study already
-    assert starting_points(replace(cfg, sampler="random"), searched=0) == []  # random search stays random
+    empty = _study_with(space, [])
+    assert len(starting_points(cfg, empty)) == 12
+    assert len(starting_points(replace(cfg, trials=20), empty)) == 4  # at most a fifth of the trials
+    assert starting_points(replace(cfg, sampler="random"), empty) == []  # random search stays random
+    told = _study_with(space, ["tome:4", "tome:10", "idlevit:0.5", "evit:0.5"])
+    starts = starting_points(replace(cfg, presets=True), told)
+    expected = [trimmed_tail(preset_params(from_preset(n, spec), space), space) for n in ("tome:4", "evit:0.5")]
+    assert starts == expected  # tome:10 and idlevit:0.5 have no trim
+    assert starting_points(replace(cfg, presets=True, trials=5), told) == expected[:1]
+    assert starting_points(replace(cfg, presets=True), _study_with(space, ["tome:4"], searched=1)) == []  # resumed
+
+
+@pytest.mark.parametrize("preset", ["tome:4", "tome:3,-1", "evit:0.5", "ppt", "tcvit:0.5"])
+def test_a_trimmed_tail_keeps_every_block_but_the_last_and_prunes_its_patch_tokens_to_a_tenth(spec, preset: str) -> None:
+    space = _run_space(spec)
+    schedule = from_preset(preset, spec)
+    trimmed = trimmed_tail(preset_params(schedule, space), space)
+    assert trimmed is not None, preset
+    rebuilt = space(optuna.trial.FixedTrial(trimmed))
+    rows, preset_rows = breakdown(rebuilt), breakdown(schedule)
+    assert rows[:-1] == preset_rows[:-1]  # every block but the last runs the preset's token counts
+    assert (rows[-1].tokens_in, rows[-1].tokens_attn) == (preset_rows[-1].tokens_in, preset_rows[-1].tokens_attn)
+    assert [p.method for p in rebuilt.layers[:-1]] == [p.method for p in schedule.layers[:-1]]
+    last = rebuilt.layers[-1]
+    assert (last.method, last.fuse) == ("prune", False)
+    n = schedule.patch_tokens_entering()[-1]
+    assert last.patch_tokens_after(n) == math.ceil(KEEP_RANGE[0] * n) < n  # the fewest the space keeps
+    assert gmacs(rebuilt) < gmacs(schedule) * (1 - 1e-3)
+
+
+def test_no_trim_where_it_would_change_predictions_or_save_nothing(spec) -> None:
+    space = _run_space(spec)
+    idle = from_preset("idlevit:0.5", spec)  # IdleViT picks the active tokens before the last attention
+    assert trimmed_tail(preset_params(idle, space), space) is None
+    late = from_preset("tome:10", spec)  # one patch token is left by the last block: nothing to trim
+    assert trimmed_tail(preset_params(late, space), space) is None
+    tiny = from_preset("tome:6", spec)  # the trim saves 0.18 % of the GMACs: more than a verdict's cost tie
+    assert TRIM_MIN_SAVING == COST_TIE
+    assert trimmed_tail(preset_params(tiny, space), space) is not None
+    assert trimmed_tail(preset_params(tiny, space), space, min_saving=0.01) is None
+    merge_only = SearchSpace("per-layer", spec, methods=("merge",), budget_gmacs=space.budget_gmacs)
+    tome = from_preset("tome:4", spec)
+    assert trimmed_tail(preset_params(tome, merge_only), merge_only) is None  # prune is not in the space
+
+
+def test_a_trimmed_tail_gives_the_same_logits_on_a_model_pooled_by_its_class_token(spec) -> None:
+    from reducers import apply_schedule, remove_schedule
+    from search.data import embedded_set
+    from search.evaluate import predict
+    from search.models import load_model
+
+    model, data, space = load_model(), embedded_set(64, seed=3), _run_space(spec)
+    assert model.global_pool == "token"
+    preset = from_preset("tome:4,-1", spec)
+    trimmed = space(optuna.trial.FixedTrial(trimmed_tail(preset_params(preset, space), space)))
+
+    def logits(schedule: Schedule) -> torch.Tensor:
+        apply_schedule(model, schedule)
+        try:
+            return predict(model, data, batch_size=32)
+        finally:
+            remove_schedule(model)
+
+    assert torch.allclose(logits(preset), logits(trimmed), atol=1e-5)
