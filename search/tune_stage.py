@@ -14,6 +14,7 @@ from search.outcome import STOPPED, finite, latest_records
 from search.running_front import RunningFront
 from search.worker import FAULT_KEY, STOP_KEY, schedule_from_params
 from spaces import Schedule, gmacs
+from spaces.presets import effective_key
 
 
 def stop_bar(records: list[dict[str, Any]], at_gmacs: float) -> float | None:
@@ -37,36 +38,42 @@ class _Suggested:
         self.last = self.space(trial)
 
 
+def preset_trims(cfg: SearchConfig, study) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """The trimmed tails (spaces.search_space.trimmed_tail: the preset's own schedule, its last
+    block's patch tokens pruned after attention: the same predictions at fewer GMACs) of the presets
+    told to the study, in the order they were told; those without one are left out."""
+    from optuna.trial import TrialState
+
+    from spaces.search_space import trimmed_tail
+
+    told = sorted((t for t in study.get_trials(deepcopy=False)
+                   if t.user_attrs.get("preset") and t.params and t.state == TrialState.COMPLETE), key=lambda t: t.number)
+    return [p for p in (trimmed_tail(t.params, cfg.setup.space) for t in told) if p is not None]
+
+
 def starting_points(cfg: SearchConfig, study) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
     """The local sampler's first searched trials, at most a fifth of --trials; none for other
     samplers, nor once the study holds a searched trial in any state (a resumed run's enqueued ones
-    are still there). With presets: the trimmed tail of every preset told to the study that has one
-    (spaces.search_space.trimmed_tail: the preset's own schedule, its last block's patch tokens
-    pruned after attention: the same predictions at fewer GMACs), in the order they were told. With
-    nothing to start from (--no-presets): each method alone at the top and the bottom of the budget
-    range (spaces.search_space.uniform_starts)."""
-    from optuna.trial import TrialState
+    are still there). With presets: their trimmed tails (`preset_trims`). With nothing to start
+    from (--no-presets): each method alone at the top and the bottom of the budget range
+    (spaces.search_space.uniform_starts)."""
+    from spaces.search_space import uniform_starts
 
-    from spaces.search_space import trimmed_tail, uniform_starts
-
-    trials = study.get_trials(deepcopy=False)
-    if any("preset" not in t.user_attrs for t in trials) or not cfg.sampler.startswith("local-"):
+    if any("preset" not in t.user_attrs for t in study.get_trials(deepcopy=False)) \
+            or not cfg.sampler.startswith("local-"):
         return []
-    if cfg.presets:
-        told = sorted((t for t in trials if t.user_attrs.get("preset") and t.params and t.state == TrialState.COMPLETE),
-                      key=lambda t: t.number)
-        starts = [p for p in (trimmed_tail(t.params, cfg.setup.space) for t in told) if p is not None]
-    else:
-        starts = uniform_starts(cfg.setup.space)
+    starts = preset_trims(cfg, study) if cfg.presets else uniform_starts(cfg.setup.space)
     return starts[: cfg.trials // 5]
 
 
 def _searcher(cfg: SearchConfig, storage, bar: RunningFront, starts: list[dict[str, Any]] = (),  # type: ignore[no-untyped-def,assignment]
-              *, total: int = 0, records: dict[str, dict[str, Any]] | None = None):
+              *, total: int = 0, records: dict[str, dict[str, Any]] | None = None, unstopped: frozenset = frozenset()):
     """Ray's OptunaSearch on the run's study, `starts` enqueued first; each suggestion carries the
     early-stopping bar read from `bar`, the front of accuracy against GMACs (kept up to date by the
     trial recorder; with --deterministic, in suggestion order from `records`, the recorder's
-    records by Ray trial id, as the searcher is told them). `total`: the suggestions to come."""
+    records by Ray trial id, as the searcher is told them), except a schedule whose effective key is
+    in `unstopped` (the presets' trims: confirmed whatever they score, and a stopped trial never
+    enters the front). `total`: the suggestions to come."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -91,7 +98,8 @@ def _searcher(cfg: SearchConfig, storage, bar: RunningFront, starts: list[dict[s
                 key.remember(config, built)
             if isinstance(config, dict) and self.suggested in faults:
                 config = {**config, FAULT_KEY: faults[self.suggested]}
-            if built is not None and cfg.setup.stop_chunk and "accuracy" in cfg.setup.objectives:
+            if built is not None and cfg.setup.stop_chunk and "accuracy" in cfg.setup.objectives \
+                    and effective_key(built) not in unstopped:
                 below = bar.best_at_most("accuracy", gmacs(built))
                 if below is not None:
                     config = {**config, STOP_KEY: below}
@@ -242,8 +250,9 @@ def run_tune(cfg: SearchConfig, run: dict[str, Any], storage, *, trainable=None)
     for front in (shown, bar):
         front.extend(records)
     by_ray_trial: dict[str, dict[str, Any]] = {}  # --deterministic: the bar learns them in suggestion order
+    trims = frozenset(effective_key(schedule_from_params(cfg.setup.space, p)) for p in preset_trims(cfg, study))
     searcher, limited = _searcher(cfg, storage, bar, starting_points(cfg, study), total=remaining,
-                                  records=by_ray_trial)
+                                  records=by_ray_trial, unstopped=trims)
     progress = tqdm(total=cfg.trials, initial=finished, desc="trials", unit="trial", file=sys.stderr)
     setup_resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     tuner = tune.Tuner(

@@ -181,6 +181,46 @@ def test_every_preset_in_range_is_evaluated_marked_and_judged(smoke) -> None:
     assert confirmed == expected
 
 
+def test_the_presets_trims_run_first_in_full_and_confirm_their_presets_predictions(smoke) -> None:
+    """The first searched trials are the told presets' trimmed tails (tome:4 and tome:3,-1 here):
+    screened on every image (never stopped early), confirmed, and right on exactly the confirmation
+    images their presets get right, at fewer GMACs."""
+    import optuna
+
+    from search import paired
+    from spaces import Schedule
+    from spaces.presets import effective_key
+    from spaces.search_space import trimmed_tail
+
+    out, _ = smoke
+    records = records_of(out)
+    space = _run_space(out)
+    presets = {r["preset"]: r for r in records if r.get("preset") and r["fidelity"] == "screen" and r.get("params")}
+    trims = {effective_key(space(optuna.trial.FixedTrial(trimmed_tail(r["params"], space)))): name
+             for name, r in presets.items()}
+    assert sorted(trims.values()) == ["tome:3,-1", "tome:4"]
+    searched = sorted((r for r in records if not r.get("preset") and r["fidelity"] != "confirm"
+                       and r["state"] == "COMPLETE"), key=lambda r: r["trial"])
+    first = {effective_key(Schedule.from_dict(r["schedule"])): r for r in searched[:2]}
+    assert set(first) == set(trims)
+    confirmed = {r["of_ray_trial"]: r for r in records if r["fidelity"] == "confirm"}
+    for key, name in trims.items():
+        trim, preset = first[key], presets[name]
+        assert trim["fidelity"] == "screen" and trim["num_images"] == 48 and trim["gmacs"] < preset["gmacs"]
+        hits = [paired.decode(confirmed[r["ray_trial"]][paired.KEY], 40) for r in (trim, preset)]
+        assert (hits[0] == hits[1]).all()
+
+
+def _run_space(out: Path):  # type: ignore[no-untyped-def]
+    """The search space a run searched, rebuilt from its run.json."""
+    from search.models import model_spec
+    from spaces.search_space import SearchSpace
+
+    run = json.loads((out / "run.json").read_text())
+    return SearchSpace(run["space"], model_spec(run["model"]), tuple(run["methods"]), run["budget_gmacs"],
+                       run["min_gmacs"])
+
+
 def test_front_is_confirmed_on_other_images_and_no_preset_dominates_it(smoke) -> None:
     out, _ = smoke
     front = json.loads((out / "front.json").read_text())["front"]
