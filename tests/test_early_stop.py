@@ -210,3 +210,38 @@ def test_without_shared_bars_a_preset_stops_only_against_its_own_batch(tmp_path:
     assert stopped["stopped"] and stopped["num_images"] == 100
     shared = dataclasses.replace(setup, shared_bars=True)  # --no-deterministic reads the file
     assert evaluate_fixed(shared, weak, "screen", stop=True)["num_images"] == 100
+
+
+def test_a_presets_trim_is_suggested_without_an_early_stopping_bar(tmp_path: Path) -> None:
+    """The searcher gives every suggestion the bar to stop below, except a preset's trim: confirmed
+    whatever it scores, it is screened in full (a stopped trial never enters the front)."""
+    import optuna
+
+    from search import pareto, run_dir
+    from search.running_front import RunningFront
+    from search.tune_stage import _searcher, preset_trims, starting_points
+    from search.worker import STOP_KEY, schedule_from_params
+    from spaces.presets import effective_key
+    from spaces.search_space import preset_params
+
+    spec = model_spec("tokensched_vit_shapes")
+    baseline = gmacs(Schedule.empty(spec))
+    space = SearchSpace("per-layer", spec, budget_gmacs=0.65 * baseline, min_gmacs=0.16 * baseline)
+    cfg = SearchConfig(setup=WorkerSetup(space=space, stop_chunk=100), budget="65%", out=tmp_path, presets=True,
+                       trials=60)
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name=run_dir.study_name(tmp_path),
+                                directions=["maximize", "minimize", "maximize"])
+    study.enqueue_trial(preset_params(from_preset("tome:4", spec), space), user_attrs={"preset": "tome:4"})
+    trial = study.ask()
+    space(trial)
+    study.tell(trial, [0.98, 0.1, 1.6])
+    bar = RunningFront([pareto.OBJECTIVES["accuracy"], pareto.OBJECTIVES["gmacs"]])
+    bar.add({"accuracy": 0.99, "gmacs": 0.001, "feasible": True, "state": "COMPLETE"})  # a bar for every cost
+    trims = frozenset(effective_key(schedule_from_params(space, p)) for p in preset_trims(cfg, study))
+    starts = starting_points(cfg, study)
+    assert len(starts) == len(trims) == 1
+    searcher, _ = _searcher(cfg, storage, bar, starts, total=2, unstopped=trims)
+    first, second = searcher.suggest("a"), searcher.suggest("b")
+    assert effective_key(schedule_from_params(space, first)) in trims and STOP_KEY not in first
+    assert second[STOP_KEY] == pytest.approx(0.99)
