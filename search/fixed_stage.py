@@ -16,7 +16,7 @@ from search.tune_stage import DASHBOARD_ATTRS
 from search.worker import presets_stop
 from spaces import Schedule, gmacs
 from spaces.presets import effective_key, presets_in_range
-from spaces.search_space import SearchSpace, preset_params, trimmed_tail
+from spaces.search_space import SearchSpace, preset_params, trim_keys
 
 
 def run_presets(space: SearchSpace) -> list[Schedule]:
@@ -202,23 +202,11 @@ def _confirm_candidates(cfg: SearchConfig, records: list[dict[str, Any]]) -> lis
     presets = [r for r in records if r.get("preset") and _screened(r)]  # stopped ones too: every preset
     screened = [r for r in records if r.get("fidelity", "screen") == "screen" and r.get("state") == "COMPLETE"]
     searched = report.front_records([r for r in screened if not r.get("preset")], objectives)
-    trims = _trim_keys(cfg.setup.space, presets)
+    trims = trim_keys((r["params"] for r in presets if r.get("params")), cfg.setup.space)
     on_front = {id(r) for r in searched}
     searched += [r for r in screened if not r.get("preset") and id(r) not in on_front and r.get("schedule")
                  and effective_key(Schedule.from_dict(r["schedule"])) in trims]
     return [r for r in [*presets, *searched] if r.get("schedule")]
-
-
-def _trim_keys(space: SearchSpace, presets: list[dict[str, Any]]) -> set[tuple]:
-    """What the presets' trimmed tails run (`effective_key`), for the presets told to the study."""
-    import optuna
-
-    keys = set()
-    for r in presets:
-        trimmed = trimmed_tail(r["params"], space) if r.get("params") else None
-        if trimmed is not None:
-            keys.add(effective_key(space(optuna.trial.FixedTrial(trimmed))))
-    return keys
 
 
 def run_confirm(cfg: SearchConfig, run: dict[str, Any]) -> None:

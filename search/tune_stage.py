@@ -15,6 +15,7 @@ from search.running_front import RunningFront
 from search.worker import FAULT_KEY, STOP_KEY, schedule_from_params
 from spaces import Schedule, gmacs
 from spaces.presets import effective_key
+from spaces.search_space import trim_keys, trimmed_tails
 
 
 def stop_bar(records: list[dict[str, Any]], at_gmacs: float) -> float | None:
@@ -38,17 +39,20 @@ class _Suggested:
         self.last = self.space(trial)
 
 
+def _told_presets(study) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """The parameters of the presets told to the study, in the order they were told."""
+    from optuna.trial import TrialState
+
+    told = sorted((t for t in study.get_trials(deepcopy=False)
+                   if t.user_attrs.get("preset") and t.params and t.state == TrialState.COMPLETE), key=lambda t: t.number)
+    return [t.params for t in told]
+
+
 def preset_trims(cfg: SearchConfig, study) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
     """The trimmed tails (spaces.search_space.trimmed_tail: the preset's own schedule, its last
     block's patch tokens pruned after attention: the same predictions at fewer GMACs) of the presets
     told to the study, in the order they were told; those without one are left out."""
-    from optuna.trial import TrialState
-
-    from spaces.search_space import trimmed_tail
-
-    told = sorted((t for t in study.get_trials(deepcopy=False)
-                   if t.user_attrs.get("preset") and t.params and t.state == TrialState.COMPLETE), key=lambda t: t.number)
-    return [p for p in (trimmed_tail(t.params, cfg.setup.space) for t in told) if p is not None]
+    return trimmed_tails(_told_presets(study), cfg.setup.space)
 
 
 def starting_points(cfg: SearchConfig, study) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
@@ -250,7 +254,7 @@ def run_tune(cfg: SearchConfig, run: dict[str, Any], storage, *, trainable=None)
     for front in (shown, bar):
         front.extend(records)
     by_ray_trial: dict[str, dict[str, Any]] = {}  # --deterministic: the bar learns them in suggestion order
-    trims = frozenset(effective_key(schedule_from_params(cfg.setup.space, p)) for p in preset_trims(cfg, study))
+    trims = trim_keys(_told_presets(study), cfg.setup.space)
     searcher, limited = _searcher(cfg, storage, bar, starting_points(cfg, study), total=remaining,
                                   records=by_ray_trial, unstopped=trims)
     progress = tqdm(total=cfg.trials, initial=finished, desc="trials", unit="trial", file=sys.stderr)

@@ -17,7 +17,8 @@ with `trial.set_constraint` (<= 0 is feasible).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from spaces.budget import fit_target, most_reduced
@@ -342,7 +343,7 @@ def trimmed_tail(params: dict[str, Any], space: SearchSpace, *, min_saving: floa
 
     if space.name != "per-layer" or "prune" not in space.methods or space.budget_gmacs is None:
         return None
-    unfitted = SearchSpace(space.name, space.spec, space.methods)
+    unfitted = replace(space, budget_gmacs=None, min_gmacs=None)
     schedule = space(optuna.trial.FixedTrial(params))
     if schedule.layers[-1].method == "idle" or effective_key(unfitted(optuna.trial.FixedTrial(params))) != effective_key(schedule):
         return None
@@ -358,6 +359,18 @@ def trimmed_tail(params: dict[str, Any], space: SearchSpace, *, min_saving: floa
         return None
     rebuilt = space(optuna.trial.FixedTrial(trimmed))
     return trimmed if effective_key(rebuilt) == effective_key(target) else None
+
+
+def trimmed_tails(presets: Iterable[dict[str, Any]], space: SearchSpace) -> list[dict[str, Any]]:
+    """`trimmed_tail` of each of these presets' parameters, in their order; those without one are left out."""
+    return [t for t in (trimmed_tail(p, space) for p in presets) if t is not None]
+
+
+def trim_keys(presets: Iterable[dict[str, Any]], space: SearchSpace) -> frozenset[tuple]:
+    """What the trimmed tails of these presets' parameters run (`effective_key` of their schedules)."""
+    import optuna
+
+    return frozenset(effective_key(space(optuna.trial.FixedTrial(t))) for t in trimmed_tails(presets, space))
 
 
 class _UniformTrial:
