@@ -288,6 +288,13 @@ def check_supported(model: nn.Module) -> None:
                          "supported heads: class token, avg, avgmax, max")
 
 
+def head_reads_prefix_only(model: nn.Module) -> bool:
+    """Whether the head reads the prefix tokens only (timm's "token" pooling: the class token, and
+    a distilled model's distillation token), so patch tokens removed after the last block's
+    attention change no prediction (spaces.presets.output_key)."""
+    return getattr(model, "global_pool", None) == "token" and getattr(model, "attn_pool", None) is None
+
+
 def apply_schedule(model: nn.Module, schedule: Schedule) -> nn.Module:
     """Patch `model` in place to run `schedule`; returns it. Re-applying replaces the schedule."""
     check_supported(model)

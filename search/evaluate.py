@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from reducers import apply_schedule, remove_schedule
 from reducers.prefix import forward_from
 from search.data import TensorSet
+from search.output_memo import Known, OutputMemo
 from search.prefix_cache import PrefixCache
 from spaces import Schedule, gmacs
 
@@ -285,14 +286,22 @@ def _targets(data: TensorSet, reference: Tensor) -> Tensor:
 
 def evaluate(model: nn.Module, schedule: Schedule, data: TensorSet, reference: Tensor, *, batch_size: int = 256,
              timing: dict | None = None, early_stop: EarlyStop | None = None, prefix: PrefixCache | None = None,
-             reference_is_model: bool = False, dtype: torch.dtype | None = None, hits: bool = False) -> dict:
+             reference_is_model: bool = False, dtype: torch.dtype | None = None, hits: bool = False,
+             memo: OutputMemo | None = None) -> dict:
     """Everything the CLI and the search report for one schedule (one flat dict). With
     ``early_stop``, the accuracy may come from the first images only: ``stopped`` says so and
     ``num_images`` how many. ``prefix`` (the unreduced `model`'s cache for `data`) lets the
     forward start at the schedule's first reducing block. With ``reference_is_model`` (`reference`
     holds this very model's unreduced logits on `data`), a schedule that reduces nothing reuses them.
     ``dtype`` (torch.bfloat16): the forward under autocast; `reference` stays what it is (fp32).
-    With ``hits``, ``hits`` holds each image's outcome (top-1 right, or agreeing without labels)."""
+    With ``hits``, ``hits`` holds each image's outcome (top-1 right, or agreeing without labels).
+    ``memo`` (search.output_memo): a schedule predicting what one evaluated in full before predicts
+    reuses its result (``output_of`` names that schedule); a full evaluation is written to it."""
+    known = memo.get(schedule, dtype) if memo is not None else None
+    if known is not None:
+        return _result(schedule, Accuracy(known.top1, known.top5, known.agreement, known.kl, known.num_images),
+                       known.hits, stopped=False, hits=hits, timing=timing, model=model,
+                       output_of=known.output_of)
     start = schedule.first_reducing_block()
     if reference_is_model and start == schedule.model.depth and dtype is None:
         logits = reference
@@ -310,10 +319,22 @@ def evaluate(model: nn.Module, schedule: Schedule, data: TensorSet, reference: T
             remove_schedule(model)
     seen = logits.shape[0]
     acc = accuracy(logits, data.labels[:seen], reference[:seen])
-    out = {"schedule": schedule.name, "summary": schedule.summary(), **asdict(acc), "stopped": seen < len(data),
+    right = logits.argmax(1) == _targets(data, reference)[:seen]
+    if memo is not None and seen == len(data):
+        memo.put(schedule, Known(acc.top1, acc.top5, acc.agreement, acc.kl, acc.num_images, right,
+                                 schedule.summary()), dtype)
+    return _result(schedule, acc, right, stopped=seen < len(data), hits=hits, timing=timing, model=model)
+
+
+def _result(schedule: Schedule, acc: Accuracy, right: Tensor, *, stopped: bool, hits: bool, timing: dict | None,
+            model: nn.Module, output_of: str | None = None) -> dict:
+    """`evaluate`'s flat dict: the accuracy, GMACs, each image's outcome when asked, the timing when asked."""
+    out = {"schedule": schedule.name, "summary": schedule.summary(), **asdict(acc), "stopped": stopped,
            "gmacs": gmacs(schedule), "baseline_gmacs": gmacs(Schedule.empty(schedule.model))}
+    if output_of is not None:
+        out["output_of"] = output_of
     if hits:
-        out["hits"] = logits.argmax(1) == _targets(data, reference)[:seen]
+        out["hits"] = right
     if timing is not None:
         speed = throughput(model, schedule, **timing)
         remove_schedule(model)

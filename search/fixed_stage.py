@@ -15,7 +15,7 @@ from search.outcome import STOPPED, finite, latest_records
 from search.tune_stage import DASHBOARD_ATTRS
 from search.worker import presets_stop
 from spaces import Schedule, gmacs
-from spaces.presets import effective_key, presets_in_range
+from spaces.presets import effective_key, output_key, presets_in_range
 from spaces.search_space import SearchSpace, preset_params, trim_keys
 
 
@@ -40,28 +40,41 @@ def _screened(record: dict[str, Any]) -> bool:
 
 def _batches(items: list[Any], concurrency: int, most: int = 8,
              cost: Callable[[Any], float] = lambda item: 1.0,
-             order: Callable[[Any], float] | None = None) -> list[list[Any]]:
+             order: Callable[[Any], float] | None = None,
+             group: Callable[[Any], Any] | None = None) -> list[list[Any]]:
     """Items dealt into batches of about equal `cost` (one Ray trial per batch: the trial's start-up
     is paid once per batch, not once per item): enough batches for about `most` items each, rounded
     up to a multiple of `concurrency`, so the workers finish together. Costliest first, each item to the
     cheapest batch so far (longest processing time first); the costliest batches first, each in
-    `order` when given."""
+    `order` when given. Items of one `group` go to one batch one after the other, in their order here,
+    and cost what the costliest of them costs (the first to run writes what the others read:
+    search.output_memo)."""
     if not items:
         return []
+    units: dict[Any, list[Any]] = {}
+    for i, item in enumerate(items):
+        units.setdefault(group(item) if group else i, []).append(item)
+    unit_cost = {id(unit): max(cost(item) for item in unit) for unit in units.values()}
     count = min(len(items), concurrency * math.ceil(math.ceil(len(items) / most) / concurrency))
-    batches: list[list[Any]] = [[] for _ in range(count)]
+    count = min(count, len(units))
+    batches: list[list[list[Any]]] = [[] for _ in range(count)]
     totals = [0.0] * count
-    for item in sorted(items, key=cost, reverse=True):
-        slot = min(range(count), key=lambda i: (totals[i], len(batches[i])))
-        batches[slot].append(item)
-        totals[slot] += cost(item)
-    return [sorted(batches[i], key=order) if order else batches[i]
+    for unit in sorted(units.values(), key=lambda u: unit_cost[id(u)], reverse=True):
+        slot = min(range(count), key=lambda i: (totals[i], sum(map(len, batches[i]))))
+        batches[slot].append(unit)
+        totals[slot] += unit_cost[id(unit)]
+    return [[item for unit in (sorted(batches[i], key=lambda u: order(u[0])) if order else batches[i]) for item in unit]
             for i in sorted(range(count), key=lambda i: -totals[i])]
 
 
 def _item_cost(item: dict[str, Any]) -> float:
     """The GMACs of a fixed schedule: its evaluation time goes with them."""
     return gmacs(Schedule.from_dict(item["schedule"]))
+
+
+def _output_group(item: dict[str, Any]) -> tuple:
+    """The items that predict the same (spaces.presets.output_key) run in one batch, one after the other."""
+    return output_key(Schedule.from_dict(item["schedule"]))
 
 
 def _run_fixed(cfg: SearchConfig, run: dict[str, Any], items: list[dict[str, Any]], stage: str, desc: str,
@@ -99,7 +112,7 @@ def _run_fixed(cfg: SearchConfig, run: dict[str, Any], items: list[dict[str, Any
 
     fit_grid(cfg, run, tune.with_parameters(fixed_trainable, setup=cfg.setup), "items",
               _batches(items, cfg.concurrency, cost=_item_cost,
-                       order=_item_cost if any(item.get("stop") for item in items) else None),
+                       order=_item_cost if any(item.get("stop") for item in items) else None, group=_output_group),
               stage, FixedRecorder())
     progress.close()
 
@@ -111,18 +124,20 @@ def fit_grid(cfg: SearchConfig, run: dict[str, Any], trainable, key: str, items:
     from ray import tune
 
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
-    tune.Tuner(
+    tuner = tune.Tuner(
         tune.with_resources(trainable, resources),
         param_space={key: tune.grid_search(items)},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.concurrency, reuse_actors=True),
         run_config=tune.RunConfig(storage_path=str((cfg.out / "ray").resolve()),
                                   name=f"{stage}-{len(run.get('resumed', [])) + 1}", verbose=0,
                                   callbacks=[callback]),
-    ).fit()
+    )
+    tuner.fit()
 
 
 _RESULT_KEYS = ("accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup", "images_per_s", "feasible", "error",
-                "summary", "eval_seconds", "trial_seconds", "num_images", "predicted_speedup", "predicted_images_per_s")
+                "summary", "eval_seconds", "trial_seconds", "num_images", "predicted_speedup", "predicted_images_per_s",
+                "output_of")
 
 
 def _study(cfg: SearchConfig, storage):  # type: ignore[no-untyped-def]
@@ -225,7 +240,7 @@ def run_confirm(cfg: SearchConfig, run: dict[str, Any]) -> None:
                     "screen_accuracy": screen.get("accuracy"), "screen_images": screen.get("num_images"),
                     "screen_stopped": screen.get("fidelity") == STOPPED})
         rec.update({k: (result or {}).get(k) for k in ("accuracy", "agreement", "top1", "top5", "kl", "error",
-                                                        "eval_seconds", "trial_seconds", "num_images", paired.KEY)})
+                                                        "eval_seconds", "trial_seconds", "num_images", "output_of", paired.KEY)})
         rec["confirmed_accuracy"] = rec["accuracy"]
         run_dir.append_record(cfg.out, rec)
 

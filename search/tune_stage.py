@@ -199,7 +199,7 @@ def _callback(cfg: SearchConfig, searcher, progress, fronts: list[RunningFront],
                 record.update({k: result.get(k) for k in (
                     "accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup", "images_per_s", "feasible",
                     "summary", "schedule", "eval_seconds", "load_seconds", "trial_seconds", "num_images",
-                    "predicted_speedup", "predicted_images_per_s")})
+                    "predicted_speedup", "predicted_images_per_s", "output_of")})
                 if result.get("stopped"):  # scored on its first images only: never on the front
                     record["fidelity"] = STOPPED
                 record["seconds"] = result.get("eval_seconds")

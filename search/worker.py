@@ -23,10 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from reducers.patch import head_reads_prefix_only
 from search import latency, paired, screen_bars, shared_logits
 from search.data import TIMM_CROP_SCALE, TensorSet, load_confirm_set, load_eval_set
 from search.evaluate import EarlyStop, evaluate, predict
 from search.models import data_config, load_model
+from search.output_memo import OutputMemo
 from search.prefix_cache import PrefixCache
 from spaces import Schedule, gmacs
 from spaces.search_space import SearchSpace
@@ -105,13 +107,27 @@ def _confirm_set(setup: WorkerSetup, model: nn.Module) -> TensorSet:
                             screen_images=setup.num_images, seed=setup.seed, num_classes=model.num_classes)
 
 
+def _outputs_key(setup: WorkerSetup) -> tuple:
+    """Everything but the schedule that a forward's outputs depend on (files shared through the run cache)."""
+    stamp = Path(setup.checkpoint).stat() if setup.checkpoint and Path(setup.checkpoint).is_file() else None
+    return (*_context_key(setup), stamp and (stamp.st_size, stamp.st_mtime_ns), torch.__version__)
+
+
+def output_memo(setup: WorkerSetup, model: nn.Module, images: str) -> OutputMemo | None:
+    """The run's shared results for `images` ("screen" or "confirm"): None without a run cache, or
+    when the model's head reads more than its prefix tokens (then no two schedules are known to
+    predict the same)."""
+    if setup.cache_dir is None or not head_reads_prefix_only(model):
+        return None
+    return OutputMemo(Path(setup.cache_dir), images, _outputs_key(setup))
+
+
 def _references(setup: WorkerSetup, model: nn.Module, data: TensorSet) -> tuple[Tensor, Tensor | None]:
     """The unreduced logits on the screening images and, with a run cache, on the confirmation
     images too: computed by the first worker to need them, loaded by the others."""
     if setup.cache_dir is None:
         return predict(model, data, batch_size=setup.batch_size), None
-    stamp = Path(setup.checkpoint).stat() if setup.checkpoint and Path(setup.checkpoint).is_file() else None
-    key = (*_context_key(setup), stamp and (stamp.st_size, stamp.st_mtime_ns), torch.__version__)
+    key = _outputs_key(setup)
     screen, confirm = (shared_logits.cache_path(setup.cache_dir, name, (*key, extra))
                        for name, extra in (("screen", None), ("confirm", setup.confirm_images)))
     logits = shared_logits.shared_logits([
@@ -190,8 +206,10 @@ def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str, stop: bo
     early_stop = _shared_stop(setup, schedule, batch_bars) if stop and screen else None
     result = evaluate(ctx.model, schedule, data, reference, batch_size=setup.batch_size, timing=timing,
                       early_stop=early_stop, prefix=ctx.prefix if screen else ctx.confirm_prefix,
-                      reference_is_model=True, dtype=screen_dtype(setup) if screen else None, hits=not screen)
-    metrics = {**_metrics(setup, schedule, result), "stopped": result["stopped"], "num_images": result["num_images"]}
+                      reference_is_model=True, dtype=screen_dtype(setup) if screen else None, hits=not screen,
+                      memo=output_memo(setup, ctx.model, images))
+    metrics = {**_metrics(setup, schedule, result), "stopped": result["stopped"], "num_images": result["num_images"],
+               "output_of": result.get("output_of")}
     if not screen:  # for image-by-image comparisons in the verdict (search.paired)
         metrics[paired.KEY] = paired.encode(result["hits"])
     if early_stop is not None and not result["stopped"]:
@@ -245,8 +263,9 @@ def evaluate_params(setup: WorkerSetup, params: dict[str, Any]) -> dict[str, Any
     below = params.get(STOP_KEY)
     stop = EarlyStop(below, chunk=setup.stop_chunk) if setup.stop_chunk and below is not None else None
     result = evaluate(ctx.model, schedule, ctx.data, ctx.reference, batch_size=setup.batch_size, timing=timing,
-                      early_stop=stop, prefix=ctx.prefix, reference_is_model=True, dtype=screen_dtype(setup))
-    metrics = {**_metrics(setup, schedule, result), "schedule": schedule.to_dict(),
+                      early_stop=stop, prefix=ctx.prefix, reference_is_model=True, dtype=screen_dtype(setup),
+                      memo=output_memo(setup, ctx.model, "screen"))
+    metrics = {**_metrics(setup, schedule, result), "schedule": schedule.to_dict(), "output_of": result.get("output_of"),
                "stopped": result["stopped"], "num_images": result["num_images"],
                "eval_seconds": time.perf_counter() - start, "load_seconds": ctx.load_seconds if ctx.trials == 1 else 0.0}
     if fault == "nan":

@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from spaces.model_spec import ModelSpec
-from spaces.schedule import LayerPlan, Schedule, ppt_threshold
+from spaces.schedule import AFTER_ATTENTION, LayerPlan, Schedule, ppt_threshold
 
 PRESET_NAMES = ("none", "tome", "evit", "idlevit", "idlevit-code", "ppt", "tcvit", "diffrate")
 PPT_R_DEIT = 50  # PPT's r on DeiT-S (196 patches)
@@ -245,6 +245,17 @@ def effective_key(schedule: Schedule) -> tuple:
     plans = tuple(LayerPlan() if p.is_identity(n) else replace(p, keep=1.0, r=None, kept=None, merge_keep=1.0)
                   for p, n in zip(schedule.layers, entering, strict=False))  # a plan removing nothing is none
     return (tuple((b.tokens_in, b.tokens_attn, b.tokens_out) for b in breakdown(schedule)), schedule.prop_attn, plans)
+
+
+def output_key(schedule: Schedule) -> tuple:
+    """What a schedule's predictions depend on when the model's head reads only its prefix tokens
+    (reducers.patch.head_reads_prefix_only): `effective_key` without the last block's reduction
+    after attention. That reduction removes patch tokens after the last attention, before the
+    MLP, and nothing after reads them; the prefix tokens pass unchanged. Schedules with the same
+    output_key predict the same (up to the rounding of the MLP's product over fewer rows)."""
+    if schedule.layers[-1].method not in AFTER_ATTENTION:
+        return effective_key(schedule)
+    return effective_key(replace(schedule, layers=(*schedule.layers[:-1], LayerPlan())))
 
 
 def presets_in_range(spec: ModelSpec, max_gmacs: float | None, min_gmacs: float | None = None) -> list[Schedule]:
