@@ -11,6 +11,7 @@ from typing import Any
 
 from search import paired, pareto, report, run_dir, screen_bars
 from search.config import SearchConfig
+from search.idle_actors import keep_idle_actors
 from search.outcome import STOPPED, finite, latest_records
 from search.tune_stage import DASHBOARD_ATTRS
 from search.worker import presets_stop
@@ -132,7 +133,8 @@ def fit_grid(cfg: SearchConfig, run: dict[str, Any], trainable, key: str, items:
                                   name=f"{stage}-{len(run.get('resumed', [])) + 1}", verbose=0,
                                   callbacks=[callback]),
     )
-    tuner.fit()
+    with keep_idle_actors():
+        tuner.fit()
 
 
 _RESULT_KEYS = ("accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup", "images_per_s", "feasible", "error",

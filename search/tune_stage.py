@@ -10,6 +10,7 @@ from typing import Any
 
 from search import pareto, run_dir
 from search.config import SearchConfig
+from search.idle_actors import keep_idle_actors
 from search.outcome import STOPPED, finite, latest_records
 from search.running_front import RunningFront
 from search.worker import FAULT_KEY, STOP_KEY, schedule_from_params
@@ -269,5 +270,6 @@ def run_tune(cfg: SearchConfig, run: dict[str, Any], storage, *, trainable=None)
                                             by_ray_trial if cfg.deterministic else None)],
         ),
     )
-    tuner.fit()
+    with keep_idle_actors():
+        tuner.fit()
     progress.close()

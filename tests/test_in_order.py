@@ -42,3 +42,22 @@ def test_results_are_told_in_suggestion_order_and_only_those_lag_behind() -> Non
     assert inner.told == ["t0", "t1", "t2"] and bar == inner.told
     limiter.on_trial_complete("t5", {"a": 5})  # the last suggestion made: everything is told, in order
     assert inner.told == ["t0", "t1", "t2", "t3", "t4", "t5"] and bar == inner.told
+
+
+def test_tune_keeps_idle_actors_while_keep_idle_actors_is_open() -> None:
+    from ray.tune.execution import tune_controller
+
+    from search.idle_actors import keep_idle_actors
+
+    original = tune_controller._ObjectCache
+
+    def two_idle(cache_class: type) -> tuple[list[str], list[str]]:
+        cache = cache_class(may_keep_one=True)  # as Tune's controller makes it
+        cached = [actor for actor in ("a", "b") if cache.cache_object("1 CPU", actor)]  # two workers idle at once
+        return cached, list(cache.flush_cached_objects()), list(cache.flush_cached_objects(force_all=True))
+
+    assert two_idle(original) == (["a"], [], ["a"])  # Tune's own policy: "b" is stopped at once
+    with keep_idle_actors() as kept:
+        assert kept and tune_controller._ObjectCache is not original
+        assert two_idle(tune_controller._ObjectCache) == (["a", "b"], [], ["a", "b"])  # both kept until the end
+    assert tune_controller._ObjectCache is original
