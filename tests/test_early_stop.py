@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,7 @@ def test_without_shared_bars_a_preset_stops_only_against_its_own_batch(tmp_path:
     import dataclasses
 
     from search import screen_bars
+    from search.output_memo import MEMO_DIR
     from search.worker import evaluate_fixed
 
     spec = model_spec("tokensched_vit_shapes")
@@ -204,12 +206,17 @@ def test_without_shared_bars_a_preset_stops_only_against_its_own_batch(tmp_path:
                         batch_size=50, stop_chunk=100, cache_dir=str(tmp_path / "cache"), shared_bars=False)
     weak = from_preset("idlevit:0.3", spec)
     screen_bars.seed(screen_bars.path_in(setup.cache_dir), [(0.5 * gmacs(weak), 0.99)])  # another worker's
-    assert evaluate_fixed(setup, weak, "screen", stop=True)["num_images"] == 500
-    assert evaluate_fixed(setup, weak, "screen", stop=True, batch_bars=[(2 * gmacs(weak), 0.99)])["num_images"] == 500
-    stopped = evaluate_fixed(setup, weak, "screen", stop=True, batch_bars=[(0.5 * gmacs(weak), 0.99)])
+
+    def screened(setup: WorkerSetup, **bars) -> dict:  # type: ignore[no-untyped-def]
+        shutil.rmtree(Path(setup.cache_dir) / MEMO_DIR, ignore_errors=True)  # else its first full screening is known
+        return evaluate_fixed(setup, weak, "screen", stop=True, **bars)
+
+    assert screened(setup)["num_images"] == 500
+    assert screened(setup, batch_bars=[(2 * gmacs(weak), 0.99)])["num_images"] == 500
+    stopped = screened(setup, batch_bars=[(0.5 * gmacs(weak), 0.99)])
     assert stopped["stopped"] and stopped["num_images"] == 100
     shared = dataclasses.replace(setup, shared_bars=True)  # --no-deterministic reads the file
-    assert evaluate_fixed(shared, weak, "screen", stop=True)["num_images"] == 100
+    assert screened(shared)["num_images"] == 100
 
 
 def test_a_presets_trim_is_suggested_without_an_early_stopping_bar(tmp_path: Path) -> None:
