@@ -119,7 +119,8 @@ def output_memo(setup: WorkerSetup, model: nn.Module, images: str) -> OutputMemo
     predict the same)."""
     if setup.cache_dir is None or not head_reads_prefix_only(model):
         return None
-    return OutputMemo(Path(setup.cache_dir), images, _outputs_key(setup))
+    return OutputMemo(Path(setup.cache_dir), images,
+                      (*_outputs_key(setup), setup.confirm_images if images == "confirm" else None))
 
 
 def _references(setup: WorkerSetup, model: nn.Module, data: TensorSet) -> tuple[Tensor, Tensor | None]:

@@ -122,3 +122,20 @@ def test_batches_keep_the_schedules_of_one_output_together_in_their_order() -> N
     batch = holding[0]
     first = batch.index(("a", 5.0))
     assert batch[first:first + 3] == [("a", 5.0), ("a", 4.5), ("a", 1.0)]  # together, in their order
+
+
+def test_a_worker_shares_results_only_on_the_same_images_of_a_model_with_a_class_token_head(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace as with_
+
+    from search.worker import WorkerSetup, output_memo
+    from spaces.search_space import SearchSpace
+
+    spec = ModelSpec.from_model(tiny)
+    setup = WorkerSetup(space=SearchSpace("per-layer", spec), cache_dir=str(tmp_path), confirm_images=20)
+    schedule = from_preset("tome:1", spec)
+    path = output_memo(setup, tiny, "confirm").path(schedule, None)
+    assert output_memo(with_(setup, confirm_images=30), tiny, "confirm").path(schedule, None) != path
+    assert output_memo(with_(setup, seed=1), tiny, "confirm").path(schedule, None) != path
+    assert output_memo(setup, tiny, "screen").path(schedule, None) != path
+    assert output_memo(with_(setup, cache_dir=None), tiny, "confirm") is None  # no run cache to share through
+    assert output_memo(setup, _tiny(global_pool="avg"), "confirm") is None  # the head reads the patch tokens
