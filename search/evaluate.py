@@ -299,9 +299,8 @@ def evaluate(model: nn.Module, schedule: Schedule, data: TensorSet, reference: T
     reuses its result (``output_of`` names that schedule); a full evaluation is written to it."""
     known = memo.get(schedule, dtype) if memo is not None else None
     if known is not None:
-        return _result(schedule, Accuracy(known.top1, known.top5, known.agreement, known.kl, known.num_images),
-                       known.hits, stopped=False, hits=hits, timing=timing, model=model,
-                       output_of=known.output_of)
+        return _result(schedule, Accuracy(**known.accuracy), known.hits, stopped=False, hits=hits, timing=timing,
+                       model=model, output_of=known.output_of)
     start = schedule.first_reducing_block()
     if reference_is_model and start == schedule.model.depth and dtype is None:
         logits = reference
@@ -321,8 +320,7 @@ def evaluate(model: nn.Module, schedule: Schedule, data: TensorSet, reference: T
     acc = accuracy(logits, data.labels[:seen], reference[:seen])
     right = logits.argmax(1) == _targets(data, reference)[:seen]
     if memo is not None and seen == len(data):
-        memo.put(schedule, Known(acc.top1, acc.top5, acc.agreement, acc.kl, acc.num_images, right,
-                                 schedule.summary()), dtype)
+        memo.put(schedule, Known(asdict(acc), right, schedule.summary()), dtype)
     return _result(schedule, acc, right, stopped=seen < len(data), hits=hits, timing=timing, model=model)
 
 

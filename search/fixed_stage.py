@@ -52,18 +52,17 @@ def _batches(items: list[Any], concurrency: int, most: int = 8,
     search.output_memo)."""
     if not items:
         return []
-    units: dict[Any, list[Any]] = {}
+    grouped: dict[Any, list[Any]] = {}
     for i, item in enumerate(items):
-        units.setdefault(group(item) if group else i, []).append(item)
-    unit_cost = {id(unit): max(cost(item) for item in unit) for unit in units.values()}
-    count = min(len(items), concurrency * math.ceil(math.ceil(len(items) / most) / concurrency))
-    count = min(count, len(units))
+        grouped.setdefault(group(item) if group else i, []).append(item)
+    units = [(max(map(cost, unit)), unit) for unit in grouped.values()]
+    count = min(len(units), concurrency * math.ceil(math.ceil(len(items) / most) / concurrency))
     batches: list[list[list[Any]]] = [[] for _ in range(count)]
     totals = [0.0] * count
-    for unit in sorted(units.values(), key=lambda u: unit_cost[id(u)], reverse=True):
+    for unit_cost, unit in sorted(units, key=lambda u: u[0], reverse=True):
         slot = min(range(count), key=lambda i: (totals[i], sum(map(len, batches[i]))))
         batches[slot].append(unit)
-        totals[slot] += unit_cost[id(unit)]
+        totals[slot] += unit_cost
     return [[item for unit in (sorted(batches[i], key=lambda u: order(u[0])) if order else batches[i]) for item in unit]
             for i in sorted(range(count), key=lambda i: -totals[i])]
 

@@ -1,14 +1,14 @@
 """Keep Ray Tune's idle trial actors for the next trial instead of stopping them.
 
 With ``reuse_actors=True``, Ray Tune (2.60) caches the actor of a finished trial for the next one,
-but it stops a finished trial's actor at once, or at the end of the control step, unless a trial
-is waiting for one; it keeps at most one idle actor in all. When two workers are idle at once with no trial ready - a
-worker that finished fast trials while the other runs an older one that `--deterministic`'s
-in-order limiter waits for (search.in_order), or trials that reuse a known result
-(search.output_memo) - one actor is stopped. A new one is asked for with the next trial, but it
-takes longer to start (a process, torch, the model and the data) than the surviving worker takes
-to finish its trial, and Tune then gives the trial to that worker and drops the new actor: the
-search goes on with one worker for good (measured: 59 of 60 trials on one process).
+but it stops a finished trial's actor at once, or at the end of the control step, unless a trial is
+waiting for one; it keeps at most one idle actor in all. When two workers are idle at once with no
+trial ready (a worker that finished fast trials while the other runs an older one that
+`--deterministic`'s in-order limiter waits for, search.in_order, or trials that reuse a known
+result, search.output_memo), one actor is stopped. A new one is asked for with the next trial, but
+it takes longer to start (a process, torch, the model and the data) than the surviving worker
+takes to finish its trial, and Tune then gives the trial to that worker and drops the new actor:
+the search goes on with one worker for good (measured: 59 of 60 trials on one process).
 
 `keep_idle_actors` makes Tune keep them until the experiment ends: the search's trials all ask for
 the same resources, so a kept actor always serves a later trial.

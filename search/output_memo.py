@@ -11,14 +11,14 @@ names the schedule that ran (``output_of``). An evaluation stopped early is not 
 from __future__ import annotations
 
 import hashlib
-import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from search.shared_logits import save_atomically
 from spaces import Schedule
 from spaces.presets import output_key
 
@@ -29,11 +29,7 @@ MEMO_DIR = "outputs"  # under the run's cache directory
 class Known:
     """What an earlier full evaluation measured for the same outputs."""
 
-    top1: float | None
-    top5: float | None
-    agreement: float
-    kl: float
-    num_images: int
+    accuracy: dict[str, Any]  # search.evaluate.Accuracy as a dict
     hits: Tensor  # [N] bool: each image's outcome (top-1 right, or agreeing without labels)
     output_of: str  # the summary of the schedule that ran
 
@@ -61,6 +57,4 @@ class OutputMemo:
         """Write a full evaluation (atomically: a reader sees all of it or nothing)."""
         path = self.path(schedule, dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({**known.__dict__, "hits": known.hits.clone()}, tmp)
-        os.replace(tmp, path)
+        save_atomically(asdict(known), path)

@@ -45,11 +45,16 @@ def _lock(path: Path, *, wait: bool):  # type: ignore[no-untyped-def]
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def save_atomically(obj: object, path: Path) -> None:
+    """torch.save to `path` through a temporary file: a reader sees all of it or nothing."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def _compute_and_save(path: Path, compute: Callable[[], Tensor]) -> Tensor:
     logits = compute()
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(logits, tmp)
-    os.replace(tmp, path)
+    save_atomically(logits, path)
     return logits
 
 
