@@ -59,15 +59,17 @@ def preset_trims(cfg: SearchConfig, study) -> list[dict[str, Any]]:  # type: ign
 def starting_points(cfg: SearchConfig, study) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
     """The local sampler's first searched trials, at most a fifth of --trials; none for other
     samplers, nor once the study holds a searched trial in any state (a resumed run's enqueued ones
-    are still there). With presets: their trimmed tails (`preset_trims`). With nothing to start
+    are still there). With presets: their trimmed tails (`preset_trims`), then front-loaded shapes
+    (spaces.search_space.front_loaded_starts). With nothing to start
     from (--no-presets): each method alone at the top and the bottom of the budget range
     (spaces.search_space.uniform_starts)."""
-    from spaces.search_space import uniform_starts
+    from spaces.search_space import front_loaded_starts, uniform_starts
 
     if any("preset" not in t.user_attrs for t in study.get_trials(deepcopy=False)) \
             or not cfg.sampler.startswith("local-"):
         return []
-    starts = preset_trims(cfg, study) if cfg.presets else uniform_starts(cfg.setup.space)
+    space = cfg.setup.space
+    starts = [*preset_trims(cfg, study), *front_loaded_starts(space)] if cfg.presets else uniform_starts(space)
     return starts[: cfg.trials // 5]
 
 

@@ -417,6 +417,51 @@ def uniform_starts(space: SearchSpace) -> list[dict[str, Any]]:
     return starts
 
 
+FRONT_LOADED_POWERS = (1.0, 2.0)  # the removal share of a front-loaded start falls as (1 - depth) ** power
+FRONT_LOADED_REMOVAL = 0.5  # the removal share at the first reducing block (the budget fit rescales it)
+
+
+class _FrontLoadedTrial(_UniformTrial):
+    """A uniform start whose keep ratio rises with depth: block ``first + i`` keeps
+    ``1 - FRONT_LOADED_REMOVAL * (1 - x) ** power``, x going from 0 there to 1 at the last block."""
+
+    def __init__(self, method: str, first: int, fraction: float, depth: int, power: float) -> None:
+        super().__init__(method, first, fraction)
+        span = max(depth - 1 - first, 1)
+        self.keeps = [1.0 - FRONT_LOADED_REMOVAL * (1.0 - min(1.0, max(0.0, (i - first) / span))) ** power
+                      for i in range(depth)]
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
+        block, _, leaf = name.partition(".")
+        if leaf == "keep" and block.startswith("layer"):
+            self.params[name] = min(high, max(low, self.keeps[int(block[len("layer"):])]))
+            return self.params[name]
+        return super().suggest_float(name, low, high, log=log)
+
+
+def front_loaded_starts(space: SearchSpace) -> list[dict[str, Any]]:
+    """First trials beside the presets' trims: one method reducing most in its first block and less
+    with depth, to every token kept in the last (`_FrontLoadedTrial`, for each of
+    FRONT_LOADED_POWERS), at the middle, the bottom and the top of the budget range. The method is
+    ToMe's merge when the space has it (from block 0), else the space's first (from a quarter of the
+    depth, as in `uniform_starts`). Token reduction hurts least early for a merge and where few
+    tokens are left late (docs/RESULTS.md §4, session 35: such shapes beat ToMe's decreasing
+    presets at their cost); a 60-trial search rarely draws a per-layer shape that monotone, and the
+    challenges carry a start's shape to every preset's cost. Per-layer space only."""
+    if space.name != "per-layer":
+        return []
+    method = "merge" if "merge" in space.methods else space.methods[0]
+    first = 0 if method in ("merge", "diffrate") else space.spec.depth // 4
+    low, high = space.fraction_range
+    starts = []
+    for fraction in ((low * high) ** 0.5, low, high):
+        for power in FRONT_LOADED_POWERS:
+            trial = _FrontLoadedTrial(method, first, fraction, space.spec.depth, power)
+            space(trial)
+            starts.append(trial.params)
+    return starts
+
+
 class _ExtremeTrial:
     """Answers every suggestion with the most reducing value, for one method."""
 
