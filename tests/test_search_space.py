@@ -187,6 +187,38 @@ def test_uniform_starts_run_each_method_alone_at_both_ends_of_the_budget_range()
     assert uniform_starts(SearchSpace("staged", spec, budget_gmacs=budget)) == []
 
 
+def test_front_loaded_starts_reduce_most_first_and_keep_every_token_in_the_last_block() -> None:
+    import optuna
+
+    from search.models import DEFAULT_MODEL, model_spec
+    from spaces import gmacs
+    from spaces.search_space import FRONT_LOADED_POWERS, SearchSpace, front_loaded_starts
+
+    spec = model_spec(DEFAULT_MODEL)
+    budget = 0.65 * gmacs(Schedule.empty(spec))
+    space = SearchSpace("per-layer", spec, budget_gmacs=budget, min_gmacs=0.4 * budget)
+    starts = front_loaded_starts(space)
+    low, high = space.fraction_range
+    fractions = [f for f in ((low * high) ** 0.5, low, high) for _ in FRONT_LOADED_POWERS]
+    assert [p["budget.fraction"] for p in starts] == pytest.approx(fractions)
+    for params in starts:
+        schedule = space(optuna.trial.FixedTrial(params))
+        assert {p.method for p in schedule.layers[:-1]} == {"merge"} and schedule.layers[-1].method in ("merge", "none")
+        keeps = [p.keep if p.method != "none" else 1.0 for p in schedule.layers]
+        assert keeps == sorted(keeps) and keeps[0] < keeps[-2] and keeps[-1] == 1.0  # rising to every token kept
+        assert gmacs(schedule) <= params["budget.fraction"] * budget + 1e-9
+    removal = [[1 - params[f"layer{i:02d}.keep"] for i in range(spec.depth)] for params in starts[:2]]
+    assert removal[0][0] == removal[1][0] == pytest.approx(0.5)  # one first-block share, more front-loaded at p=2
+    assert removal[1][spec.depth // 2] < removal[0][spec.depth // 2]
+
+    pruning = SearchSpace("per-layer", spec, budget_gmacs=budget, methods=("prune", "idle"))
+    for params in front_loaded_starts(pruning):  # no merge: the first method, from a quarter of the depth
+        schedule = pruning(optuna.trial.FixedTrial(params))
+        reducing = [i for i, p in enumerate(schedule.layers) if p.method != "none" and p.keep < 1.0]
+        assert {schedule.layers[i].method for i in reducing} == {"prune"} and reducing[0] == spec.depth // 4
+    assert front_loaded_starts(SearchSpace("staged", spec, budget_gmacs=budget)) == []
+
+
 def _run_space(spec) -> SearchSpace:
     """The default run's space: 65 % of the GMACs, down to the cheapest preset (ToMe's at 16.6 %)."""
     baseline = gmacs(Schedule.empty(spec))
@@ -213,6 +245,7 @@ def test_the_local_sampler_starts_from_the_presets_trims_or_uniform_with_nothing
     from search.config import SearchConfig
     from search.tune_stage import starting_points
     from search.worker import WorkerSetup
+    from spaces.search_space import front_loaded_starts
 
     space = _run_space(spec)
     cfg = SearchConfig(setup=WorkerSetup(space=space), budget="65%", out=tmp_path, presets=False, trials=60)
@@ -222,8 +255,9 @@ def test_the_local_sampler_starts_from_the_presets_trims_or_uniform_with_nothing
     assert starting_points(replace(cfg, sampler="random"), empty) == []  # random search stays random
     told = _study_with(space, ["tome:4", "tome:10", "idlevit:0.5", "evit:0.5"])
     starts = starting_points(replace(cfg, presets=True), told)
-    expected = [trimmed_tail(preset_params(from_preset(n, spec), space), space) for n in ("tome:4", "evit:0.5")]
-    assert starts == expected  # tome:10 and idlevit:0.5 have no trim
+    trims = [trimmed_tail(preset_params(from_preset(n, spec), space), space) for n in ("tome:4", "evit:0.5")]
+    expected = [*trims, *front_loaded_starts(space)]  # tome:10 and idlevit:0.5 have no trim
+    assert starts == expected and len(starts) == 8
     assert starting_points(replace(cfg, presets=True, trials=5), told) == expected[:1]
     assert starting_points(replace(cfg, presets=True), _study_with(space, ["tome:4"], searched=1)) == []  # resumed
 
