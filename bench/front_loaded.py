@@ -18,24 +18,18 @@ import sys
 from pathlib import Path
 
 import optuna
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reducers import apply_schedule, remove_schedule  # noqa: E402
-from search.data import embedded_set  # noqa: E402
-from search.evaluate import predict  # noqa: E402
-from search.models import load_model  # noqa: E402
+from bench.holdout import HeldOut, parse_seeds  # noqa: E402
 from search.paired import mcnemar_p  # noqa: E402
 from spaces import ModelSpec, Schedule, from_preset, gmacs  # noqa: E402
-from spaces.search_space import SearchSpace, _FrontLoadedTrial  # noqa: E402
+from spaces.search_space import SearchSpace, front_loaded_params  # noqa: E402
 
 
 def shape_at(space: SearchSpace, power: float, target_gmacs: float) -> Schedule:
     """The front-loaded merge shape of `power` fitted to at most `target_gmacs`."""
-    trial = _FrontLoadedTrial("merge", 0, target_gmacs / space.budget_gmacs, space.spec.depth, power)
-    space(trial)
-    return space(optuna.trial.FixedTrial(trial.params))
+    return space(optuna.trial.FixedTrial(front_loaded_params(space, target_gmacs / space.budget_gmacs, power)))
 
 
 def main() -> int:
@@ -44,21 +38,16 @@ def main() -> int:
     ap.add_argument("--powers", nargs="+", type=float, default=[1.0, 2.0, 3.0])
     ap.add_argument("--seeds", default="100-109", help="held-out seeds, a range a-b (2,000 images each)")
     args = ap.parse_args()
-    first, last = (int(x) for x in args.seeds.split("-"))
-    torch.set_num_threads(1)
-    model = load_model(None)
-    spec = ModelSpec.from_model(model)
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    held_out = HeldOut(seeds)
+    right = held_out.right
+    spec = ModelSpec.from_model(held_out.model)
     budget = 0.65 * gmacs(Schedule.empty(spec))
     space = SearchSpace("per-layer", spec, budget_gmacs=budget, min_gmacs=0.1 * budget)  # a fraction range reaching every preset
-    sets = [embedded_set(2000, seed=s) for s in range(first, last + 1)]
-    labels = torch.cat([d.labels for d in sets])
-
-    def right(schedule: Schedule) -> torch.Tensor:
-        apply_schedule(model, schedule)
-        with torch.inference_mode():
-            hits = torch.cat([predict(model, d, batch_size=256).argmax(-1) for d in sets]) == labels
-        remove_schedule(model)
-        return hits
 
     print(f"{'preset':<12} {'power':>5} {'GMACs x':>7} {'preset':>7} {'shape':>7} {'only preset':>11} {'only shape':>10} "
           f"{'p':>8}  tokens entering each block")

@@ -35,6 +35,40 @@ from search.report import COST_TIE  # noqa: E402
 from spaces import Schedule  # noqa: E402
 
 
+def parse_seeds(text: str) -> range:
+    """'a-b' (0 <= a <= b) -> the held-out seeds a..b; ValueError naming the problem otherwise."""
+    try:
+        first, last = (int(x) for x in text.split("-"))
+    except ValueError:
+        first, last = -1, -1
+    if not 0 <= first <= last:
+        raise ValueError(f"--seeds must be a range a-b with 0 <= a <= b, got {text!r}")
+    return range(first, last + 1)
+
+
+class HeldOut:
+    """The embedded default's held-out images of `seeds` (2,000 a seed), and which of them a
+    schedule gets right (computed once per schedule)."""
+
+    def __init__(self, seeds: range) -> None:
+        torch.set_num_threads(1)
+        self.model = load_model(None)
+        self.sets = [embedded_set(2000, seed=s) for s in seeds]
+        self.labels = torch.cat([d.labels for d in self.sets])
+        self._known: dict[str, torch.Tensor] = {}
+
+    def right(self, schedule: Schedule) -> torch.Tensor:
+        """Per image, whether `schedule` on the model predicts its label."""
+        key = schedule.to_json()
+        if key not in self._known:
+            apply_schedule(self.model, schedule)
+            with torch.inference_mode():
+                predicted = torch.cat([predict(self.model, d, batch_size=256).argmax(-1) for d in self.sets])
+            remove_schedule(self.model)
+            self._known[key] = predicted == self.labels
+        return self._known[key]
+
+
 def confirmed(run: Path) -> tuple[list[dict], list[dict]]:
     """(presets, searched): the run's confirmed feasible records (the last record of each)."""
     latest: dict[tuple, dict] = {}
@@ -63,24 +97,12 @@ def main() -> int:
     ap.add_argument("--presets", nargs="*", default=None, help="only these presets (default: every one)")
     ap.add_argument("--seeds", default="100-109", help="held-out seeds, a range a-b (2,000 images each)")
     args = ap.parse_args()
-    first, last = (int(x) for x in args.seeds.split("-"))
-    if not 0 <= first <= last:
-        print(f"error: --seeds must be a range a-b with 0 <= a <= b, got {args.seeds!r}", file=sys.stderr)
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    torch.set_num_threads(1)
-    model = load_model(None)
-    sets = [embedded_set(2000, seed=s) for s in range(first, last + 1)]
-    labels = torch.cat([d.labels for d in sets])
-    known: dict[str, torch.Tensor] = {}
-
-    def right(schedule: Schedule) -> torch.Tensor:
-        key = schedule.to_json()
-        if key not in known:
-            apply_schedule(model, schedule)
-            with torch.inference_mode():
-                known[key] = torch.cat([predict(model, d, batch_size=256).argmax(-1) for d in sets]) == labels
-            remove_schedule(model)
-        return known[key]
+    held_out = HeldOut(seeds)
 
     print(f"{'run':<24} {'preset':<12} {'verdict':<11} {'trial':>5} {'GMACs x':>7} {'confirmed':>17} "
           f"{'held-out':>17} {'only preset':>11} {'only trial':>10} {'p':>8}")
@@ -93,7 +115,7 @@ def main() -> int:
             if rival is None:
                 print(f"{run.name:<24} {p['preset']:<12} {verdict:<11} (no searched schedule at no more GMACs)")
                 continue
-            a, b = right(Schedule.from_dict(p["schedule"])), right(Schedule.from_dict(rival["schedule"]))
+            a, b = held_out.right(Schedule.from_dict(p["schedule"])), held_out.right(Schedule.from_dict(rival["schedule"]))
             only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
             print(f"{run.name:<24} {p['preset']:<12} {verdict:<11} {rival['trial']:>5} {rival['gmacs'] / p['gmacs']:>7.3f} "
                   f"{p['accuracy']:>8.4f}/{rival['accuracy']:.4f} {a.float().mean():>8.4f}/{b.float().mean():.4f} "

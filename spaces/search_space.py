@@ -400,6 +400,12 @@ class _UniformTrial:
         return self._answer(name, lambda v: v if v in choices else choices[0])
 
 
+def _start_block(method: str, space: SearchSpace) -> int:
+    """Where a starting point's method begins to reduce: block 0 for a merging method (as ToMe
+    does), a quarter of the depth for the others (as EViT, IdleViT, TC-ViT and PPT do)."""
+    return 0 if method in ("merge", "diffrate") else space.spec.depth // 4
+
+
 def uniform_starts(space: SearchSpace) -> list[dict[str, Any]]:
     """First trials for a search with nothing to start from (no presets): each method alone, the
     same keep ratio in every block, at the top and the bottom of the budget range. Merging methods
@@ -410,8 +416,7 @@ def uniform_starts(space: SearchSpace) -> list[dict[str, Any]]:
     starts = []
     for fraction in (space.fraction_range[1], space.fraction_range[0]):  # every method at the top first
         for method in space.methods:
-            first = 0 if method in ("merge", "diffrate") else space.spec.depth // 4
-            trial = _UniformTrial(method, first, fraction)
+            trial = _UniformTrial(method, _start_block(method, space), fraction)
             space(trial)
             starts.append(trial.params)
     return starts
@@ -439,27 +444,29 @@ class _FrontLoadedTrial(_UniformTrial):
         return super().suggest_float(name, low, high, log=log)
 
 
+def front_loaded_params(space: SearchSpace, fraction: float, power: float) -> dict[str, Any]:
+    """The per-layer parameters of one front-loaded shape (`_FrontLoadedTrial`) at `fraction` of
+    the budget: ToMe's merge when the space has it (from block 0), else the space's first method
+    (from a quarter of the depth, as in `uniform_starts`)."""
+    method = "merge" if "merge" in space.methods else space.methods[0]
+    trial = _FrontLoadedTrial(method, _start_block(method, space), fraction, space.spec.depth, power)
+    space(trial)
+    return trial.params
+
+
 def front_loaded_starts(space: SearchSpace) -> list[dict[str, Any]]:
     """First trials beside the presets' trims: one method reducing most in its first block and less
-    with depth, to every token kept in the last (`_FrontLoadedTrial`, for each of
-    FRONT_LOADED_POWERS), at the middle, the bottom and the top of the budget range. The method is
-    ToMe's merge when the space has it (from block 0), else the space's first (from a quarter of the
-    depth, as in `uniform_starts`). Token reduction hurts least early for a merge and where few
-    tokens are left late (docs/RESULTS.md §4, session 35: such shapes beat ToMe's decreasing
-    presets at their cost); a 60-trial search rarely draws a per-layer shape that monotone, and the
-    challenges carry a start's shape to every preset's cost. Per-layer space only."""
+    with depth, to every token kept in the last (`front_loaded_params`, for each of
+    FRONT_LOADED_POWERS), at the middle, the bottom and the top of the budget range. Token
+    reduction hurts least early for a merge and where few tokens are left late (docs/RESULTS.md §4,
+    session 35: such shapes beat ToMe's decreasing presets at their cost); a 60-trial search rarely
+    draws a per-layer shape that monotone, and the challenges carry a start's shape to every
+    preset's cost. Per-layer space only."""
     if space.name != "per-layer":
         return []
-    method = "merge" if "merge" in space.methods else space.methods[0]
-    first = 0 if method in ("merge", "diffrate") else space.spec.depth // 4
     low, high = space.fraction_range
-    starts = []
-    for fraction in ((low * high) ** 0.5, low, high):
-        for power in FRONT_LOADED_POWERS:
-            trial = _FrontLoadedTrial(method, first, fraction, space.spec.depth, power)
-            space(trial)
-            starts.append(trial.params)
-    return starts
+    return [front_loaded_params(space, fraction, power)
+            for fraction in ((low * high) ** 0.5, low, high) for power in FRONT_LOADED_POWERS]
 
 
 class _ExtremeTrial:
