@@ -138,7 +138,7 @@ def fit_grid(cfg: SearchConfig, run: dict[str, Any], trainable, key: str, items:
 
 _RESULT_KEYS = ("accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup", "images_per_s", "feasible", "error",
                 "summary", "eval_seconds", "trial_seconds", "num_images", "predicted_speedup", "predicted_images_per_s",
-                "output_of")
+                "output_of", "unreduced_accuracy")
 
 
 def _study(cfg: SearchConfig, storage):  # type: ignore[no-untyped-def]
@@ -241,7 +241,8 @@ def run_confirm(cfg: SearchConfig, run: dict[str, Any]) -> None:
                     "screen_accuracy": screen.get("accuracy"), "screen_images": screen.get("num_images"),
                     "screen_stopped": screen.get("fidelity") == STOPPED})
         rec.update({k: (result or {}).get(k) for k in ("accuracy", "agreement", "top1", "top5", "kl", "error",
-                                                        "eval_seconds", "trial_seconds", "num_images", "output_of", paired.KEY)})
+                                                        "eval_seconds", "trial_seconds", "num_images", "output_of",
+                                                        "unreduced_accuracy", paired.KEY)})
         rec["confirmed_accuracy"] = rec["accuracy"]
         run_dir.append_record(cfg.out, rec)
 

@@ -86,7 +86,9 @@ def finish(cfg: SearchConfig, run: dict[str, Any]) -> SearchOutcome:
     run_dir.replace_configs(cfg.out, lambda root: report.export_configs(root, front, run=src))  # stale ones go
     searched = [r for r in best if not r.get("preset") and r.get("state") == "COMPLETE"]
     run["latency_error"] = latency.predictor_error([*front, *presets])
-    print(report.front_table(front, presets, objectives, searched, verdict_on=verdict_objectives(objectives)))
+    run["unreduced"] = unreduced_reference(every, baseline)
+    print(report.front_table(front, presets, objectives, searched, verdict_on=verdict_objectives(objectives),
+                             unreduced=run["unreduced"]))
     run["front_size"], run["hypervolume"] = len(front), history[-1] if history else 0.0
     run_dir.write_run_json(cfg.out, run)
     return SearchOutcome(cfg.out, records, front, 0)
@@ -104,6 +106,20 @@ def final_front(cfg: SearchConfig, every: list[dict[str, Any]]) -> tuple[list[di
     preset_keys = {effective_key(Schedule.from_dict(p["schedule"])) for p in presets if p.get("schedule")}
     best = [r for r in best if r.get("preset") or not _runs_a_preset(r, preset_keys)]
     return report.front_records(best, objectives, search_only=False), presets, best, finetuned
+
+
+def unreduced_reference(records: list[dict[str, Any]], baseline_gmacs: float) -> dict[str, Any] | None:
+    """The unreduced model's GMACs and its accuracy on the screening and on the confirmation images
+    (each preset's and each confirmed point's record carries it): the ceiling a verdict is read
+    against. None when no record carries it (runs before it was recorded)."""
+    def first(confirm: bool) -> float | None:
+        return next((r["unreduced_accuracy"] for r in records if finite(r.get("unreduced_accuracy"))
+                     and (r.get("fidelity") == "confirm") == confirm), None)
+
+    screen, confirmed = first(confirm=False), first(confirm=True)
+    if screen is None and confirmed is None:
+        return None
+    return {"gmacs": baseline_gmacs, "screen_accuracy": screen, "confirmed_accuracy": confirmed}
 
 
 def verdict_objectives(objectives: list[pareto.Objective]) -> list[pareto.Objective]:

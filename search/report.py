@@ -397,12 +397,25 @@ def _dominates(a: dict, b: dict, objectives: Sequence[Objective]) -> bool:
     return _covers(a, b, objectives) and any(_better(a, b, o) for o in objectives)
 
 
+def _unreduced_line(unreduced: dict, confirmed: bool) -> tuple[str, float | None]:
+    """The unreduced model's line under the table, and its accuracy on the images the table's
+    accuracy column is on (the confirmation images when the records were confirmed)."""
+    ceiling = unreduced.get("confirmed_accuracy") if confirmed else unreduced.get("screen_accuracy")
+    screen = unreduced.get("screen_accuracy") if confirmed else None
+    text = "unreduced model (the reference, not a preset):"
+    text += "" if ceiling is None else f" accuracy {ceiling:.4g},"
+    text += "" if screen is None else f" screen {screen:.4g},"
+    return f"{text} gmacs {unreduced['gmacs']:.4g}", ceiling
+
+
 def preset_verdicts(front: Sequence[dict], presets: Sequence[dict], objectives: Sequence[Objective],
-                    searched: Sequence[dict] = ()) -> list[tuple[dict, str]]:
+                    searched: Sequence[dict] = (), *, ceiling: float | None = None) -> list[tuple[dict, str]]:
     """For every preset, the searched schedules that dominate it (or match it), or "not beaten" with
     the searched point that came nearest.
 
     ``searched``: every searched point the verdict may use (default: the searched points of the front).
+    ``ceiling``: the unreduced model's accuracy on the same images; a preset not beaten that scores
+    at least that much is said to (its lead over the search is then the images' luck, not a schedule's).
     """
     pool = sorted((r for r in (searched or front) if not r.get("preset") and r.get("feasible")
                    and all(_value(r, o.name) is not None for o in objectives)),
@@ -418,10 +431,18 @@ def preset_verdicts(front: Sequence[dict], presets: Sequence[dict], objectives: 
             dom = ", ".join(str(r.get("trial")) for r in beaters)
             verdicts.append((p, f"dominated by search trial(s) {dom}" + _margin(p, beaters, objectives)))
         elif same:
-            verdicts.append((p, f"matched (not beaten) by search trial(s) {', '.join(same)}"))
+            verdicts.append((p, f"matched (not beaten) by search trial(s) {', '.join(same)}" + _at_ceiling(p, ceiling)))
         else:
-            verdicts.append((p, "not beaten" + _closest(p, pool, objectives)))
+            verdicts.append((p, "not beaten" + _closest(p, pool, objectives) + _at_ceiling(p, ceiling)))
     return verdicts
+
+
+def _at_ceiling(preset: dict, ceiling: float | None) -> str:
+    """A note when a preset scores at least what the unreduced model scores on the same images."""
+    accuracy = _value(preset, "accuracy")
+    if ceiling is None or accuracy is None or accuracy < ceiling:
+        return ""
+    return f"; it scores at least what the unreduced model scores on these images ({ceiling:.4g})"
 
 
 def _margin(preset: dict, beaters: Sequence[dict], objectives: Sequence[Objective]) -> str:
@@ -466,9 +487,13 @@ def _closest(preset: dict, pool: Sequence[dict], objectives: Sequence[Objective]
 
 
 def front_table(front: Sequence[dict], presets: Sequence[dict], objectives: Sequence[Objective],
-                searched: Sequence[dict] = (), *, verdict_on: Sequence[Objective] | None = None) -> str:
+                searched: Sequence[dict] = (), *, verdict_on: Sequence[Objective] | None = None,
+                unreduced: dict | None = None) -> str:
     """Fixed-width table of the front beside every preset, with a verdict per preset (on the
     objectives ``verdict_on``, default all).
+
+    ``unreduced`` (search.outcome.unreduced_reference: ``gmacs``, ``screen_accuracy``,
+    ``confirmed_accuracy``): the unreduced model's line under the table, and the ceiling of the verdicts.
 
     When the records were confirmed on disjoint images, ``accuracy`` is the confirmed accuracy and a
     ``screen`` column shows the screening accuracy beside it (marked "s" where the screening
@@ -503,7 +528,11 @@ def front_table(front: Sequence[dict], presets: Sequence[dict], objectives: Sequ
     if any(r.get("screen_stopped") for r in [*front, *presets]):
         lines.append("s: screening stopped early against a preset at no more GMACs (on its first images; "
                      "the accuracy is confirmed on all)")
-    verdicts = preset_verdicts(front, by_cost, verdict_on or objectives, searched)
+    ceiling = None
+    if unreduced is not None:
+        line, ceiling = _unreduced_line(unreduced, confirmed)
+        lines.append(line)
+    verdicts = preset_verdicts(front, by_cost, verdict_on or objectives, searched, ceiling=ceiling)
     for p, note in verdicts:
         lines.append(f"preset {p.get('preset')}: {note}")
     if verdicts:

@@ -210,7 +210,7 @@ def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str, stop: bo
                       reference_is_model=True, dtype=screen_dtype(setup) if screen else None, hits=not screen,
                       memo=output_memo(setup, ctx.model, images))
     metrics = {**_metrics(setup, schedule, result), "stopped": result["stopped"], "num_images": result["num_images"],
-               "output_of": result.get("output_of")}
+               "output_of": result.get("output_of"), "unreduced_accuracy": unreduced_accuracy(data, reference)}
     if not screen:  # for image-by-image comparisons in the verdict (search.paired)
         metrics[paired.KEY] = paired.encode(result["hits"])
     if early_stop is not None and not result["stopped"]:
@@ -378,6 +378,14 @@ def _load_finished(student: nn.Module, schedule: Schedule, settings: Any, out_di
                          "nothing is overwritten")
     student.load_state_dict(load_file(str(out_dir / finetune.WEIGHTS)))
     return float(written["seconds"])
+
+
+def unreduced_accuracy(data: TensorSet, reference: Tensor) -> float:
+    """What the unreduced model scores on all of `data` (its logits: `reference`), as `_accuracy`
+    scores a schedule: top-1, or without labels its agreement with itself (1.0)."""
+    if not data.has_labels:
+        return 1.0
+    return (reference.argmax(1) == data.labels).float().mean().item()
 
 
 def _accuracy(result: dict[str, Any]) -> float:

@@ -75,3 +75,15 @@ def test_a_searched_trial_running_a_presets_trimmed_tail_is_confirmed_even_off_t
                record("best", best, 0.99), record("trim", trim, 0.98), record("shaved", shaved, 0.97)]
     cfg = SearchConfig(setup=WorkerSetup(space=space), budget="65%", out=tmp_path, presets=True)
     assert [r["ray_trial"] for r in _confirm_candidates(cfg, records)] == ["tome:4", "best", "trim"]
+
+
+def test_unreduced_reference_reads_each_image_sets_accuracy_and_is_none_for_older_runs() -> None:
+    from search.outcome import unreduced_reference
+
+    records = [{"fidelity": "screen", "preset": "tome:8", "unreduced_accuracy": 0.991},
+               {"fidelity": "stopped", "preset": "evit:0.5", "unreduced_accuracy": 0.991},
+               {"fidelity": "screen", "trial": 3},  # a searched trial: not recorded there
+               {"fidelity": "confirm", "preset": "tome:8", "unreduced_accuracy": 0.9855}]
+    assert unreduced_reference(records, 4.6) == {"gmacs": 4.6, "screen_accuracy": 0.991, "confirmed_accuracy": 0.9855}
+    assert unreduced_reference(records[:3], 4.6) == {"gmacs": 4.6, "screen_accuracy": 0.991, "confirmed_accuracy": None}
+    assert unreduced_reference([{k: v for k, v in r.items() if k != "unreduced_accuracy"} for r in records], 4.6) is None

@@ -268,3 +268,33 @@ def test_front_table_marks_a_preset_whose_screening_stopped_early(records):
     assert sum("0.7s" in line for line in lines) == 1  # the other preset screened in full: no mark
     assert any(line.startswith("s: screening stopped early") for line in lines)
     assert not any(line.startswith("s: ") for line in front_table(front, presets[1:], ACC_GMACS).splitlines())
+
+
+def test_verdict_says_when_a_preset_not_beaten_scores_what_the_unreduced_model_scores() -> None:
+    from search.report import preset_verdicts
+
+    def rec(trial, acc, g, preset=None):
+        return {"trial": trial, "accuracy": acc, "gmacs": g, "preset": preset, "feasible": True, "state": "COMPLETE"}
+
+    presets = [rec(None, 0.988, 0.4, "lucky"), rec(None, 0.980, 0.3, "below"), rec(None, 0.95, 0.3, "matched")]
+    searched = [rec(7, 0.987, 0.39), rec(8, 0.95, 0.3)]
+    notes = {p["preset"]: note for p, note in preset_verdicts([], presets, ACC_GMACS, searched, ceiling=0.987)}
+    assert notes["lucky"].startswith("not beaten (best searched at no more cost: trial 7")
+    assert notes["lucky"].endswith("; it scores at least what the unreduced model scores on these images (0.987)")
+    assert "unreduced" not in notes["below"] and notes["below"].startswith("not beaten")  # below the ceiling: no note
+    assert notes["matched"] == "matched (not beaten) by search trial(s) 8"
+    without = {p["preset"]: note for p, note in preset_verdicts([], presets, ACC_GMACS, searched)}
+    assert not any("unreduced" in note for note in without.values())
+
+
+def test_front_table_shows_the_unreduced_model_on_the_images_of_its_accuracy_column(records):
+    front = front_records(records, ACC_GMACS, search_only=True)
+    presets = [r for r in records if r["preset"]]
+    unreduced = {"gmacs": 4.6, "screen_accuracy": 0.991, "confirmed_accuracy": 0.9855}
+    screened = front_table(front, presets, ACC_GMACS, unreduced=unreduced).splitlines()
+    assert "unreduced model (the reference, not a preset): accuracy 0.991, gmacs 4.6" in screened
+    confirmed = [{**r, "screen_accuracy": 0.97, "confirmed_accuracy": r["accuracy"]} for r in presets]
+    lines = front_table(front, confirmed, ACC_GMACS, unreduced=unreduced).splitlines()
+    assert "unreduced model (the reference, not a preset): accuracy 0.9855, screen 0.991, gmacs 4.6" in lines
+    assert lines[-1] == "the search dominates 1 of 2 presets (most GMACs first above)"  # a line, not a preset
+    assert not any(line.startswith("unreduced") for line in front_table(front, presets, ACC_GMACS).splitlines())

@@ -239,6 +239,29 @@ def test_front_is_confirmed_on_other_images_and_no_preset_dominates_it(smoke) ->
     assert "selection_optimism" in json.loads((out / "run.json").read_text())
 
 
+def test_the_unreduced_models_accuracy_is_recorded_on_both_image_sets_and_shown(smoke) -> None:
+    """run.json's unreduced reference is what the unreduced model scores on the screening and on the
+    confirmation images (recomputed here), and the closing table shows it."""
+    import torch
+
+    from search.data import embedded_set, load_confirm_set
+    from search.evaluate import predict
+    from search.models import load_model
+
+    out, proc = smoke
+    run = json.loads((out / "run.json").read_text())
+    torch.set_num_threads(1)
+    model = load_model(run["model"], pretrained=run["pretrained"], checkpoint=run["checkpoint"])
+    screen = embedded_set(48, seed=run["seed"])
+    confirm = load_confirm_set(None, {}, num_images=40, screen_images=48, seed=run["seed"])
+    expected = [(predict(model, d, batch_size=48).argmax(1) == d.labels).float().mean().item() for d in (screen, confirm)]
+    unreduced = run["unreduced"]
+    assert [unreduced["screen_accuracy"], unreduced["confirmed_accuracy"]] == pytest.approx(expected)
+    assert unreduced["gmacs"] == pytest.approx(run["baseline_gmacs"])
+    line = f"unreduced model (the reference, not a preset): accuracy {expected[1]:.4g}, screen {expected[0]:.4g}"
+    assert line in proc.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("storage", ["default", "sqlite"])
 def test_resume_after_kill_completes_without_duplicates(tmp_path: Path, storage: str) -> None:
