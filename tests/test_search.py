@@ -103,7 +103,7 @@ def test_smoke_search_writes_every_output(smoke) -> None:
     assert run["sampler"] == "local-nsga2" and "preset" in proc.stdout.lower()
     # stdout holds the closing table only (header, rule, rows, verdicts); Ray's boxes and hints nowhere
     table = re.compile(r" *id  kind |-+$| *\d*  (search|preset) |preset \S+: |the search dominates \d+ of \d+ presets"
-                       r"|s: screening stopped early")
+                       r"|s: screening stopped early|unreduced model \(the reference, not a preset\): ")
     assert all(table.match(line) for line in proc.stdout.splitlines()), proc.stdout
     assert "tensorboard" not in (proc.stdout + proc.stderr).lower() and "╭" not in proc.stdout + proc.stderr
 
