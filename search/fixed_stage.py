@@ -146,8 +146,7 @@ def _study(cfg: SearchConfig, storage):  # type: ignore[no-untyped-def]
     import optuna
 
     directions = ["maximize" if pareto.OBJECTIVES[o].direction == "max" else "minimize" for o in cfg.setup.objectives]
-    noise = run_dir.accuracy_noise(cfg.setup.objectives, cfg.setup.num_images)
-    return optuna.create_study(storage=storage, sampler=run_dir.sampler(cfg.sampler, cfg.seed, cfg.setup.space, noise),
+    return optuna.create_study(storage=storage, sampler=run_dir.sampler(cfg.sampler, cfg.seed, cfg.setup.space),
                                study_name=run_dir.study_name(cfg.out), directions=directions,
                                load_if_exists=True)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import platform
 import sys
-from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -259,17 +258,9 @@ def segment_seed(seed: int, out: Path) -> int:
     return seed + len(resumed)
 
 
-def accuracy_noise(objectives: Sequence[str], screen_images: int) -> tuple[int, int] | None:
-    """What `sampler`'s local moves read the screening noise from: the accuracy's objective index
-    and the screening images (None without an accuracy objective)."""
-    return (list(objectives).index("accuracy"), screen_images) if "accuracy" in objectives else None
-
-
-def sampler(name: str, seed: int, space=None, accuracy_noise: tuple[int, int] | None = None):  # type: ignore[no-untyped-def]
+def sampler(name: str, seed: int, space=None):  # type: ignore[no-untyped-def]
     """Pinned explicitly (PITFALLS 5: Optuna 5 changed the defaults). With the search `space`, the
-    local moves never repeat a schedule and move along its budget share; `accuracy_noise` (the
-    accuracy's objective index, the screening images): presets stay targets of the local moves until
-    beaten by more than the screening noise (search.samplers)."""
+    local moves never repeat a schedule and move along its budget share."""
     import optuna
 
     if name.startswith("local-"):  # local moves around the front, the rest from the named sampler
@@ -277,8 +268,7 @@ def sampler(name: str, seed: int, space=None, accuracy_noise: tuple[int, int] | 
         from spaces.search_space import BUDGET_PARAM
 
         key = ScheduleKey(space) if space is not None else None
-        return LocalMoveSampler(sampler(name.removeprefix("local-"), seed), seed=seed, key=key, axis=BUDGET_PARAM,
-                                accuracy_noise=accuracy_noise)
+        return LocalMoveSampler(sampler(name.removeprefix("local-"), seed), seed=seed, key=key, axis=BUDGET_PARAM)
     if name == "nsga2":
         from search.samplers import PicklableNSGAIISampler
 

@@ -15,23 +15,18 @@ it only slowly in a 60-trial run.
 
 Presets told to the study (user attribute ``preset``) are also targets: while fewer than
 ``challenge_until`` searched trials dominate a preset, a share of the local moves is a challenge,
-the shape of a searched front point run at the preset's cost (the preset's own ``axis`` value, so
-the fit lands at no more GMACs): the nearest costlier and the nearest cheaper shapes not yet run
-there, in turn. A costlier searched shape that is more accurate usually stays more accurate a
-little cheaper, which is how a preset gets dominated; a cheaper one that is almost as accurate
-may be more accurate at the preset's cost (a shape found at one cost is often the best at
-another). One searched win on the screening images can vanish on other images, so a preset stays
-a target until several searched trials dominate it and, with ``accuracy_noise``, dominate it by
-more than the screening noise: their accuracy one binomial standard error above the preset's
-(at most the headroom up to the best accuracy measured, so a preset as accurate as the unreduced
-model needs only a tie). A target on the front that no searched front point is left to challenge
-(a preset as accurate as the unreduced model, or the first trials, before any searched point) is
-challenged once by its own shape at ``challenge_shave`` less of its axis value.
+the shape of the nearest costlier searched front point run at the preset's cost (the preset's own
+``axis`` value, so the fit lands at no more GMACs). A costlier searched shape that is more
+accurate usually stays more accurate a little cheaper, which is how a preset gets dominated; one
+searched win on the screening images can vanish on other images, so a preset stays a target
+until several searched trials dominate it. A target on the front that no costlier searched front
+point is left to challenge (a preset as accurate as the unreduced model, or the first trials,
+before any searched point) is challenged once by its own shape at ``challenge_shave`` less of
+its axis value.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 import threading
@@ -83,20 +78,16 @@ class LocalMoveSampler(BaseSampler):
     ``axis`` names the parameter a cost-axis move changes (``axis_share`` of the local moves, by
     a Gaussian step of ``axis_step`` of its range); ``key(params)`` says what a trial runs, so no
     local move repeats one (up to ``attempts`` draws). While a preset is dominated by fewer than
-    ``challenge_until`` searched trials, ``challenge_share`` of the local moves challenge one.
-    ``accuracy_noise`` = (the accuracy's objective index, the screening images): domination
-    counts only by more than the accuracy's standard error (module docstring)."""
+    ``challenge_until`` searched trials, ``challenge_share`` of the local moves challenge one."""
 
     def __init__(self, base: BaseSampler, *, share: float = 0.5, seed: int | None = None,
                  key: Callable[[dict[str, Any]], Hashable] | None = None, axis: str | None = None,
                  axis_share: float = 0.4, axis_step: float = 0.05, attempts: int = 20,
-                 challenge_share: float = 0.5, challenge_until: int = 2, challenge_shave: float = 0.01,
-                 accuracy_noise: tuple[int, int] | None = None) -> None:
+                 challenge_share: float = 0.5, challenge_until: int = 2, challenge_shave: float = 0.01) -> None:
         self.base = base
         self.share = share
         self.key, self.axis, self.axis_share, self.axis_step, self.attempts = key, axis, axis_share, axis_step, attempts
         self.challenge_share, self.challenge_until, self.challenge_shave = challenge_share, challenge_until, challenge_shave
-        self.accuracy_noise = accuracy_noise
         self._good: list[FrozenTrial] = []  # every feasible COMPLETE trial _front has seen, presets included
         self._rng = random.Random(seed)
         self._keys: dict[int, Hashable] = {}  # trial number -> key of its parameters
@@ -132,33 +123,23 @@ class LocalMoveSampler(BaseSampler):
         searched = [t for t in self._good if not t.user_attrs.get("preset")]
         if not presets or not searched:
             return presets
-        directions = _directions(study)
-        bars = np.array([t.values for t in presets])
-        if self.accuracy_noise is not None:  # beaten by more than the noise, or tied at the best measured
-            index, images = self.accuracy_noise
-            sign = 1.0 if directions[index] == "max" else -1.0
-            accuracy = bars[:, index] * sign
-            best = max(t.values[index] * sign for t in self._good)
-            noise = np.sqrt(np.clip(accuracy * (1.0 - accuracy), 0.0, None) / max(images, 1))
-            bars[:, index] = (accuracy + np.minimum(noise, np.maximum(best - accuracy, 0.0))) * sign
-        counts = dominated_count(bars, np.array([t.values for t in searched]), directions)
+        counts = dominated_count(np.array([t.values for t in presets]), np.array([t.values for t in searched]),
+                                 _directions(study))
         return [t for t, n in zip(presets, counts, strict=True) if n < self.challenge_until]
 
     def _challenge(self, front: list[FrozenTrial], targets: list[FrozenTrial],
                    seen: set[Hashable]) -> tuple[FrozenTrial, FrozenTrial, dict[str, Any]] | None:
-        """A target preset and the searched front point whose shape, at the preset's cost, has not
-        run yet and lies nearest it in cost, the costlier and the cheaper side in turn (costlier
-        first): (target, parent, parameters). When every such shape has run, a target on the front
-        is its own parent, at ``challenge_shave`` less of its axis value (once: the key then
-        repeats). None when neither is left."""
+        """A target preset and the cheapest searched front point costlier than it whose shape, at
+        the preset's cost, has not run yet: (target, parent, parameters). When every such shape has
+        run, a target on the front is its own parent, at ``challenge_shave`` less of its axis value
+        (once: the key then repeats). None when neither is left."""
         assert self.axis is not None
         target = self._rng.choice(targets)
         cost = target.params[self.axis]
-        shapes = [t for t in front if not t.user_attrs.get("preset") and self.axis in t.params]
-        costlier = sorted((t for t in shapes if t.params[self.axis] > cost), key=lambda t: (t.params[self.axis], t.number))
-        cheaper = sorted((t for t in shapes if t.params[self.axis] < cost), key=lambda t: (-t.params[self.axis], t.number))
-        in_turn = [t for pair in itertools.zip_longest(costlier, cheaper) for t in pair if t is not None]
-        for parent in in_turn[: self.attempts]:
+        searched = sorted((t for t in front if not t.user_attrs.get("preset") and self.axis in t.params
+                           and t.params[self.axis] > cost),
+                          key=lambda t: (t.params[self.axis], t.number))  # costlier only, the nearest first
+        for parent in searched[: self.attempts]:
             params = {**parent.params, self.axis: cost}
             if self._is_new(params, seen):
                 return target, parent, params

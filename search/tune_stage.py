@@ -87,8 +87,7 @@ def _searcher(cfg: SearchConfig, storage, bar: RunningFront, starts: list[dict[s
     objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
     faults = dict(cfg.fault_trials)
     space = _Suggested(cfg.setup.space)
-    sampler = run_dir.sampler(cfg.sampler, run_dir.segment_seed(cfg.seed, cfg.out), cfg.setup.space,
-                              run_dir.accuracy_noise(cfg.setup.objectives, cfg.setup.num_images))
+    sampler = run_dir.sampler(cfg.sampler, run_dir.segment_seed(cfg.seed, cfg.out), cfg.setup.space)
     key = getattr(sampler, "key", None)  # the local sampler's schedule key: told what each suggestion runs
 
     class _Searcher(OptunaSearch):
