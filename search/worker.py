@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from reducers.patch import head_reads_prefix_only
 from search import latency, paired, screen_bars, shared_logits
 from search.data import TIMM_CROP_SCALE, TensorSet, load_confirm_set, load_eval_set
-from search.evaluate import EarlyStop, evaluate, predict
+from search.evaluate import EarlyStop, accuracy, evaluate, predict
 from search.models import data_config, load_model
 from search.output_memo import OutputMemo
 from search.prefix_cache import PrefixCache
@@ -76,6 +76,7 @@ class Context:
     confirm: tuple[TensorSet, Tensor] | None = None  # confirmation images and their unreduced logits
     confirm_prefix: PrefixCache | None = None
     confirm_reference: Tensor | None = None  # the confirmation logits when loaded with the screening ones
+    unreduced: dict[str, float] = field(default_factory=dict)  # the unreduced model's accuracy, by image set
 
 
 _CONTEXTS: dict[tuple, Context] = {}
@@ -210,7 +211,7 @@ def evaluate_fixed(setup: WorkerSetup, schedule: Schedule, images: str, stop: bo
                       reference_is_model=True, dtype=screen_dtype(setup) if screen else None, hits=not screen,
                       memo=output_memo(setup, ctx.model, images))
     metrics = {**_metrics(setup, schedule, result), "stopped": result["stopped"], "num_images": result["num_images"],
-               "output_of": result.get("output_of"), "unreduced_accuracy": unreduced_accuracy(data, reference)}
+               "output_of": result.get("output_of"), "unreduced_accuracy": unreduced_accuracy(ctx, images, data, reference)}
     if not screen:  # for image-by-image comparisons in the verdict (search.paired)
         metrics[paired.KEY] = paired.encode(result["hits"])
     if early_stop is not None and not result["stopped"]:
@@ -380,12 +381,12 @@ def _load_finished(student: nn.Module, schedule: Schedule, settings: Any, out_di
     return float(written["seconds"])
 
 
-def unreduced_accuracy(data: TensorSet, reference: Tensor) -> float:
-    """What the unreduced model scores on all of `data` (its logits: `reference`), as `_accuracy`
-    scores a schedule: top-1, or without labels its agreement with itself (1.0)."""
-    if not data.has_labels:
-        return 1.0
-    return (reference.argmax(1) == data.labels).float().mean().item()
+def unreduced_accuracy(ctx: Context, images: str, data: TensorSet, reference: Tensor) -> float:
+    """What the unreduced model scores on all of `data` (its logits: `reference`), scored as a
+    schedule is (top-1, or without labels its agreement with itself); once per image set and process."""
+    if images not in ctx.unreduced:
+        ctx.unreduced[images] = _accuracy(asdict(accuracy(reference, data.labels, reference)))
+    return ctx.unreduced[images]
 
 
 def _accuracy(result: dict[str, Any]) -> float:
