@@ -5,9 +5,11 @@ point and every preset re-timed against the unreduced model, batched and at the 
 With --compile the re-timing is repeated under torch.compile (inductor), compiled against the
 compiled unreduced model (search/compiled.py).
 
-Each runs as one Ray task with the trials' resources (the device and thread count the profile is
-keyed by), so the timing happens in one process on the machine the trials ran on, with nothing
-else of the run beside it."""
+Each runs in one process with the trials' thread count (the device and thread count the profile is
+keyed by), on the machine the trials ran on, with nothing else of the run beside it: on the local
+Ray this driver started, CPU only, in the driver itself (a Ray task would first start a process and
+import torch and the model, about 5 s each time); on a cluster or with GPUs per trial, as one Ray
+task with a trial's resources."""
 
 from __future__ import annotations
 
@@ -33,8 +35,27 @@ def needs_profile(cfg: SearchConfig) -> bool:
     return "predicted_speedup" in cfg.setup.objectives or cfg.retime
 
 
+def runs_in_driver(cfg: SearchConfig) -> bool:
+    """Whether the timing runs in the driver: the local Ray it started (the same machine), CPU only."""
+    return cfg.ray_address is None and cfg.gpus_per_trial == 0 and cfg.setup.device == "cpu"
+
+
 def _remote(cfg: SearchConfig, fn, *args):  # type: ignore[no-untyped-def]
-    """Run fn(*args) as one Ray task with a trial's resources and wait for it."""
+    """Run fn(*args) where the trials ran, alone, and return its result: in this process with the
+    trials' thread count (`runs_in_driver`), else as one Ray task with a trial's resources."""
+    if runs_in_driver(cfg):
+        import gc
+
+        import torch
+
+        threads, collecting = torch.get_num_threads(), gc.isenabled()
+        gc.disable()  # the driver holds the run's objects: no collection pauses inside a timing
+        try:
+            return fn(*args)  # fn sets the trials' thread count (_model)
+        finally:
+            torch.set_num_threads(threads)
+            if collecting:
+                gc.enable()
     import ray
 
     task = ray.remote(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial, max_retries=0)(fn)

@@ -4,6 +4,8 @@ while the key matches, rebuilt when it does not), the re-timing chain, and bad i
 from __future__ import annotations
 
 import json
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -142,6 +144,53 @@ def test_cached_profile_is_reused_while_its_key_matches_and_rebuilt_when_not(tmp
     resumed: dict = {}
     speed_stage.ensure_profile(replace(cfg, out=tmp_path / "run3"), resumed)  # a resumed run keeps its own copy
     assert len(builds) == 2 and resumed["latency_profile"]["source"] == "run"
+
+
+def _timing_task(setup: WorkerSetup, answer: int) -> dict:
+    import gc
+
+    return {"answer": answer, "threads": torch.get_num_threads(), "gc": gc.isenabled(), "pid": os.getpid()}
+
+
+def test_timing_runs_in_the_driver_on_its_local_cpu_ray_and_as_a_ray_task_elsewhere(tmp_path: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    local = _config(tmp_path)
+    assert speed_stage.runs_in_driver(local)
+    assert not speed_stage.runs_in_driver(replace(local, ray_address="10.0.0.1:6379"))
+    assert not speed_stage.runs_in_driver(replace(local, gpus_per_trial=1.0))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def task(setup: WorkerSetup, answer: int) -> dict:
+            torch.set_num_threads(1)  # as speed_stage._model does: the trials' thread count
+            return _timing_task(setup, answer)
+
+        here = speed_stage._remote(local, task, local.setup, 42)
+        assert here == {"answer": 42, "threads": 1, "gc": False, "pid": os.getpid()}  # no collection pauses
+        assert torch.get_num_threads() == 2  # the driver's own count is given back
+        import gc
+
+        assert gc.isenabled()
+        calls: list[tuple] = []
+
+        class FakeRay:  # a cluster: one Ray task with a trial's resources
+            @staticmethod
+            def remote(**resources):  # type: ignore[no-untyped-def]
+                def wrap(fn):  # type: ignore[no-untyped-def]
+                    calls.append(tuple(sorted(resources.items())))
+                    return type("Task", (), {"remote": staticmethod(lambda *a: fn(*a))})
+                return wrap
+
+            @staticmethod
+            def get(value):  # type: ignore[no-untyped-def]
+                return value
+
+        monkeypatch.setitem(sys.modules, "ray", FakeRay)
+        remote = speed_stage._remote(replace(local, ray_address="10.0.0.1:6379"), _timing_task, local.setup, 7)
+        assert remote["answer"] == 7 and remote["gc"] is True
+        assert calls == [(("max_retries", 0), ("num_cpus", 1.0), ("num_gpus", 0.0))]
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.slow  # a real profile (46 s on the loaded 2-core machine); the reuse rule itself is tested above
