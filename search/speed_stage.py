@@ -8,7 +8,7 @@ compiled unreduced model (search/compiled.py).
 Each runs in one process with the trials' thread count (the device and thread count the profile is
 keyed by), on the machine the trials ran on, with nothing else of the run beside it: on the local
 Ray this driver started, CPU only, in the driver itself (a Ray task would first start a process and
-import torch and the model, about 5 s each time); on a cluster or with GPUs per trial, as one Ray
+import torch and the model, each time); on a cluster or with GPUs per trial, as one Ray
 task with a trial's resources."""
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ while the key matches, rebuilt when it does not), the re-timing chain, and bad i
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -147,8 +148,6 @@ def test_cached_profile_is_reused_while_its_key_matches_and_rebuilt_when_not(tmp
 
 
 def _timing_task(setup: WorkerSetup, answer: int) -> dict:
-    import gc
-
     return {"answer": answer, "threads": torch.get_num_threads(), "gc": gc.isenabled(), "pid": os.getpid()}
 
 
@@ -167,10 +166,7 @@ def test_timing_runs_in_the_driver_on_its_local_cpu_ray_and_as_a_ray_task_elsewh
 
         here = speed_stage._remote(local, task, local.setup, 42)
         assert here == {"answer": 42, "threads": 1, "gc": False, "pid": os.getpid()}  # no collection pauses
-        assert torch.get_num_threads() == 2  # the driver's own count is given back
-        import gc
-
-        assert gc.isenabled()
+        assert torch.get_num_threads() == 2 and gc.isenabled()  # the driver's own settings are given back
         calls: list[tuple] = []
 
         class FakeRay:  # a cluster: one Ray task with a trial's resources
