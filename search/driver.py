@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from search import run_dir
+from search import run_dir, shared_logits
 from search.config import SearchConfig, SearchOutcome
 from search.finetune_stage import run_finetunes
 from search.fixed_stage import evaluate_presets, run_confirm
@@ -171,6 +171,7 @@ def run(cfg: SearchConfig) -> SearchOutcome:
     run_tune(cfg, run, storage)
     toc = time.perf_counter()
     run_confirm(cfg, run)
+    shared_logits.drop_tokens(cfg.setup.cache_dir)  # the kept tokens are large and no later stage reads them
     confirmed = time.perf_counter()
     if cfg.finetune_top > 0:
         run_finetunes(cfg, run)

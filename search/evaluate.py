@@ -291,8 +291,9 @@ def evaluate(model: nn.Module, schedule: Schedule, data: TensorSet, reference: T
     """Everything the CLI and the search report for one schedule (one flat dict). With
     ``early_stop``, the accuracy may come from the first images only: ``stopped`` says so and
     ``num_images`` how many. ``prefix`` (the unreduced `model`'s cache for `data`) lets the
-    forward start at the schedule's first reducing block. With ``reference_is_model`` (`reference`
-    holds this very model's unreduced logits on `data`), a schedule that reduces nothing reuses them.
+    forward start at the schedule's first reducing block (or at a shared block before it). With
+    ``reference_is_model`` (`reference` holds this very model's unreduced logits on `data`), a
+    schedule that reduces nothing reuses them.
     ``dtype`` (torch.bfloat16): the forward under autocast; `reference` stays what it is (fp32).
     With ``hits``, ``hits`` holds each image's outcome (top-1 right, or agreeing without labels).
     ``memo`` (search.output_memo): a schedule predicting what one evaluated in full before predicts
@@ -305,8 +306,7 @@ def evaluate(model: nn.Module, schedule: Schedule, data: TensorSet, reference: T
     if reference_is_model and start == schedule.model.depth and dtype is None:
         logits = reference
     else:
-        tokens = prefix.tokens(start) if prefix is not None else None
-        begin = (start, tokens) if tokens is not None else None
+        begin = prefix.start(start) if prefix is not None else None
         apply_schedule(model, schedule)
         try:
             if early_stop is None:

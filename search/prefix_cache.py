@@ -1,10 +1,17 @@
-"""A worker's cache of the screening set's tokens entering block k of the unreduced model.
+"""A worker's cache of an image set's tokens entering block k of the unreduced model.
 
-Every schedule that reduces nothing before block k computes the same tokens there, so a worker
-computes them once (from the deepest block already cached) and each such trial runs only the
-blocks from k on. The cache holds whole sets of tokens within a memory budget, dropping the
-least recently used block when a new one does not fit; a block whose tokens alone exceed the
-budget is not cached (the trial runs from the images).
+Every schedule that reduces nothing before block k computes the same tokens there, so its forward
+can start from them and run only the blocks from k on. Two sources:
+
+* shared blocks: captured once per run by the pass that computes the unreduced logits
+  (`predict_keeping`, the blocks `shared_blocks` picks within the memory budget) and read by
+  every worker and stage from the run cache, memory-mapped (search.shared_logits);
+* the worker's own blocks: computed on demand from the deepest block at hand, within what the
+  budget leaves, dropping the least recently used block when a new one does not fit.
+
+A schedule starts from the tokens entering its first reducing block when they are at hand or fit,
+else from the deepest shared block before it (those blocks are unreduced in the schedule too), else
+from the images.
 """
 
 from __future__ import annotations
@@ -18,39 +25,92 @@ from reducers.prefix import embed, tokens_entering
 from search.data import TensorSet
 
 
+def block_bytes(model: nn.Module, images: int) -> int:
+    """The size of one block's entering tokens for `images` images (every token of the unreduced model)."""
+    param = next(model.parameters())
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    return images * tokens * model.embed_dim * param.element_size()
+
+
+def shared_blocks(depth: int, one_block: int, budget_bytes: int) -> tuple[int, ...]:
+    """The blocks whose entering tokens a run keeps for all its workers: every block 1..depth-1 when
+    they fit `budget_bytes` together, else as many as fit, spread evenly over the depth."""
+    fit = min(depth - 1, budget_bytes // one_block) if one_block > 0 else 0
+    return tuple(sorted({round(i * depth / (fit + 1)) for i in range(1, fit + 1)}))
+
+
+@torch.inference_mode()
+def predict_keeping(model: nn.Module, data: TensorSet, *, batch_size: int,
+                    blocks: tuple[int, ...]) -> tuple[Tensor, dict[int, Tensor]]:
+    """The unreduced model's logits on `data` (search.evaluate.predict's forward, unchanged) and the
+    tokens entering each of `blocks` (on the CPU), captured on the way by forward pre-hooks."""
+    from search.evaluate import predict
+
+    kept: dict[int, list[Tensor]] = {k: [] for k in blocks}
+
+    def keep(k: int):  # type: ignore[no-untyped-def]
+        return lambda module, args: kept[k].append(args[0].cpu())
+
+    hooks = [model.blocks[k].register_forward_pre_hook(keep(k)) for k in blocks]
+    try:
+        logits = predict(model, data, batch_size=batch_size)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, {k: torch.cat(parts) for k, parts in kept.items()}
+
+
 class PrefixCache:
     """Tokens [N, T, C] of one image set entering block k of one (unreduced) model, by k."""
 
-    def __init__(self, model: nn.Module, data: TensorSet, *, batch_size: int, budget_bytes: int) -> None:
+    def __init__(self, model: nn.Module, data: TensorSet, *, batch_size: int, budget_bytes: int,
+                 shared: dict[int, Tensor] | None = None) -> None:
         self.model, self.data, self.batch_size, self.budget = model, data, batch_size, budget_bytes
-        self._blocks: OrderedDict[int, Tensor] = OrderedDict()  # least recently used first
+        self.shared = dict(sorted((shared or {}).items()))  # read-only (memory-mapped files): never dropped
+        self._blocks: OrderedDict[int, Tensor] = OrderedDict()  # the worker's own, least recently used first
         self.computed_blocks = 0  # blocks run over the whole set to fill the cache (bookkeeping)
 
     def block_bytes(self) -> int:
-        """The size of one block's tokens for the whole set (every token of the unreduced model)."""
-        param = next(self.model.parameters())
-        tokens = self.model.patch_embed.num_patches + self.model.num_prefix_tokens
-        return len(self.data) * tokens * self.model.embed_dim * param.element_size()
+        """The size of one block's tokens for the whole set."""
+        return block_bytes(self.model, len(self.data))
 
     def nbytes(self) -> int:
+        """The worker's own blocks (the shared ones are counted in `room`)."""
         return sum(t.numel() * t.element_size() for t in self._blocks.values())
+
+    def room(self) -> int:
+        """What the budget leaves for the worker's own blocks."""
+        return self.budget - sum(t.numel() * t.element_size() for t in self.shared.values())
 
     @torch.inference_mode()
     def tokens(self, block: int) -> Tensor | None:
-        """The tokens entering `block` (1 <= block <= depth), or None when they do not fit the
-        budget or block is 0 (nothing to reuse before the first block)."""
-        if block <= 0 or self.block_bytes() > self.budget:
+        """The tokens entering `block` (1 <= block <= depth), or None when they are not shared and
+        do not fit what the budget leaves, or block is 0 (nothing to reuse before the first block)."""
+        if block <= 0:
+            return None
+        if block in self.shared:
+            return self.shared[block]
+        if self.block_bytes() > self.room():
             return None
         if block in self._blocks:
             self._blocks.move_to_end(block)
             return self._blocks[block]
-        start = max((k for k in self._blocks if k < block), default=0)
+        start = max((k for k in [*self.shared, *self._blocks] if k < block), default=0)
         tokens = self._run(start, block)
         size = tokens.numel() * tokens.element_size()
-        while self._blocks and self.nbytes() + size > self.budget:
+        while self._blocks and self.nbytes() + size > self.room():
             self._blocks.popitem(last=False)
         self._blocks[block] = tokens
         return tokens
+
+    def start(self, block: int) -> tuple[int, Tensor] | None:
+        """Where a forward whose first reducing block is `block` starts: (k, tokens entering k),
+        k = block when `tokens` has them, else the deepest shared block before it; None: the images."""
+        tokens = self.tokens(block)
+        if tokens is not None:
+            return block, tokens
+        below = [k for k in self.shared if k <= block]
+        return (below[-1], self.shared[below[-1]]) if below else None
 
     def _run(self, start: int, block: int) -> Tensor:
         device = next(self.model.parameters()).device
@@ -60,8 +120,8 @@ class PrefixCache:
             for x, _ in self.data.batches(self.batch_size, device):
                 out.append(tokens_entering(self.model, embed(self.model, x), 0, block))
         else:
-            cached = self._blocks[start]
+            cached = self.shared[start] if start in self.shared else self._blocks[start]
             for i in range(0, cached.shape[0], self.batch_size):
-                out.append(tokens_entering(self.model, cached[i:i + self.batch_size], start, block))
+                out.append(tokens_entering(self.model, cached[i:i + self.batch_size].to(device), start, block))
         self.computed_blocks += block - start
         return torch.cat(out)

@@ -5,6 +5,10 @@ logits on the screening images (and, for the confirmation, on the confirmation i
 most expensive forward of all, once per worker per stage. Here the first worker to need a set
 computes it and writes it atomically under the run directory's cache; the others load it. While
 one worker holds a set's lock, another computes the next set it will need instead of waiting.
+
+The pass that computes a set's logits may also keep the tokens entering some blocks
+(search.prefix_cache.predict_keeping): they are written beside the logits, before them, one file
+per block, and every worker maps them into memory (`load_tokens`) instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -52,13 +56,42 @@ def save_atomically(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _compute_and_save(path: Path, compute: Callable[[], Tensor]) -> Tensor:
-    logits = compute()
+def tokens_path(path: Path, block: int) -> Path:
+    """The file of the tokens entering `block`, kept by the pass that computed the logits at `path`."""
+    return path.with_name(f"tokens-{path.stem.removeprefix('logits-')}-block{block}.pt")
+
+
+def load_tokens(path: Path) -> dict[int, Tensor]:
+    """The tokens kept beside the logits at `path`, by block, memory-mapped (read-only, shared by
+    every process that maps them); empty when none were kept."""
+    found = {}
+    for file in path.parent.glob(tokens_path(path, 0).name.replace("-block0.pt", "-block*.pt")):
+        block = file.stem.rpartition("-block")[2]
+        if block.isdigit():
+            found[int(block)] = torch.load(file, mmap=True)
+    return dict(sorted(found.items()))
+
+
+def drop_tokens(cache_dir: str | Path | None) -> None:
+    """Delete the kept tokens of a run cache (large; a later stage that needs them recomputes its own)."""
+    if cache_dir is not None:
+        for file in Path(cache_dir).glob("tokens-*-block*.pt"):
+            file.unlink(missing_ok=True)
+
+
+Computed = Tensor | tuple[Tensor, dict[int, Tensor]]  # the logits, or the logits and tokens by block
+
+
+def _compute_and_save(path: Path, compute: Callable[[], Computed]) -> Tensor:
+    found = compute()
+    logits, tokens = found if isinstance(found, tuple) else (found, {})
+    for block, kept in tokens.items():  # before the logits: a reader that finds them finds these too
+        save_atomically(kept, tokens_path(path, block))
     save_atomically(logits, path)
     return logits
 
 
-def shared_logits(jobs: Sequence[tuple[Path, Callable[[], Tensor]]]) -> list[Tensor]:
+def shared_logits(jobs: Sequence[tuple[Path, Callable[[], Computed]]]) -> list[Tensor]:
     """Each job's logits: loaded from its file, or computed (and saved) by whoever gets there first.
 
     First pass: every job whose lock is free is computed now (or loaded, if its file appeared);

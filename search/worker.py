@@ -29,7 +29,7 @@ from search.data import TIMM_CROP_SCALE, TensorSet, load_confirm_set, load_eval_
 from search.evaluate import EarlyStop, accuracy, evaluate, predict
 from search.models import data_config, load_model
 from search.output_memo import OutputMemo
-from search.prefix_cache import PrefixCache
+from search.prefix_cache import PrefixCache, block_bytes, predict_keeping, shared_blocks
 from spaces import Schedule, gmacs
 from spaces.search_space import SearchSpace
 
@@ -76,6 +76,7 @@ class Context:
     confirm: tuple[TensorSet, Tensor] | None = None  # confirmation images and their unreduced logits
     confirm_prefix: PrefixCache | None = None
     confirm_reference: Tensor | None = None  # the confirmation logits when loaded with the screening ones
+    confirm_tokens: dict[int, Tensor] = field(default_factory=dict)  # their shared blocks (search.prefix_cache)
     unreduced: dict[str, float] = field(default_factory=dict)  # the unreduced model's accuracy, by image set
 
 
@@ -96,10 +97,11 @@ def context(setup: WorkerSetup) -> Context:
         model = load_model(setup.model, pretrained=setup.pretrained, checkpoint=setup.checkpoint, device=setup.device)
         data = load_eval_set(setup.data, data_config(model), num_images=setup.num_images, seed=setup.seed,
                              num_classes=model.num_classes)
-        reference, confirm_reference = _references(setup, model, data)
-        prefix = PrefixCache(model, data, batch_size=setup.batch_size, budget_bytes=setup.prefix_cache_mb << 20)
+        (reference, tokens), (confirm_reference, confirm_tokens) = _references(setup, model, data)
+        prefix = PrefixCache(model, data, batch_size=setup.batch_size, budget_bytes=setup.prefix_cache_mb << 20,
+                             shared=tokens)
         _CONTEXTS[key] = Context(model, data, reference, time.perf_counter() - start, prefix,
-                                 confirm_reference=confirm_reference)
+                                 confirm_reference=confirm_reference, confirm_tokens=confirm_tokens)
     return _CONTEXTS[key]
 
 
@@ -124,19 +126,24 @@ def output_memo(setup: WorkerSetup, model: nn.Module, images: str) -> OutputMemo
                       (*_outputs_key(setup), setup.confirm_images if images == "confirm" else None))
 
 
-def _references(setup: WorkerSetup, model: nn.Module, data: TensorSet) -> tuple[Tensor, Tensor | None]:
+def _references(setup: WorkerSetup, model: nn.Module,
+                data: TensorSet) -> tuple[tuple[Tensor, dict[int, Tensor]], tuple[Tensor | None, dict[int, Tensor]]]:
     """The unreduced logits on the screening images and, with a run cache, on the confirmation
-    images too: computed by the first worker to need them, loaded by the others."""
+    images too, each with the tokens entering the blocks the run shares (search.prefix_cache):
+    computed by the first worker to need them, loaded by the others."""
     if setup.cache_dir is None:
-        return predict(model, data, batch_size=setup.batch_size), None
+        return (predict(model, data, batch_size=setup.batch_size), {}), (None, {})
     key = _outputs_key(setup)
     screen, confirm = (shared_logits.cache_path(setup.cache_dir, name, (*key, extra))
                        for name, extra in (("screen", None), ("confirm", setup.confirm_images)))
-    logits = shared_logits.shared_logits([
-        (screen, lambda: predict(model, data, batch_size=setup.batch_size)),
-        (confirm, lambda: predict(model, _confirm_set(setup, model), batch_size=setup.batch_size)),
-    ])
-    return logits[0], logits[1]
+
+    def keeping(images: TensorSet):  # type: ignore[no-untyped-def]
+        blocks = shared_blocks(len(model.blocks), block_bytes(model, len(images)), setup.prefix_cache_mb << 20)
+        return predict_keeping(model, images, batch_size=setup.batch_size, blocks=blocks)
+
+    logits = shared_logits.shared_logits([(screen, lambda: keeping(data)),
+                                          (confirm, lambda: keeping(_confirm_set(setup, model)))])
+    return (logits[0], shared_logits.load_tokens(screen)), (logits[1], shared_logits.load_tokens(confirm))
 
 
 def confirm_context(setup: WorkerSetup) -> tuple[TensorSet, Tensor]:
@@ -147,7 +154,7 @@ def confirm_context(setup: WorkerSetup) -> tuple[TensorSet, Tensor]:
         reference = ctx.confirm_reference
         ctx.confirm = (data, reference if reference is not None else predict(ctx.model, data, batch_size=setup.batch_size))
         ctx.confirm_prefix = PrefixCache(ctx.model, data, batch_size=setup.batch_size,
-                                         budget_bytes=setup.prefix_cache_mb << 20)
+                                         budget_bytes=setup.prefix_cache_mb << 20, shared=ctx.confirm_tokens)
     return ctx.confirm
 
 

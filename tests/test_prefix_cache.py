@@ -10,7 +10,7 @@ from reducers.prefix import embed, forward_from, tokens_entering
 from search.data import embedded_set
 from search.evaluate import evaluate, predict
 from search.models import load_model
-from search.prefix_cache import PrefixCache
+from search.prefix_cache import PrefixCache, predict_keeping, shared_blocks
 from spaces import LayerPlan, ModelSpec, Schedule
 
 PLANS = {
@@ -120,3 +120,33 @@ def test_bf16_screening_runs_under_autocast_and_keeps_the_fp32_reference(model, 
     unreduced = evaluate(model, Schedule.empty(spec), data, reference, batch_size=8, reference_is_model=True,
                          dtype=torch.bfloat16)
     assert unreduced["kl"] > 0.0  # the unreduced bf16 forward runs; the fp32 reference is not reused for it
+
+
+def test_shared_blocks_are_all_that_fit_spread_over_the_depth() -> None:
+    assert shared_blocks(12, 10, 1000) == tuple(range(1, 12))  # all of them fit
+    assert shared_blocks(12, 10, 30) == (3, 6, 9)
+    assert shared_blocks(12, 10, 10) == (6,)
+    assert shared_blocks(12, 10, 9) == ()
+
+
+def test_the_reference_pass_keeps_the_tokens_entering_blocks_and_its_logits_are_predicts(model, data) -> None:
+    logits, kept = predict_keeping(model, data, batch_size=10, blocks=(2, 7))
+    assert torch.equal(logits, predict(model, data, batch_size=10))  # the hooks change nothing
+    cache = PrefixCache(model, data, batch_size=10, budget_bytes=1 << 30)
+    assert sorted(kept) == [2, 7] and all(torch.equal(kept[k], cache.tokens(k)) for k in kept)
+
+
+def test_a_forward_starts_from_a_shared_block_before_its_first_reduction_when_its_own_does_not_fit(model, data) -> None:
+    _, kept = predict_keeping(model, data, batch_size=10, blocks=(3,))
+    one_block = kept[3].numel() * kept[3].element_size()
+    cache = PrefixCache(model, data, batch_size=10, budget_bytes=one_block, shared=kept)  # no room left
+    assert cache.start(2) is None and cache.start(3)[0] == 3 and cache.start(6)[0] == 3
+    assert cache.computed_blocks == 0
+    roomy = PrefixCache(model, data, batch_size=10, budget_bytes=2 * one_block, shared=kept)
+    assert roomy.start(6)[0] == 6 and roomy.computed_blocks == 3  # blocks 3-5, from the shared block 3
+    reference = predict(model, data, batch_size=10)
+    for first in (4, 6):
+        schedule = _schedule(model, "merge", first)
+        plain = evaluate(model, schedule, data, reference, batch_size=10)
+        shared = evaluate(model, schedule, data, reference, batch_size=10, prefix=cache)
+        assert shared["agreement"] == plain["agreement"] and shared["kl"] == pytest.approx(plain["kl"], abs=1e-6)

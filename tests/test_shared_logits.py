@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from reducers.prefix import embed, tokens_entering
 from search.models import model_spec
-from search.shared_logits import cache_path, shared_logits
-from search.worker import _CONTEXTS, WorkerSetup, context
+from search.shared_logits import cache_path, drop_tokens, shared_logits
+from search.worker import _CONTEXTS, WorkerSetup, confirm_context, context
 from spaces.search_space import SearchSpace
 
 FAST = "tokensched_vit_shapes"  # random weights
@@ -65,12 +66,38 @@ def test_workers_of_one_run_share_the_reference_logits(tmp_path: Path) -> None:
     setup = WorkerSetup(space=_space(), model=FAST, num_images=16, batch_size=8, confirm_images=8,
                         cache_dir=str(tmp_path))
     first = context(setup)
-    files = sorted(p.name for p in tmp_path.glob("*.pt"))
+    files = sorted(p.name for p in tmp_path.glob("logits-*.pt"))
     assert len(files) == 2 and files[0].startswith("logits-confirm-") and files[1].startswith("logits-screen-")
     _CONTEXTS.clear()  # as a new worker process would start
     second = context(setup)
     torch.testing.assert_close(second.reference, first.reference)
     assert second.confirm_reference is not None and second.confirm_reference.shape[0] == 8
+    _CONTEXTS.clear()
+
+
+def test_the_pass_that_computes_the_logits_keeps_the_tokens_every_worker_then_maps(tmp_path: Path) -> None:
+    setup = WorkerSetup(space=_space(), model=FAST, num_images=16, batch_size=8, confirm_images=8,
+                        cache_dir=str(tmp_path))
+    first = context(setup)
+    depth = len(first.model.blocks)
+    assert len(list(tmp_path.glob("tokens-screen-*-block*.pt"))) == depth - 1  # the whole budget is 1 GiB here
+    assert len(list(tmp_path.glob("tokens-confirm-*-block*.pt"))) == depth - 1
+    assert sorted(first.prefix.shared) == list(range(1, depth))
+    x = torch.cat([b for b, _ in first.data.batches(8)])
+    with torch.inference_mode():
+        expected = tokens_entering(first.model, embed(first.model, x), 0, 5)
+    assert torch.equal(first.prefix.shared[5], expected)  # the same forward, batch by batch: equal bits
+    _CONTEXTS.clear()  # a new worker: the tokens come from the files, and nothing is recomputed
+    second = context(setup)
+    assert torch.equal(second.prefix.shared[5], expected) and second.prefix.start(5)[0] == 5
+    assert second.prefix.computed_blocks == 0
+    data, _ = confirm_context(setup)
+    assert sorted(second.confirm_prefix.shared) == list(range(1, depth)) and len(data) == 8
+    drop_tokens(tmp_path)
+    assert not list(tmp_path.glob("tokens-*")) and len(list(tmp_path.glob("logits-*.pt"))) == 2
+    _CONTEXTS.clear()
+    third = context(setup)  # the logits are still there, the tokens not: the worker computes its own
+    assert third.prefix.shared == {} and third.prefix.tokens(5) is not None and third.prefix.computed_blocks == 5
     _CONTEXTS.clear()
 
 
