@@ -90,6 +90,25 @@ def predict(model: nn.Module, data: TensorSet, *, batch_size: int = 256, start: 
     return torch.cat([out.float().cpu() for out in _logit_batches(model, data, batch_size, start, dtype)])
 
 
+@torch.inference_mode()
+def predict_keeping(model: nn.Module, data: TensorSet, *, batch_size: int,
+                    blocks: tuple[int, ...]) -> tuple[Tensor, dict[int, Tensor]]:
+    """The unreduced model's logits on `data` (`predict`'s forward, unchanged) and the tokens entering
+    each of `blocks` (on the CPU), captured on the way by forward pre-hooks (search.prefix_cache)."""
+    kept: dict[int, list[Tensor]] = {k: [] for k in blocks}
+
+    def keep(k: int):  # type: ignore[no-untyped-def]
+        return lambda module, args: kept[k].append(args[0].cpu())
+
+    hooks = [model.blocks[k].register_forward_pre_hook(keep(k)) for k in blocks]
+    try:
+        logits = predict(model, data, batch_size=batch_size)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, {k: torch.cat(parts) for k, parts in kept.items()}
+
+
 def accuracy(logits: Tensor, labels: Tensor, reference: Tensor) -> Accuracy:
     """Top-1/top-5 against labels (if any) and agreement/KL against the reference logits."""
     has_labels = bool((labels >= 0).all())

@@ -4,8 +4,8 @@ Every schedule that reduces nothing before block k computes the same tokens ther
 can start from them and run only the blocks from k on. Two sources:
 
 * shared blocks: captured once per run by the pass that computes the unreduced logits
-  (`predict_keeping`, the blocks `shared_blocks` picks within the memory budget) and read by
-  every worker and stage from the run cache, memory-mapped (search.shared_logits);
+  (search.evaluate.predict_keeping; the blocks `shared_blocks` picks within the memory budget),
+  then read by every worker and stage from the run cache, memory-mapped (search.shared_logits);
 * the worker's own blocks: computed on demand from the deepest block at hand, within what the
   budget leaves, dropping the least recently used block when a new one does not fit.
 
@@ -37,27 +37,6 @@ def shared_blocks(depth: int, one_block: int, budget_bytes: int) -> tuple[int, .
     they fit `budget_bytes` together, else as many as fit, spread evenly over the depth."""
     fit = min(depth - 1, budget_bytes // one_block) if one_block > 0 else 0
     return tuple(sorted({round(i * depth / (fit + 1)) for i in range(1, fit + 1)}))
-
-
-@torch.inference_mode()
-def predict_keeping(model: nn.Module, data: TensorSet, *, batch_size: int,
-                    blocks: tuple[int, ...]) -> tuple[Tensor, dict[int, Tensor]]:
-    """The unreduced model's logits on `data` (search.evaluate.predict's forward, unchanged) and the
-    tokens entering each of `blocks` (on the CPU), captured on the way by forward pre-hooks."""
-    from search.evaluate import predict
-
-    kept: dict[int, list[Tensor]] = {k: [] for k in blocks}
-
-    def keep(k: int):  # type: ignore[no-untyped-def]
-        return lambda module, args: kept[k].append(args[0].cpu())
-
-    hooks = [model.blocks[k].register_forward_pre_hook(keep(k)) for k in blocks]
-    try:
-        logits = predict(model, data, batch_size=batch_size)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return logits, {k: torch.cat(parts) for k, parts in kept.items()}
 
 
 class PrefixCache:

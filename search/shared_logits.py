@@ -7,7 +7,7 @@ computes it and writes it atomically under the run directory's cache; the others
 one worker holds a set's lock, another computes the next set it will need instead of waiting.
 
 The pass that computes a set's logits may also keep the tokens entering some blocks
-(search.prefix_cache.predict_keeping): they are written beside the logits, before them, one file
+(search.evaluate.predict_keeping): they are written beside the logits, before them, one file
 per block, and every worker maps them into memory (`load_tokens`) instead of recomputing them.
 """
 

@@ -26,10 +26,10 @@ from torch import Tensor, nn
 from reducers.patch import head_reads_prefix_only
 from search import latency, paired, screen_bars, shared_logits
 from search.data import TIMM_CROP_SCALE, TensorSet, load_confirm_set, load_eval_set
-from search.evaluate import EarlyStop, accuracy, evaluate, predict
+from search.evaluate import EarlyStop, accuracy, evaluate, predict, predict_keeping
 from search.models import data_config, load_model
 from search.output_memo import OutputMemo
-from search.prefix_cache import PrefixCache, block_bytes, predict_keeping, shared_blocks
+from search.prefix_cache import PrefixCache, block_bytes, shared_blocks
 from spaces import Schedule, gmacs
 from spaces.search_space import SearchSpace
 

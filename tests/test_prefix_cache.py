@@ -8,9 +8,9 @@ import torch
 from reducers import apply_schedule, remove_schedule
 from reducers.prefix import embed, forward_from, tokens_entering
 from search.data import embedded_set
-from search.evaluate import evaluate, predict
+from search.evaluate import evaluate, predict, predict_keeping
 from search.models import load_model
-from search.prefix_cache import PrefixCache, predict_keeping, shared_blocks
+from search.prefix_cache import PrefixCache, shared_blocks
 from spaces import LayerPlan, ModelSpec, Schedule
 
 PLANS = {
