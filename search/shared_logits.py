@@ -7,8 +7,9 @@ computes it and writes it atomically under the run directory's cache; the others
 one worker holds a set's lock, another computes the next set it will need instead of waiting.
 
 The pass that computes a set's logits may also keep the tokens entering some blocks
-(search.evaluate.predict_keeping): they are written beside the logits, before them, one file
-per block, and every worker maps them into memory (`load_tokens`) instead of recomputing them.
+(search.evaluate.predict_keeping): its worker uses them from memory, and writes them beside the
+logits, one file per block, after the logits and in the background; every other worker maps the
+files written so far (`load_tokens`) instead of recomputing those blocks.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 CACHE_DIR = "cache"  # under the run directory: the shared logits and their locks
+_WRITERS: list[threading.Thread] = []  # this process's threads writing kept tokens (`_save_tokens`)
 
 
 def cache_path(cache_dir: str | Path, name: str, key: Sequence[object]) -> Path:
@@ -73,36 +76,66 @@ def load_tokens(path: Path) -> dict[int, Tensor]:
 
 
 def drop_tokens(cache_dir: str | Path | None) -> None:
-    """Delete the kept tokens of a run cache (large; a later stage that needs them recomputes its own)."""
+    """Delete the kept tokens of a run cache, and any half-written ones (large; a later stage that
+    needs them computes its own)."""
     if cache_dir is not None:
-        for file in Path(cache_dir).glob("tokens-*-block*.pt"):
+        for file in Path(cache_dir).glob("tokens-*"):
             file.unlink(missing_ok=True)
 
 
 Computed = Tensor | tuple[Tensor, dict[int, Tensor]]  # the logits, or the logits and tokens by block
 
 
-def _compute_and_save(path: Path, compute: Callable[[], Computed]) -> Tensor:
+def _save_tokens(path: Path, tokens: dict[int, Tensor]) -> None:
+    """Write the kept tokens beside the logits at `path`, one file per block, in a thread of their
+    own: the worker goes on with its trials meanwhile (hundreds of MB go to disk), and a worker that
+    maps them before they are all written computes the missing ones itself."""
+    def write() -> None:
+        for block, kept in tokens.items():
+            save_atomically(kept, tokens_path(path, block))
+
+    if tokens:
+        writer = threading.Thread(target=write, name=f"save-{path.stem}", daemon=True)
+        writer.start()
+        _WRITERS.append(writer)
+
+
+def wait_for_tokens() -> None:
+    """Block until this process has written every set of tokens it started writing."""
+    while _WRITERS:
+        _WRITERS.pop().join()
+
+
+def _compute_and_save(path: Path, compute: Callable[[], Computed]) -> tuple[Tensor, dict[int, Tensor]]:
     found = compute()
     logits, tokens = found if isinstance(found, tuple) else (found, {})
-    for block, kept in tokens.items():  # before the logits: a reader that finds them finds these too
-        save_atomically(kept, tokens_path(path, block))
     save_atomically(logits, path)
-    return logits
+    _save_tokens(path, tokens)
+    return logits, tokens
 
 
-def shared_logits(jobs: Sequence[tuple[Path, Callable[[], Computed]]]) -> list[Tensor]:
-    """Each job's logits: loaded from its file, or computed (and saved) by whoever gets there first.
+def _load(path: Path) -> tuple[Tensor, dict[int, Tensor]]:
+    return torch.load(path), load_tokens(path)
+
+
+def shared_outputs(jobs: Sequence[tuple[Path, Callable[[], Computed]]]) -> list[tuple[Tensor, dict[int, Tensor]]]:
+    """Each job's logits and kept tokens: loaded from their files (the tokens memory-mapped: those
+    written so far), or computed (and saved) by whoever gets there first (the tokens then in memory).
 
     First pass: every job whose lock is free is computed now (or loaded, if its file appeared);
     second pass: wait for the others' locks, then load (or compute, if their worker died)."""
-    found: dict[int, Tensor] = {}
+    found: dict[int, tuple[Tensor, dict[int, Tensor]]] = {}
     for i, (path, compute) in enumerate(jobs):
         with _lock(path, wait=False) as held:
             if held:
-                found[i] = torch.load(path) if path.is_file() else _compute_and_save(path, compute)
+                found[i] = _load(path) if path.is_file() else _compute_and_save(path, compute)
     for i, (path, compute) in enumerate(jobs):
         if i not in found:
             with _lock(path, wait=True):
-                found[i] = torch.load(path) if path.is_file() else _compute_and_save(path, compute)
+                found[i] = _load(path) if path.is_file() else _compute_and_save(path, compute)
     return [found[i] for i in range(len(jobs))]
+
+
+def shared_logits(jobs: Sequence[tuple[Path, Callable[[], Computed]]]) -> list[Tensor]:
+    """Each job's logits (`shared_outputs` without the tokens)."""
+    return [logits for logits, _ in shared_outputs(jobs)]

@@ -141,9 +141,9 @@ def _references(setup: WorkerSetup, model: nn.Module,
         blocks = shared_blocks(len(model.blocks), block_bytes(model, len(images)), setup.prefix_cache_mb << 20)
         return predict_keeping(model, images, batch_size=setup.batch_size, blocks=blocks)
 
-    logits = shared_logits.shared_logits([(screen, lambda: keeping(data)),
+    found = shared_logits.shared_outputs([(screen, lambda: keeping(data)),
                                           (confirm, lambda: keeping(_confirm_set(setup, model)))])
-    return (logits[0], shared_logits.load_tokens(screen)), (logits[1], shared_logits.load_tokens(confirm))
+    return found[0], found[1]
 
 
 def confirm_context(setup: WorkerSetup) -> tuple[TensorSet, Tensor]:

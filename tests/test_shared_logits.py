@@ -11,7 +11,7 @@ import torch
 
 from reducers.prefix import embed, tokens_entering
 from search.models import model_spec
-from search.shared_logits import cache_path, drop_tokens, shared_logits
+from search.shared_logits import cache_path, drop_tokens, shared_logits, wait_for_tokens
 from search.worker import _CONTEXTS, WorkerSetup, confirm_context, context
 from spaces.search_space import SearchSpace
 
@@ -80,9 +80,10 @@ def test_the_pass_that_computes_the_logits_keeps_the_tokens_every_worker_then_ma
                         cache_dir=str(tmp_path))
     first = context(setup)
     depth = len(first.model.blocks)
+    assert sorted(first.prefix.shared) == list(range(1, depth))  # in memory: the files come in the background
+    wait_for_tokens()
     assert len(list(tmp_path.glob("tokens-screen-*-block*.pt"))) == depth - 1  # the whole budget is 1 GiB here
     assert len(list(tmp_path.glob("tokens-confirm-*-block*.pt"))) == depth - 1
-    assert sorted(first.prefix.shared) == list(range(1, depth))
     x = torch.cat([b for b, _ in first.data.batches(8)])
     with torch.inference_mode():
         expected = tokens_entering(first.model, embed(first.model, x), 0, 5)
