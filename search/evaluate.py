@@ -94,11 +94,19 @@ def predict(model: nn.Module, data: TensorSet, *, batch_size: int = 256, start: 
 def predict_keeping(model: nn.Module, data: TensorSet, *, batch_size: int,
                     blocks: tuple[int, ...]) -> tuple[Tensor, dict[int, Tensor]]:
     """The unreduced model's logits on `data` (`predict`'s forward, unchanged) and the tokens entering
-    each of `blocks` (on the CPU), captured on the way by forward pre-hooks (search.prefix_cache)."""
-    kept: dict[int, list[Tensor]] = {k: [] for k in blocks}
+    each of `blocks` (on the CPU), copied on the way by forward pre-hooks into one tensor per block
+    (search.prefix_cache)."""
+    kept: dict[int, Tensor] = {}
+    filled = dict.fromkeys(blocks, 0)
 
     def keep(k: int):  # type: ignore[no-untyped-def]
-        return lambda module, args: kept[k].append(args[0].cpu())
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            x = args[0]
+            if k not in kept:
+                kept[k] = torch.empty((len(data), *x.shape[1:]), dtype=x.dtype)
+            kept[k][filled[k]:filled[k] + x.shape[0]].copy_(x)
+            filled[k] += x.shape[0]
+        return hook
 
     hooks = [model.blocks[k].register_forward_pre_hook(keep(k)) for k in blocks]
     try:
@@ -106,7 +114,7 @@ def predict_keeping(model: nn.Module, data: TensorSet, *, batch_size: int,
     finally:
         for hook in hooks:
             hook.remove()
-    return logits, {k: torch.cat(parts) for k, parts in kept.items()}
+    return logits, kept
 
 
 def accuracy(logits: Tensor, labels: Tensor, reference: Tensor) -> Accuracy:

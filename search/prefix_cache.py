@@ -17,6 +17,7 @@ from the images.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Collection
 
 import torch
 from torch import Tensor, nn
@@ -43,9 +44,13 @@ class PrefixCache:
     """Tokens [N, T, C] of one image set entering block k of one (unreduced) model, by k."""
 
     def __init__(self, model: nn.Module, data: TensorSet, *, batch_size: int, budget_bytes: int,
-                 shared: dict[int, Tensor] | None = None) -> None:
+                 shared: dict[int, Tensor] | None = None,
+                 more_shared: Callable[[Collection[int]], dict[int, Tensor]] | None = None) -> None:
+        """`shared`: blocks at hand (read-only, memory-mapped files: never dropped); `more_shared(known)`:
+        the shared blocks that have appeared since, but for those `known` (files still being written)."""
         self.model, self.data, self.batch_size, self.budget = model, data, batch_size, budget_bytes
-        self.shared = dict(sorted((shared or {}).items()))  # read-only (memory-mapped files): never dropped
+        self.shared = dict(shared or {})
+        self.more_shared = more_shared
         self._blocks: OrderedDict[int, Tensor] = OrderedDict()  # the worker's own, least recently used first
         self.computed_blocks = 0  # blocks run over the whole set to fill the cache (bookkeeping)
 
@@ -67,6 +72,8 @@ class PrefixCache:
         do not fit what the budget leaves, or block is 0 (nothing to reuse before the first block)."""
         if block <= 0:
             return None
+        if block not in self.shared and self.more_shared is not None:
+            self.shared.update(self.more_shared(self.shared.keys()))
         if block in self.shared:
             return self.shared[block]
         if self.block_bytes() > self.room():
@@ -88,8 +95,8 @@ class PrefixCache:
         tokens = self.tokens(block)
         if tokens is not None:
             return block, tokens
-        below = [k for k in self.shared if k <= block]
-        return (below[-1], self.shared[below[-1]]) if below else None
+        below = max((k for k in self.shared if k <= block), default=None)
+        return None if below is None else (below, self.shared[below])
 
     def _run(self, start: int, block: int) -> Tensor:
         device = next(self.model.parameters()).device

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,13 +64,13 @@ def tokens_path(path: Path, block: int) -> Path:
     return path.with_name(f"tokens-{path.stem.removeprefix('logits-')}-block{block}.pt")
 
 
-def load_tokens(path: Path) -> dict[int, Tensor]:
-    """The tokens kept beside the logits at `path`, by block, memory-mapped (read-only, shared by
-    every process that maps them); empty when none were kept."""
+def load_tokens(path: Path, skip: Collection[int] = ()) -> dict[int, Tensor]:
+    """The tokens kept beside the logits at `path` (those written so far), by block, memory-mapped
+    (read-only, shared by every process that maps them), but for the blocks in `skip`."""
     found = {}
     for file in path.parent.glob(tokens_path(path, 0).name.replace("-block0.pt", "-block*.pt")):
         block = file.stem.rpartition("-block")[2]
-        if block.isdigit():
+        if block.isdigit() and int(block) not in skip:
             found[int(block)] = torch.load(file, mmap=True)
     return dict(sorted(found.items()))
 

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ class Context:
     confirm: tuple[TensorSet, Tensor] | None = None  # confirmation images and their unreduced logits
     confirm_prefix: PrefixCache | None = None
     confirm_reference: Tensor | None = None  # the confirmation logits when loaded with the screening ones
-    confirm_tokens: dict[int, Tensor] = field(default_factory=dict)  # their shared blocks (search.prefix_cache)
+    confirm_tokens: tuple[dict[int, Tensor], Any] = ({}, None)  # their shared blocks, and more (search.prefix_cache)
     unreduced: dict[str, float] = field(default_factory=dict)  # the unreduced model's accuracy, by image set
 
 
@@ -97,11 +98,11 @@ def context(setup: WorkerSetup) -> Context:
         model = load_model(setup.model, pretrained=setup.pretrained, checkpoint=setup.checkpoint, device=setup.device)
         data = load_eval_set(setup.data, data_config(model), num_images=setup.num_images, seed=setup.seed,
                              num_classes=model.num_classes)
-        (reference, tokens), (confirm_reference, confirm_tokens) = _references(setup, model, data)
+        (reference, tokens, more), (confirm_reference, confirm_tokens, confirm_more) = _references(setup, model, data)
         prefix = PrefixCache(model, data, batch_size=setup.batch_size, budget_bytes=setup.prefix_cache_mb << 20,
-                             shared=tokens)
+                             shared=tokens, more_shared=more)
         _CONTEXTS[key] = Context(model, data, reference, time.perf_counter() - start, prefix,
-                                 confirm_reference=confirm_reference, confirm_tokens=confirm_tokens)
+                                 confirm_reference=confirm_reference, confirm_tokens=(confirm_tokens, confirm_more))
     return _CONTEXTS[key]
 
 
@@ -127,12 +128,12 @@ def output_memo(setup: WorkerSetup, model: nn.Module, images: str) -> OutputMemo
 
 
 def _references(setup: WorkerSetup, model: nn.Module,
-                data: TensorSet) -> tuple[tuple[Tensor, dict[int, Tensor]], tuple[Tensor | None, dict[int, Tensor]]]:
+                data: TensorSet) -> tuple[tuple[Tensor, dict[int, Tensor], Any], tuple[Tensor | None, dict[int, Tensor], Any]]:
     """The unreduced logits on the screening images and, with a run cache, on the confirmation
-    images too, each with the tokens entering the blocks the run shares (search.prefix_cache):
-    computed by the first worker to need them, loaded by the others."""
+    images too, each with the tokens entering the blocks the run shares (search.prefix_cache) and
+    how to map those written later: computed by the first worker to need them, loaded by the others."""
     if setup.cache_dir is None:
-        return (predict(model, data, batch_size=setup.batch_size), {}), (None, {})
+        return (predict(model, data, batch_size=setup.batch_size), {}, None), (None, {}, None)
     key = _outputs_key(setup)
     screen, confirm = (shared_logits.cache_path(setup.cache_dir, name, (*key, extra))
                        for name, extra in (("screen", None), ("confirm", setup.confirm_images)))
@@ -143,7 +144,8 @@ def _references(setup: WorkerSetup, model: nn.Module,
 
     found = shared_logits.shared_outputs([(screen, lambda: keeping(data)),
                                           (confirm, lambda: keeping(_confirm_set(setup, model)))])
-    return found[0], found[1]
+    return ((*found[0], partial(shared_logits.load_tokens, screen)),
+            (*found[1], partial(shared_logits.load_tokens, confirm)))
 
 
 def confirm_context(setup: WorkerSetup) -> tuple[TensorSet, Tensor]:
@@ -154,7 +156,8 @@ def confirm_context(setup: WorkerSetup) -> tuple[TensorSet, Tensor]:
         reference = ctx.confirm_reference
         ctx.confirm = (data, reference if reference is not None else predict(ctx.model, data, batch_size=setup.batch_size))
         ctx.confirm_prefix = PrefixCache(ctx.model, data, batch_size=setup.batch_size,
-                                         budget_bytes=setup.prefix_cache_mb << 20, shared=ctx.confirm_tokens)
+                                         budget_bytes=setup.prefix_cache_mb << 20, shared=ctx.confirm_tokens[0],
+                                         more_shared=ctx.confirm_tokens[1])
     return ctx.confirm
 
 

@@ -150,3 +150,20 @@ def test_a_forward_starts_from_a_shared_block_before_its_first_reduction_when_it
         plain = evaluate(model, schedule, data, reference, batch_size=10)
         shared = evaluate(model, schedule, data, reference, batch_size=10, prefix=cache)
         assert shared["agreement"] == plain["agreement"] and shared["kl"] == pytest.approx(plain["kl"], abs=1e-6)
+
+
+def test_shared_blocks_written_after_the_cache_was_made_are_found_when_asked_for(model, data) -> None:
+    _, kept = predict_keeping(model, data, batch_size=10, blocks=(2, 5))
+    written: dict[int, torch.Tensor] = {2: kept[2]}  # block 5's file is not there yet
+    asked: list[set[int]] = []
+
+    def more(known) -> dict[int, torch.Tensor]:  # type: ignore[no-untyped-def]
+        asked.append(set(known))
+        return {k: t for k, t in written.items() if k not in known}
+
+    one_block = kept[2].numel() * kept[2].element_size()
+    cache = PrefixCache(model, data, batch_size=10, budget_bytes=one_block, shared={}, more_shared=more)
+    assert cache.start(5)[0] == 2 and asked == [set()]  # block 5 not written: from block 2, mapped now
+    written[5] = kept[5]
+    assert cache.start(5)[0] == 5 and asked[-1] == {2} and cache.computed_blocks == 0
+    assert cache.start(2)[0] == 2 and len(asked) == 2  # a shared block at hand asks for nothing
