@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 import threading
 from collections.abc import Callable, Collection, Sequence
 from contextlib import contextmanager
@@ -55,8 +56,11 @@ def _lock(path: Path, *, wait: bool):  # type: ignore[no-untyped-def]
 def save_atomically(obj: object, path: Path) -> None:
     """torch.save to `path` through a temporary file: a reader sees all of it or nothing."""
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def tokens_path(path: Path, block: int) -> Path:
@@ -91,8 +95,11 @@ def _save_tokens(path: Path, tokens: dict[int, Tensor]) -> None:
     own: the worker goes on with its trials meanwhile (hundreds of MB go to disk), and a worker that
     maps them before they are all written computes the missing ones itself."""
     def write() -> None:
-        for block, kept in tokens.items():
-            save_atomically(kept, tokens_path(path, block))
+        try:
+            for block, kept in tokens.items():
+                save_atomically(kept, tokens_path(path, block))
+        except OSError as err:  # a full disk, say: the other workers compute what they miss
+            print(f"kept tokens not written beside {path.name}: {err}", file=sys.stderr)
 
     if tokens:
         writer = threading.Thread(target=write, name=f"save-{path.stem}", daemon=True)

@@ -109,3 +109,24 @@ def test_prefix_cache_budget_of_the_worker(tmp_path: Path, budget: int) -> None:
     ctx = context(setup)
     assert (ctx.prefix.tokens(3) is None) == (budget == 0)
     _CONTEXTS.clear()
+
+
+def test_kept_tokens_that_cannot_be_written_leave_the_logits_and_no_half_file(tmp_path: Path, monkeypatch,
+                                                                              capsys) -> None:
+    from search import shared_logits as module
+
+    real_save = torch.save
+
+    def full_disk(obj, path) -> None:  # type: ignore[no-untyped-def]
+        if Path(path).name.startswith("tokens-"):
+            Path(path).write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(module.torch, "save", full_disk)
+    path = cache_path(tmp_path, "screen", ("m",))
+    (logits, kept), = module.shared_outputs([(path, lambda: (torch.ones(3, 2), {1: torch.zeros(3, 4, 2)}))])
+    wait_for_tokens()
+    assert torch.equal(logits, torch.ones(3, 2)) and set(kept) == {1}  # this worker keeps its own in memory
+    assert path.is_file() and not list(tmp_path.glob("tokens-*"))
+    assert "kept tokens not written" in capsys.readouterr().err

@@ -165,9 +165,9 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                    help="screening forwards in fp32 or under bf16 autocast (on a GPU); the confirmation and the "
                         "reference logits stay fp32 (default fp32)")
     p.add_argument("--prefix-cache-mb", type=_non_negative_int, default=1024,
-                   help="memory per worker and image set for the tokens entering a schedule's first reducing block, "
-                        "computed once and reused by every schedule that reduces nothing before it "
-                        "(default 1024; 0: off)")
+                   help="memory per image set for the unreduced model's tokens entering its blocks, kept by the run "
+                        "(shared by its workers through files) and by each worker, so that a schedule that reduces "
+                        "nothing before block k starts there (default 1024; 0: off)")
     p.add_argument("--min-gmacs", default=None,
                    help="the cheapest the front should reach, like --budget (default: the cheapest preset under the budget)")
     p.add_argument("--finetune-top", type=_non_negative_int, default=0,
