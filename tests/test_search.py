@@ -101,6 +101,8 @@ def test_smoke_search_writes_every_output(smoke) -> None:
     for key in ("versions", "device", "batch_size", "precision", "seed", "sampler", "budget_gmacs", "command"):
         assert key in run
     assert run["sampler"] == "local-nsga2" and "preset" in proc.stdout.lower()
+    cache = out / "cache"  # the shared logits stay; the kept tokens are deleted after the confirmation
+    assert len(list(cache.glob("logits-*.pt"))) == 2 and not list(cache.glob("tokens-*"))
     # stdout holds the closing table only (header, rule, rows, verdicts); Ray's boxes and hints nowhere
     table = re.compile(r" *id  kind |-+$| *\d*  (search|preset) |preset \S+: |the search dominates \d+ of \d+ presets"
                        r"|s: screening stopped early|unreduced model \(the reference, not a preset\): ")
