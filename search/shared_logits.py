@@ -141,8 +141,3 @@ def shared_outputs(jobs: Sequence[tuple[Path, Callable[[], Computed]]]) -> list[
             with _lock(path, wait=True):
                 found[i] = _load(path) if path.is_file() else _compute_and_save(path, compute)
     return [found[i] for i in range(len(jobs))]
-
-
-def shared_logits(jobs: Sequence[tuple[Path, Callable[[], Computed]]]) -> list[Tensor]:
-    """Each job's logits (`shared_outputs` without the tokens)."""
-    return [logits for logits, _ in shared_outputs(jobs)]

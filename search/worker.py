@@ -77,7 +77,8 @@ class Context:
     confirm: tuple[TensorSet, Tensor] | None = None  # confirmation images and their unreduced logits
     confirm_prefix: PrefixCache | None = None
     confirm_reference: Tensor | None = None  # the confirmation logits when loaded with the screening ones
-    confirm_tokens: tuple[dict[int, Tensor], Any] = ({}, None)  # their shared blocks, and more (search.prefix_cache)
+    confirm_tokens: dict[int, Tensor] = field(default_factory=dict)  # their shared blocks (search.prefix_cache)
+    confirm_more_tokens: Any = None  # maps the confirmation set's shared blocks written since (PrefixCache's more_shared)
     unreduced: dict[str, float] = field(default_factory=dict)  # the unreduced model's accuracy, by image set
 
 
@@ -102,7 +103,8 @@ def context(setup: WorkerSetup) -> Context:
         prefix = PrefixCache(model, data, batch_size=setup.batch_size, budget_bytes=setup.prefix_cache_mb << 20,
                              shared=tokens, more_shared=more)
         _CONTEXTS[key] = Context(model, data, reference, time.perf_counter() - start, prefix,
-                                 confirm_reference=confirm_reference, confirm_tokens=(confirm_tokens, confirm_more))
+                                 confirm_reference=confirm_reference, confirm_tokens=confirm_tokens,
+                                 confirm_more_tokens=confirm_more)
     return _CONTEXTS[key]
 
 
@@ -156,8 +158,8 @@ def confirm_context(setup: WorkerSetup) -> tuple[TensorSet, Tensor]:
         reference = ctx.confirm_reference
         ctx.confirm = (data, reference if reference is not None else predict(ctx.model, data, batch_size=setup.batch_size))
         ctx.confirm_prefix = PrefixCache(ctx.model, data, batch_size=setup.batch_size,
-                                         budget_bytes=setup.prefix_cache_mb << 20, shared=ctx.confirm_tokens[0],
-                                         more_shared=ctx.confirm_tokens[1])
+                                         budget_bytes=setup.prefix_cache_mb << 20, shared=ctx.confirm_tokens,
+                                         more_shared=ctx.confirm_more_tokens)
     return ctx.confirm
 
 

@@ -11,7 +11,7 @@ import torch
 
 from reducers.prefix import embed, tokens_entering
 from search.models import model_spec
-from search.shared_logits import cache_path, drop_tokens, shared_logits, wait_for_tokens
+from search.shared_logits import cache_path, drop_tokens, shared_outputs, wait_for_tokens
 from search.worker import _CONTEXTS, WorkerSetup, confirm_context, context
 from spaces.search_space import SearchSpace
 
@@ -22,6 +22,10 @@ def _space() -> SearchSpace:
     return SearchSpace("per-layer", model_spec(FAST))
 
 
+def _logits(jobs) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    return [logits for logits, _ in shared_outputs(jobs)]
+
+
 def _never() -> torch.Tensor:
     raise AssertionError("computed again")
 
@@ -29,8 +33,8 @@ def _never() -> torch.Tensor:
 def test_each_set_is_computed_once_then_loaded(tmp_path: Path) -> None:
     a, b = cache_path(tmp_path, "screen", ("m", 1)), cache_path(tmp_path, "confirm", ("m", 1))
     assert a != b and cache_path(tmp_path, "screen", ("m", 2)) != a
-    first = shared_logits([(a, lambda: torch.ones(3, 2)), (b, lambda: torch.zeros(4, 2))])
-    again = shared_logits([(a, _never), (b, _never)])
+    first = _logits([(a, lambda: torch.ones(3, 2)), (b, lambda: torch.zeros(4, 2))])
+    again = _logits([(a, _never), (b, _never)])
     for x, y in zip(first, again, strict=True):
         torch.testing.assert_close(x, y)
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".lock", ".lock", ".pt", ".pt"]  # no temporary left
@@ -56,7 +60,7 @@ def test_a_set_another_worker_holds_is_waited_for_while_the_next_is_computed(tmp
         computed_while_held.set()
         return torch.zeros(2, 2)
 
-    got = shared_logits([(held, _never), (screen, compute_confirm)])
+    got = _logits([(held, _never), (screen, compute_confirm)])
     thread.join()
     torch.testing.assert_close(got[0], torch.full((2, 2), 7.0))
     torch.testing.assert_close(got[1], torch.zeros(2, 2))
