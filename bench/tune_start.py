@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -44,7 +45,8 @@ def main() -> None:
     parser.add_argument("--preload", action="store_true", help="Ray workers start with torch and timm imported")
     args = parser.parse_args()
     if args.stages < 1:
-        parser.error("--stages must be at least 1")
+        print(f"error: --stages must be at least 1, got {args.stages}", file=sys.stderr)
+        raise SystemExit(2)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray

@@ -1,4 +1,4 @@
-"""The held-out benches' bad input: one `error:` line and exit code 2 before anything loads."""
+"""The benches' bad input: one `error:` line and exit code 2 before anything loads."""
 
 from __future__ import annotations
 
@@ -29,3 +29,10 @@ def test_a_bad_seed_range_is_one_error_line_and_exit_2(argv: list[str], tmp_path
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith("error: --seeds")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tune_start_refuses_no_stages_in_one_error_line_before_ray_starts(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "bench/tune_start.py"), "--stages", "0"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == "error: --stages must be at least 1, got 0" and list(tmp_path.iterdir()) == []
