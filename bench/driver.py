@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from search import driver, run_dir, tune_stage
     from search.cli.commands import search_config
     from search.cli.parser import build_parser
-    from search.fixed_stage import evaluate_presets
+    from search.fixed_stage import create_study
 
     argv = ["search", "--budget", "65%", "--objectives", "accuracy,gmacs", "--no-presets", "--trials", str(args.trials), "--concurrency",
             str(args.concurrency), "--cpus-per-trial", str(args.cpus_per_trial), "--out", str(args.out)]
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     driver._init_ray(cfg)
     run_dir.write_run_json(cfg.out, run)
     storage = run_dir.storage(cfg.storage, cfg.out)
-    evaluate_presets(cfg, run, storage)  # creates the study (no presets: none to evaluate)
+    create_study(cfg, storage)  # the searched trials load it
     phases = Phases()
     instrument(phases, storage)
     start = time.perf_counter()

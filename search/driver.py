@@ -10,8 +10,9 @@ the budget are enqueued first. Every reported result is appended to trials.jsonl
 driver (the single writer), which is what the reports and resume read.
 
 This module checks the input and runs the stages in order: the presets and, after the search,
-the confirmation (search/fixed_stage.py), the searched trials (search/tune_stage.py), the
-fine-tunes of the promoted candidates (search/finetune_stage.py), and the front with every output
+the confirmation (search/fixed_stage.py) and the searched trials (search/tune_stage.py), as
+phases of one Ray Tune experiment that share its actors (search/staged.py), the fine-tunes of the
+promoted candidates (search/finetune_stage.py), and the front with every output
 (search/outcome.py); search/config.py holds the SearchConfig they share.
 """
 
@@ -28,11 +29,12 @@ from typing import Any
 from search import run_dir, shared_logits
 from search.config import SearchConfig, SearchOutcome
 from search.finetune_stage import run_finetunes
-from search.fixed_stage import evaluate_presets, run_confirm
+from search.fixed_stage import confirm_phase, presets_phase
 from search.outcome import finish
 from search.shared_logits import CACHE_DIR
 from search.speed_stage import ensure_profile, needs_profile, run_retime
-from search.tune_stage import run_tune
+from search.staged import run_phases
+from search.tune_stage import TunePhase
 from spaces import Schedule, gmacs
 from spaces.presets import presets_in_range
 from spaces.search_space import FRACTION_RANGE, SearchSpace, cheapest_gmacs
@@ -166,11 +168,8 @@ def run(cfg: SearchConfig) -> SearchOutcome:
     if needs_profile(cfg):  # the trials' predicted speed comes from it
         cfg = replace(cfg, setup=replace(cfg.setup, latency=ensure_profile(cfg, run)))
     profiled = time.perf_counter()
-    evaluate_presets(cfg, run, storage)
-    presets_done = time.perf_counter()
-    run_tune(cfg, run, storage)
-    toc = time.perf_counter()
-    run_confirm(cfg, run)
+    phases = run_phases(cfg, run, [presets_phase(cfg, storage), TunePhase(cfg, storage), confirm_phase(cfg)], "search")
+    presets_done, toc = phases["presets"][1], phases["tune"][1]
     shared_logits.drop_tokens(cfg.setup.cache_dir)  # the kept tokens are large and no later stage reads them
     confirmed = time.perf_counter()
     if cfg.finetune_top > 0:

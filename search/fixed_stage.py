@@ -13,6 +13,7 @@ from search import paired, pareto, report, run_dir, screen_bars
 from search.config import SearchConfig
 from search.idle_actors import keep_idle_actors
 from search.outcome import STOPPED, finite, latest_records
+from search.staged import FINISHED, Phase
 from search.tune_stage import DASHBOARD_ATTRS
 from search.worker import presets_stop
 from spaces import Schedule, gmacs
@@ -77,44 +78,74 @@ def _output_group(item: dict[str, Any]) -> tuple:
     return output_key(Schedule.from_dict(item["schedule"]))
 
 
-def _run_fixed(cfg: SearchConfig, run: dict[str, Any], items: list[dict[str, Any]], stage: str, desc: str,
-               on_result) -> None:  # type: ignore[no-untyped-def]
-    """Evaluate fixed schedules in batches of Ray trials (reused actors, the search's concurrency).
-    Each item holds ``schedule`` (a dict), ``images`` ("screen" or "confirm") and optionally
-    ``stop`` (stop early against the others, search.screen_bars: each batch then runs its cheapest
-    schedules first, so that the costlier ones find bars); ``on_result(item, record_id, state,
-    result)`` records each outcome, under an id of its own (``<ray trial>-<index>``)."""
-    from ray import tune
-    from tqdm import tqdm
+class _FixedRecorder:
+    """Records each schedule of a batch as its result arrives (``on_result``), and the ones a failed
+    batch did not reach as FAIL."""
 
-    from search.worker import fixed_trainable
+    def __init__(self, on_result, progress) -> None:  # type: ignore[no-untyped-def]
+        self.on_result, self.progress = on_result, progress
+        self.reported: dict[str, int] = {}  # Ray trial -> items recorded
 
-    if not items:
-        return
-    progress = tqdm(total=len(items), desc=desc, unit="schedule", file=sys.stderr)
+    def on_trial_result(self, iteration, trials, trial, result, **info):  # type: ignore[no-untyped-def]
+        index = int(result["item"])
+        state = "COMPLETE" if finite(result.get("accuracy")) else "FAIL"
+        self.on_result(trial.config["items"][index], f"{trial.trial_id}-{index}", state, result)
+        self.reported[trial.trial_id] = index + 1
+        self.progress.update(1)
 
-    class FixedRecorder(tune.Callback):
-        def __init__(self) -> None:
-            self.reported: dict[str, int] = {}  # Ray trial -> items recorded
+    def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
+        batch = trial.config["items"]
+        for index in range(self.reported.get(trial.trial_id, 0), len(batch)):  # the ones it did not reach
+            self.on_result(batch[index], f"{trial.trial_id}-{index}", "FAIL", None)
+            self.progress.update(1)
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):  # type: ignore[no-untyped-def]
-            index = int(result["item"])
-            state = "COMPLETE" if finite(result.get("accuracy")) else "FAIL"
-            on_result(trial.config["items"][index], f"{trial.trial_id}-{index}", state, result)
-            self.reported[trial.trial_id] = index + 1
-            progress.update(1)
 
-        def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
-            batch = trial.config["items"]
-            for index in range(self.reported.get(trial.trial_id, 0), len(batch)):  # the ones it did not reach
-                on_result(batch[index], f"{trial.trial_id}-{index}", "FAIL", None)
-                progress.update(1)
+Prepared = tuple[list[dict[str, Any]], Callable[..., None] | None]  # the items, and how each outcome is recorded
 
-    fit_grid(cfg, run, tune.with_parameters(fixed_trainable, setup=cfg.setup), "items",
-              _batches(items, cfg.concurrency, cost=_item_cost,
-                       order=_item_cost if any(item.get("stop") for item in items) else None, group=_output_group),
-              stage, FixedRecorder())
-    progress.close()
+
+class FixedPhase(Phase):
+    """Fixed schedules in batches of Ray trials, at most the search's concurrency at once (search.staged).
+    ``prepare()``, when the phase begins, returns the items and ``on_result``: each item holds
+    ``schedule`` (a dict), ``images`` ("screen" or "confirm") and optionally ``stop`` (stop early
+    against the others, search.screen_bars: each batch then runs its cheapest schedules first, so
+    that the costlier ones find bars); ``on_result(item, record_id, state, result)`` records each
+    outcome, under an id of its own (``<ray trial>-<index>``). ``after()`` runs once all are recorded."""
+
+    def __init__(self, name: str, concurrency: int, prepare: Callable[[], Prepared],
+                 after: Callable[[], None] | None = None) -> None:
+        self.name, self.concurrency, self.prepare, self.after = name, concurrency, prepare, after
+        self.batches: list[list[dict[str, Any]]] = []
+        self.live: set[str] = set()
+        self.progress = None
+
+    def begin(self) -> None:
+        from tqdm import tqdm
+
+        items, on_result = self.prepare()
+        if not items:
+            return
+        self.progress = tqdm(total=len(items), desc=self.name, unit="schedule", file=sys.stderr)
+        self.callback = _FixedRecorder(on_result, self.progress)
+        self.batches = _batches(items, self.concurrency, cost=_item_cost,
+                                order=_item_cost if any(item.get("stop") for item in items) else None,
+                                group=_output_group)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if not self.batches:
+            return FINISHED
+        if len(self.live) >= self.concurrency:
+            return None
+        self.live.add(trial_id)
+        return {"items": self.batches.pop(0)}
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        self.live.discard(trial_id)
+
+    def end(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.after is not None:
+            self.after()
 
 
 def fit_grid(cfg: SearchConfig, run: dict[str, Any], trainable, key: str, items: list[Any], stage: str,
@@ -141,16 +172,6 @@ _RESULT_KEYS = ("accuracy", "agreement", "top1", "top5", "kl", "gmacs", "speedup
                 "output_of", "unreduced_accuracy")
 
 
-def _study(cfg: SearchConfig, storage):  # type: ignore[no-untyped-def]
-    """The run's Optuna study (created here; Ray's OptunaSearch loads the same one)."""
-    import optuna
-
-    directions = ["maximize" if pareto.OBJECTIVES[o].direction == "max" else "minimize" for o in cfg.setup.objectives]
-    return optuna.create_study(storage=storage, sampler=run_dir.sampler(cfg.sampler, cfg.seed, cfg.setup.space),
-                               study_name=run_dir.study_name(cfg.out), directions=directions,
-                               load_if_exists=True)
-
-
 def _inject_preset(cfg: SearchConfig, study, record: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:  # type: ignore[no-untyped-def]
     """Tell the study a measured preset as a finished trial, so the sampler can build on it (a parent
     for NSGA-II, a good point for TPE). Returns its trial number and parameters, or None when the
@@ -175,20 +196,35 @@ def _inject_preset(cfg: SearchConfig, study, record: dict[str, Any]) -> tuple[in
     return trial.number, params
 
 
-def evaluate_presets(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  # type: ignore[no-untyped-def]
+def create_study(cfg: SearchConfig, storage):  # type: ignore[no-untyped-def]
+    """The run's Optuna study (created here; Ray's OptunaSearch loads the same one)."""
+    import optuna
+
+    directions = ["maximize" if pareto.OBJECTIVES[o].direction == "max" else "minimize" for o in cfg.setup.objectives]
+    return optuna.create_study(storage=storage, sampler=run_dir.sampler(cfg.sampler, cfg.seed, cfg.setup.space),
+                               study_name=run_dir.study_name(cfg.out), directions=directions,
+                               load_if_exists=True)
+
+
+def presets_phase(cfg: SearchConfig, storage) -> FixedPhase:  # type: ignore[no-untyped-def]
     """Every preset in range, evaluated on the screening images as a fixed schedule and recorded; the
-    ones the space can express are then told to the study as finished trials."""
-    study = _study(cfg, storage)
-    if not cfg.presets:
-        return
-    records = latest_records(run_dir.read_records(cfg.out))
-    stop = presets_stop(cfg.setup)
-    if stop:  # the bars start from the presets a resumed run already screened in full
-        screen_bars.seed(screen_bars.path_in(cfg.setup.cache_dir),
-                         [(r["gmacs"], r["accuracy"]) for r in records if r.get("preset") and r.get("state") == "COMPLETE"
-                          and r.get("fidelity", "screen") == "screen" and finite(r.get("accuracy"))])
-    items = [{"preset": s.name, "schedule": s.to_dict(), "images": "screen", "stop": stop}
-             for s in presets_to_run(cfg.setup.space, records)]
+    ones the space can express are then told to the study as finished trials. Creates the study
+    when it begins, presets or none."""
+
+    def prepare() -> Prepared:
+        create_study(cfg, storage)
+        if not cfg.presets:
+            return [], None
+        records = latest_records(run_dir.read_records(cfg.out))
+        stop = presets_stop(cfg.setup)
+        if stop:  # the bars start from the presets a resumed run already screened in full
+            screen_bars.seed(screen_bars.path_in(cfg.setup.cache_dir),
+                             [(r["gmacs"], r["accuracy"]) for r in records if r.get("preset")
+                              and r.get("state") == "COMPLETE" and r.get("fidelity", "screen") == "screen"
+                              and finite(r.get("accuracy"))])
+        items = [{"preset": s.name, "schedule": s.to_dict(), "images": "screen", "stop": stop}
+                 for s in presets_to_run(cfg.setup.space, records)]
+        return items, record
 
     def record(item: dict[str, Any], trial_id: str, state: str, result: dict[str, Any] | None) -> None:
         rec = {"trial": None, "ray_trial": trial_id, "state": state, "preset": item["preset"], "fidelity": "screen",
@@ -199,7 +235,14 @@ def evaluate_presets(cfg: SearchConfig, run: dict[str, Any], storage) -> None:  
         rec["seconds"] = rec.get("eval_seconds")
         run_dir.append_record(cfg.out, rec)
 
-    _run_fixed(cfg, run, items, "presets", "presets", record)
+    return FixedPhase("presets", cfg.concurrency, prepare, after=lambda: tell_presets(cfg, storage))
+
+
+def tell_presets(cfg: SearchConfig, storage) -> None:  # type: ignore[no-untyped-def]
+    """Tell the study every preset screened in full that it has not been told, in one order."""
+    if not cfg.presets:
+        return
+    study = create_study(cfg, storage)
     told = {t.user_attrs.get("preset") for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     rank = {s.name: i for i, s in enumerate(run_presets(cfg.setup.space))}  # told in one order, however they finished
     for rec in sorted(latest_records(run_dir.read_records(cfg.out)), key=lambda r: rank.get(r.get("preset"), -1)):
@@ -225,13 +268,17 @@ def _confirm_candidates(cfg: SearchConfig, records: list[dict[str, Any]]) -> lis
     return [r for r in [*presets, *searched] if r.get("schedule")]
 
 
-def run_confirm(cfg: SearchConfig, run: dict[str, Any]) -> None:
-    """Re-score the candidates on images disjoint from the screening images (selection optimism)."""
-    records = latest_records(run_dir.read_records(cfg.out))
-    confirmed = {r.get("of_ray_trial") for r in records if r.get("fidelity") == "confirm"}
-    candidates = [r for r in _confirm_candidates(cfg, records) if r["ray_trial"] not in confirmed]
-    items = [{"of": r["ray_trial"], "schedule": r["schedule"], "images": "confirm"} for r in candidates]
-    by_id = {r["ray_trial"]: r for r in candidates}
+def confirm_phase(cfg: SearchConfig) -> FixedPhase:
+    """Re-score the candidates on images disjoint from the screening images (selection optimism);
+    the candidates are read when the phase begins, after the searched trials."""
+    by_id: dict[str, dict[str, Any]] = {}
+
+    def prepare() -> Prepared:
+        records = latest_records(run_dir.read_records(cfg.out))
+        confirmed = {r.get("of_ray_trial") for r in records if r.get("fidelity") == "confirm"}
+        candidates = [r for r in _confirm_candidates(cfg, records) if r["ray_trial"] not in confirmed]
+        by_id.update({r["ray_trial"]: r for r in candidates})
+        return [{"of": r["ray_trial"], "schedule": r["schedule"], "images": "confirm"} for r in candidates], record
 
     def record(item: dict[str, Any], trial_id: str, state: str, result: dict[str, Any] | None) -> None:
         screen = by_id[item["of"]]
@@ -246,4 +293,4 @@ def run_confirm(cfg: SearchConfig, run: dict[str, Any]) -> None:
         rec["confirmed_accuracy"] = rec["accuracy"]
         run_dir.append_record(cfg.out, rec)
 
-    _run_fixed(cfg, run, items, "confirm", "confirm", record)
+    return FixedPhase("confirm", cfg.concurrency, prepare)

@@ -10,9 +10,9 @@ from typing import Any
 
 from search import pareto, run_dir
 from search.config import SearchConfig
-from search.idle_actors import keep_idle_actors
 from search.outcome import STOPPED, finite, latest_records
 from search.running_front import RunningFront
+from search.staged import FINISHED, Phase, run_phases
 from search.worker import FAULT_KEY, STOP_KEY, schedule_from_params
 from spaces import Schedule, gmacs
 from spaces.presets import effective_key
@@ -227,51 +227,74 @@ def _callback(cfg: SearchConfig, searcher, progress, fronts: list[RunningFront],
     return Recorder()
 
 
+class TunePhase(Phase):
+    """The searched trials up to --trials, as a phase (search.staged): when it begins, the study
+    (with the presets told) gives the starting points and the early-stopping bar; then Optuna's
+    suggestions, through the concurrency or in-order limiter, until the last is suggested."""
+
+    name = "tune"
+
+    def __init__(self, cfg: SearchConfig, storage) -> None:  # type: ignore[no-untyped-def]
+        self.cfg, self.storage = cfg, storage
+        self.search = None  # the limiter around the searcher, made when the phase begins
+        self.remaining = self.suggested = 0
+        self.progress = None
+
+    def begin(self) -> None:
+        import optuna
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        study = optuna.load_study(study_name=run_dir.study_name(cfg.out), storage=self.storage)  # presets_phase created it
+        done, failed = run_dir.settle_stale_trials(study, run_dir.read_records(cfg.out), list(cfg.setup.objectives),
+                                                   cfg.out)
+        if done or failed:
+            print(f"resuming {cfg.out}: of the trials left running, {done} completed from the trial log and "
+                  f"{failed} marked FAIL", file=sys.stderr)
+        # --trials counts searched trials; the presets (injected trials with a "preset" attribute) come on top.
+        finished = sum(run_dir.counts_against_budget(t) and "preset" not in t.user_attrs
+                       for t in study.get_trials(deepcopy=False))
+        self.remaining = cfg.trials - finished
+        if self.remaining <= 0:
+            return
+        objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
+        reference = pareto.reference_point(objectives, baseline_gmacs=gmacs(Schedule.empty(cfg.setup.space.spec)))
+        shown = RunningFront(objectives, reference)  # the progress bar's front and hypervolume
+        bar = RunningFront([pareto.OBJECTIVES["accuracy"], pareto.OBJECTIVES["gmacs"]])  # the early-stopping bar
+        records = latest_records(run_dir.read_records(cfg.out))  # read once; then kept up to date trial by trial
+        for front in (shown, bar):
+            front.extend(records)
+        by_ray_trial: dict[str, dict[str, Any]] = {}  # --deterministic: the bar learns them in suggestion order
+        trims = trim_keys(_told_presets(study), cfg.setup.space)
+        searcher, self.search = _searcher(cfg, self.storage, bar, starting_points(cfg, study), total=self.remaining,
+                                          records=by_ray_trial, unstopped=trims)
+        self.progress = tqdm(total=cfg.trials, initial=finished, desc="trials", unit="trial", file=sys.stderr)
+        self.callback = _callback(cfg, searcher, self.progress, [shown] if cfg.deterministic else [shown, bar],
+                                  by_ray_trial if cfg.deterministic else None)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.suggested >= self.remaining:
+            return FINISHED
+        config = self.search.suggest(trial_id)
+        if config == FINISHED:  # never expected: --trials bounds the search
+            self.remaining = self.suggested
+        elif config is not None:
+            self.suggested += 1
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        self.search.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        self.search.on_trial_complete(trial_id, result=result, error=error)
+
+    def end(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+
 def run_tune(cfg: SearchConfig, run: dict[str, Any], storage, *, trainable=None) -> None:  # type: ignore[no-untyped-def]
-    """The searched trials up to --trials. ``trainable``: what each Ray trial runs (default the worker's
-    evaluation, search.worker.trainable; bench/driver.py passes a no-op to time the driver alone)."""
-    import optuna
-    from ray import tune
-    from tqdm import tqdm
-
-    if trainable is None:
-        from search.worker import trainable
-
-    study = optuna.load_study(study_name=run_dir.study_name(cfg.out), storage=storage)  # evaluate_presets created it
-    done, failed = run_dir.settle_stale_trials(study, run_dir.read_records(cfg.out), list(cfg.setup.objectives),
-                                               cfg.out)
-    if done or failed:
-        print(f"resuming {cfg.out}: of the trials left running, {done} completed from the trial log and "
-              f"{failed} marked FAIL", file=sys.stderr)
-    # --trials counts searched trials; the presets (injected trials with a "preset" attribute) come on top.
-    finished = sum(run_dir.counts_against_budget(t) and "preset" not in t.user_attrs
-                   for t in study.get_trials(deepcopy=False))
-    remaining = cfg.trials - finished
-    if remaining <= 0:
-        return
-    objectives = [pareto.OBJECTIVES[o] for o in cfg.setup.objectives]
-    reference = pareto.reference_point(objectives, baseline_gmacs=gmacs(Schedule.empty(cfg.setup.space.spec)))
-    shown = RunningFront(objectives, reference)  # the progress bar's front and hypervolume
-    bar = RunningFront([pareto.OBJECTIVES["accuracy"], pareto.OBJECTIVES["gmacs"]])  # the early-stopping bar
-    records = latest_records(run_dir.read_records(cfg.out))  # read once; then kept up to date trial by trial
-    for front in (shown, bar):
-        front.extend(records)
-    by_ray_trial: dict[str, dict[str, Any]] = {}  # --deterministic: the bar learns them in suggestion order
-    trims = trim_keys(_told_presets(study), cfg.setup.space)
-    searcher, limited = _searcher(cfg, storage, bar, starting_points(cfg, study), total=remaining,
-                                  records=by_ray_trial, unstopped=trims)
-    progress = tqdm(total=cfg.trials, initial=finished, desc="trials", unit="trial", file=sys.stderr)
-    setup_resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, setup=cfg.setup), setup_resources),
-        tune_config=tune.TuneConfig(search_alg=limited, num_samples=remaining, reuse_actors=True),
-        run_config=tune.RunConfig(
-            storage_path=str((cfg.out / "ray").resolve()), name=f"tune-{len(run.get('resumed', [])) + 1}",
-            failure_config=tune.FailureConfig(max_failures=cfg.retries),
-            verbose=0, callbacks=[_callback(cfg, searcher, progress, [shown] if cfg.deterministic else [shown, bar],
-                                            by_ray_trial if cfg.deterministic else None)],
-        ),
-    )
-    with keep_idle_actors():
-        tuner.fit()
-    progress.close()
+    """The searched trials alone, as a Tune experiment of their own. ``trainable``: what each Ray trial
+    runs (default the worker's, search.worker.stage_trainable; bench/driver.py passes a no-op to time
+    the driver alone)."""
+    run_phases(cfg, run, [TunePhase(cfg, storage)], "tune", trainable)

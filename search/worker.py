@@ -326,6 +326,12 @@ def trainable(config: dict[str, Any], setup: WorkerSetup) -> None:
     tune.report(metrics)
 
 
+def stage_trainable(config: dict[str, Any], setup: WorkerSetup) -> None:
+    """Ray Tune function trainable of every phase of the search (search.staged): a batch of fixed
+    schedules (``config["items"]``: `fixed_trainable`) or one searched trial (`trainable`)."""
+    (fixed_trainable if "items" in config else trainable)(config, setup)
+
+
 @dataclass(frozen=True)
 class FinetuneJob:
     """A short fine-tune of one screened candidate inside the search (small and picklable)."""

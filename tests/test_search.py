@@ -110,6 +110,22 @@ def test_smoke_search_writes_every_output(smoke) -> None:
     assert "tensorboard" not in (proc.stdout + proc.stderr).lower() and "╭" not in proc.stdout + proc.stderr
 
 
+def test_presets_searched_trials_and_confirmation_share_one_experiments_workers(smoke) -> None:
+    """search.staged: one Tune experiment, whose worker processes serve all three phases (a worker
+    whose trial raised is replaced; the others carry on from phase to phase)."""
+    out, _ = smoke
+    assert sorted(p.name for p in (out / "ray").iterdir() if p.is_dir()) == ["search-1"]
+    pids: dict[str, set[int]] = {"presets": set(), "tune": set(), "confirm": set()}
+    for path in (out / "ray" / "search-1").glob("*/result.json"):
+        for line in path.read_text().splitlines():
+            result = json.loads(line)
+            items = result["config"].get("items")
+            phase = "tune" if items is None else "confirm" if items[0]["images"] == "confirm" else "presets"
+            pids[phase].add(result["pid"])
+    assert all(pids.values()), pids
+    assert pids["presets"] & pids["tune"] and pids["confirm"] <= pids["presets"] | pids["tune"], pids
+
+
 def test_front_is_non_dominated_and_feasible(smoke) -> None:
     out, _ = smoke
     run = json.loads((out / "run.json").read_text())
