@@ -211,8 +211,10 @@ def presets_phase(cfg: SearchConfig, storage) -> FixedPhase:  # type: ignore[no-
     ones the space can express are then told to the study as finished trials. Creates the study
     when it begins, presets or none."""
 
+    opened: list[Any] = []  # the study, opened when the phase begins and told the presets when it ends
+
     def prepare() -> Prepared:
-        create_study(cfg, storage)
+        opened.append(create_study(cfg, storage))
         if not cfg.presets:
             return [], None
         records = latest_records(run_dir.read_records(cfg.out))
@@ -235,14 +237,13 @@ def presets_phase(cfg: SearchConfig, storage) -> FixedPhase:  # type: ignore[no-
         rec["seconds"] = rec.get("eval_seconds")
         run_dir.append_record(cfg.out, rec)
 
-    return FixedPhase("presets", cfg.concurrency, prepare, after=lambda: tell_presets(cfg, storage))
+    return FixedPhase("presets", cfg.concurrency, prepare, after=lambda: tell_presets(cfg, opened[0]))
 
 
-def tell_presets(cfg: SearchConfig, storage) -> None:  # type: ignore[no-untyped-def]
+def tell_presets(cfg: SearchConfig, study) -> None:  # type: ignore[no-untyped-def]
     """Tell the study every preset screened in full that it has not been told, in one order."""
     if not cfg.presets:
         return
-    study = create_study(cfg, storage)
     told = {t.user_attrs.get("preset") for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     rank = {s.name: i for i, s in enumerate(run_presets(cfg.setup.space))}  # told in one order, however they finished
     for rec in sorted(latest_records(run_dir.read_records(cfg.out)), key=lambda r: rank.get(r.get("preset"), -1)):
