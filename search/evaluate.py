@@ -207,14 +207,19 @@ def throughput(model: nn.Module, schedule: Schedule, *, batch_size: int = 64, im
 @torch.inference_mode()
 def throughput_many(model: nn.Module, schedules: list[Schedule], *, batch_size: int = 64,
                     image_size: tuple[int, int] | None = None, warmup: int = 1, schedule_warmup: int = 1,
-                    repeats: int = 1, min_time_s: float = 0.02,
+                    repeats: int = 1, min_time_s: float = 0.02, nest: int = 1,
                     dtype: torch.dtype = torch.float32) -> list[Throughput]:
-    """`throughput` of many schedules in one process, cheaper: one chain B S1 S1 B S2 S2 B ... in
-    which each schedule sits in an ABBA quartet with the unreduced model and shares its baselines
-    with its neighbours. Each pass (`repeats`; every other pass runs the chain backwards) gives a
-    schedule two ratios: the baseline before it over its first timing, the one after over its
-    second. The unreduced model is warmed up `warmup` calls first, each schedule `schedule_warmup`
-    untimed calls before its quartet."""
+    """`throughput` of many schedules in one process, cheaper: one chain of palindromes
+    B S1 S1 B S2 S2 B ... (nest 1) or B S1 S2 S2 S1 B S3 S4 S4 S3 B ... (nest 2), in which each
+    schedule sits symmetrically between two timings of the unreduced model, so a linear drift
+    cancels in the mean of its two ratios, and shares those baselines with its neighbours: `nest`
+    schedules per pair of baselines (the unreduced model, the costliest forward, is timed
+    len/nest + 1 times a pass). Each pass (`repeats`; every other pass runs the chain backwards)
+    gives a schedule two ratios: the baseline before its palindrome over its first timing, the one
+    after over its second. The unreduced model is warmed up `warmup` calls first, each schedule
+    `schedule_warmup` untimed calls before its palindrome."""
+    if nest < 1:
+        raise ValueError(f"nest must be at least 1, got {nest}")
     device, run = _timed_forward(model, batch_size, image_size, dtype)
 
     def time_as(schedule: Schedule | None, calls: int) -> float:
@@ -229,13 +234,16 @@ def throughput_many(model: nn.Module, schedules: list[Schedule], *, batch_size: 
     for p in range(repeats):
         order = list(range(len(schedules)))[:: -1 if p % 2 else 1]
         before = time_as(None, calls)
-        for i in order:
-            for _ in range(schedule_warmup):
-                time_as(schedules[i], 1)
-            first, second = time_as(schedules[i], calls), time_as(schedules[i], calls)
+        for group in (order[g:g + nest] for g in range(0, len(order), nest)):
+            for i in group:
+                for _ in range(schedule_warmup):
+                    time_as(schedules[i], 1)
+            first = {i: time_as(schedules[i], calls) for i in group}
+            second = {i: time_as(schedules[i], calls) for i in reversed(group)}
             after = time_as(None, calls)
-            base[i] += [before, after]
-            cand[i] += [first, second]
+            for i in group:
+                base[i] += [before, after]
+                cand[i] += [first[i], second[i]]
             before = after
     remove_schedule(model)
     out = []

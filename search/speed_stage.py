@@ -24,6 +24,9 @@ from search.latency import LatencyProfile, ProfileKey
 from search.worker import WorkerSetup
 
 PROFILE_FILE = "latency_profile.json"  # the run's copy: a resumed run keeps the profile it started with
+# Schedules per pair of unreduced timings in the batched re-timing (evaluate.throughput_many): two
+# take 0.69x the time of one with no more spread across passes (bench/retime_nest.py, docs/RESULTS.md).
+RETIME_NEST = 2
 
 
 def profile_key(cfg: SearchConfig) -> ProfileKey:
@@ -111,7 +114,7 @@ def _retime_task(setup: WorkerSetup, schedules: list[dict[str, Any]], batch: int
     items = [Schedule.from_dict(s) for s in schedules]
     warm = 1 if on_gpu else 0  # CUDA kernels are chosen on a first call; a CPU forward needs none
     start = time.perf_counter()
-    batched = throughput_many(model, items, batch_size=batch, warmup=2, schedule_warmup=warm, repeats=1)
+    batched = throughput_many(model, items, batch_size=batch, warmup=2, schedule_warmup=warm, repeats=1, nest=RETIME_NEST)
     mid = time.perf_counter()
     single = throughput_many(model, items, batch_size=latency_batch, warmup=2, schedule_warmup=warm, repeats=2)
     seconds = {"batched": mid - start, "latency": time.perf_counter() - mid}
@@ -157,8 +160,8 @@ def _retime_eager(cfg: SearchConfig, run: dict[str, Any], todo: list[dict[str, A
                                          "timing_seconds": {k: round(v, 3) for k, v in seconds.items()},
                                          "batch": cfg.timing_batch, "latency_batch": cfg.latency_batch,
                                          "threads": cfg.setup.threads, "device": cfg.setup.device,
-                                         "protocol": "evaluate.throughput_many: one pass batched, two at the "
-                                                     "latency batch; median of the ABBA ratios"})
+                                         "protocol": f"evaluate.throughput_many: one pass batched (nest {RETIME_NEST}), two "
+                                                     "at the latency batch (nest 1); median of the ratios"})
 
 
 def _compiled_task(setup: WorkerSetup, schedules: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:

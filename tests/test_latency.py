@@ -220,6 +220,44 @@ def test_retiming_chain_times_every_schedule_against_the_baseline() -> None:
     assert type(model).__name__ == "VisionTransformer"  # left unpatched
 
 
+@pytest.mark.parametrize("nest", [1, 2, 3])
+def test_retiming_chain_nests_schedules_in_palindromes_between_baselines(nest: int, monkeypatch) -> None:
+    """Each group of `nest` schedules runs forwards then backwards between two baseline timings;
+    with fake timings (baseline 1 s, schedule i 1 / (i + 2) s) every speed-up is exactly i + 2."""
+    from search import evaluate
+    from spaces import ModelSpec, from_preset
+
+    model = load_model(DEFAULT_MODEL)
+    spec = ModelSpec.from_model(model)
+    items = [from_preset(p, spec) for p in ("tome:4", "tome:8", "evit:0.5", "evit:0.7", "tcvit:0.5")]
+    current: list[int | None] = [None]
+    seen: list[int | None] = []
+    monkeypatch.setattr(evaluate, "apply_schedule", lambda m, s: current.__setitem__(0, items.index(s)))
+    monkeypatch.setattr(evaluate, "remove_schedule", lambda m: current.__setitem__(0, None))
+
+    def fake_time(run, device, calls=1):  # type: ignore[no-untyped-def]
+        seen.append(current[0])
+        return 1.0 if current[0] is None else 1.0 / (current[0] + 2)
+
+    monkeypatch.setattr(evaluate, "time_call", fake_time)
+    out = evaluate.throughput_many(model, items, batch_size=4, warmup=1, schedule_warmup=0, repeats=1,
+                                   min_time_s=0.0, nest=nest)
+    groups = [list(range(len(items)))[g:g + nest] for g in range(0, len(items), nest)]
+    expected: list[int | None] = [None, None, None]  # warm-up, the calls probe, the first baseline
+    for group in groups:
+        expected += [*group, *reversed(group), None]
+    assert seen == expected
+    assert [t.speedup for t in out] == [float(i + 2) for i in range(len(items))]
+    assert all(t.repeats == 2 and t.speedup_min == t.speedup_max for t in out)
+
+
+def test_retiming_chain_rejects_a_nest_below_one() -> None:
+    from search.evaluate import throughput_many
+
+    with pytest.raises(ValueError, match="nest must be at least 1"):
+        throughput_many(load_model(DEFAULT_MODEL), [], nest=0)
+
+
 def _bad(argv: list[str], capsys) -> str:  # type: ignore[no-untyped-def]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
