@@ -174,6 +174,7 @@ def run(cfg: SearchConfig) -> SearchOutcome:
     confirmed = time.perf_counter()
     if cfg.finetune_top > 0:
         run_finetunes(cfg, run)
+    shared_logits.drop_tokens(cfg.setup.cache_dir, "images-")  # the decoded image sets: large with --data
     finetuned = time.perf_counter()
     if cfg.retime:
         run_retime(cfg, run)

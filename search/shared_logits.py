@@ -6,6 +6,10 @@ most expensive forward of all, once per worker per stage. Here the first worker 
 computes it and writes it atomically under the run directory's cache; the others load it. While
 one worker holds a set's lock, another computes the next set it will need instead of waiting.
 
+The worker that computes a set's logits also writes the decoded images beside them (before the
+logits: whoever finds the logits finds the images), so no other worker generates or decodes that
+set again (`save_images`, `load_images`).
+
 The pass that computes a set's logits may also keep the tokens entering some blocks
 (search.evaluate.predict_keeping): its worker uses them from memory, and writes them beside the
 logits, one file per block, after the logits and in the background; every other worker maps the
@@ -22,10 +26,13 @@ import sys
 import threading
 from collections.abc import Callable, Collection, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from search.data import TensorSet
 
 CACHE_DIR = "cache"  # under the run directory: the shared logits and their locks
 _WRITERS: list[threading.Thread] = []  # this process's threads writing kept tokens (`_save_tokens`)
@@ -68,6 +75,30 @@ def tokens_path(path: Path, block: int) -> Path:
     return path.with_name(f"tokens-{path.stem.removeprefix('logits-')}-block{block}.pt")
 
 
+def images_path(path: Path) -> Path:
+    """The file of the decoded images whose logits are at `path`."""
+    return path.with_name(f"images-{path.stem.removeprefix('logits-')}.pt")
+
+
+def save_images(images: TensorSet, path: Path) -> None:
+    """Write a decoded image set beside the logits at `path` (atomically); a failed write is said
+    and skipped: the other workers then build the set themselves."""
+    try:
+        save_atomically(asdict(images), images_path(path))
+    except OSError as err:
+        print(f"images not written beside {path.name}: {err}", file=sys.stderr)
+
+
+def load_images(path: Path) -> TensorSet | None:
+    """The decoded images written beside the logits at `path` (memory-mapped: the workers share the
+    pages), or None when there are none."""
+    file = images_path(path)
+    if not file.is_file():
+        return None
+    fields = torch.load(file, mmap=True)
+    return TensorSet(**{**fields, "mean": tuple(fields["mean"]), "std": tuple(fields["std"])})
+
+
 def load_tokens(path: Path, skip: Collection[int] = ()) -> dict[int, Tensor]:
     """The tokens kept beside the logits at `path` (those written so far), by block, memory-mapped
     (read-only, shared by every process that maps them), but for the blocks in `skip`."""
@@ -79,11 +110,11 @@ def load_tokens(path: Path, skip: Collection[int] = ()) -> dict[int, Tensor]:
     return dict(sorted(found.items()))
 
 
-def drop_tokens(cache_dir: str | Path | None) -> None:
+def drop_tokens(cache_dir: str | Path | None, prefix: str = "tokens-") -> None:
     """Delete the kept tokens of a run cache, and any half-written ones (large; a later stage that
-    needs them computes its own)."""
+    needs them computes its own); with ``prefix="images-"`` the decoded image sets."""
     if cache_dir is not None:
-        for file in Path(cache_dir).glob("tokens-*"):
+        for file in Path(cache_dir).glob(f"{prefix}*"):
             file.unlink(missing_ok=True)
 
 

@@ -76,6 +76,7 @@ class Context:
     trials: int = field(default=0)
     confirm: tuple[TensorSet, Tensor] | None = None  # confirmation images and their unreduced logits
     confirm_prefix: PrefixCache | None = None
+    confirm_data: TensorSet | None = None  # the confirmation images when built or loaded with the screening ones
     confirm_reference: Tensor | None = None  # the confirmation logits when loaded with the screening ones
     confirm_tokens: dict[int, Tensor] = field(default_factory=dict)  # their shared blocks (search.prefix_cache)
     confirm_more_tokens: Any = None  # maps the confirmation set's shared blocks written since (PrefixCache's more_shared)
@@ -97,14 +98,13 @@ def context(setup: WorkerSetup) -> Context:
         start = time.perf_counter()
         torch.set_num_threads(max(1, setup.threads))
         model = load_model(setup.model, pretrained=setup.pretrained, checkpoint=setup.checkpoint, device=setup.device)
-        data = load_eval_set(setup.data, data_config(model), num_images=setup.num_images, seed=setup.seed,
-                             num_classes=model.num_classes)
-        (reference, tokens, more), (confirm_reference, confirm_tokens, confirm_more) = _references(setup, model, data)
+        (data, reference, tokens, more), (confirm_data, confirm_reference, confirm_tokens, confirm_more) = \
+            _references(setup, model)
         prefix = PrefixCache(model, data, batch_size=setup.batch_size, budget_bytes=setup.prefix_cache_mb << 20,
                              shared=tokens, more_shared=more)
         _CONTEXTS[key] = Context(model, data, reference, time.perf_counter() - start, prefix,
-                                 confirm_reference=confirm_reference, confirm_tokens=confirm_tokens,
-                                 confirm_more_tokens=confirm_more)
+                                 confirm_data=confirm_data, confirm_reference=confirm_reference,
+                                 confirm_tokens=confirm_tokens, confirm_more_tokens=confirm_more)
     return _CONTEXTS[key]
 
 
@@ -129,32 +129,51 @@ def output_memo(setup: WorkerSetup, model: nn.Module, images: str) -> OutputMemo
                       (*_outputs_key(setup), setup.confirm_images if images == "confirm" else None))
 
 
-def _references(setup: WorkerSetup, model: nn.Module,
-                data: TensorSet) -> tuple[tuple[Tensor, dict[int, Tensor], Any], tuple[Tensor | None, dict[int, Tensor], Any]]:
-    """The unreduced logits on the screening images and, with a run cache, on the confirmation
-    images too, each with the tokens entering the blocks the run shares (search.prefix_cache) and
-    how to map those written later: computed by the first worker to need them, loaded by the others."""
+def _screen_set(setup: WorkerSetup, model: nn.Module) -> TensorSet:
+    return load_eval_set(setup.data, data_config(model), num_images=setup.num_images, seed=setup.seed,
+                         num_classes=model.num_classes)
+
+
+SetOutputs = tuple[TensorSet | None, Tensor | None, dict[int, Tensor], Any]  # images, logits, kept tokens, more
+
+
+def _references(setup: WorkerSetup, model: nn.Module) -> tuple[SetOutputs, SetOutputs]:
+    """The screening images with their unreduced logits and, with a run cache, the confirmation
+    images with theirs, each with the tokens entering the blocks the run shares (search.prefix_cache)
+    and how to map those written later: built by the first worker to need them, loaded by the others
+    (the images too: search.shared_logits.save_images)."""
     if setup.cache_dir is None:
-        return (predict(model, data, batch_size=setup.batch_size), {}, None), (None, {}, None)
+        data = _screen_set(setup, model)
+        return (data, predict(model, data, batch_size=setup.batch_size), {}, None), (None, None, {}, None)
     key = _outputs_key(setup)
     screen, confirm = (shared_logits.cache_path(setup.cache_dir, name, (*key, extra))
                        for name, extra in (("screen", None), ("confirm", setup.confirm_images)))
+    built: dict[Path, TensorSet] = {}
 
-    def keeping(images: TensorSet):  # type: ignore[no-untyped-def]
-        blocks = shared_blocks(len(model.blocks), block_bytes(model, len(images)), setup.prefix_cache_mb << 20)
-        return predict_keeping(model, images, batch_size=setup.batch_size, blocks=blocks)
+    def keeping(path: Path, build):  # type: ignore[no-untyped-def]
+        def compute():  # type: ignore[no-untyped-def]
+            images = built[path] = build()
+            shared_logits.save_images(images, path)  # before the logits: whoever loads those finds these
+            blocks = shared_blocks(len(model.blocks), block_bytes(model, len(images)), setup.prefix_cache_mb << 20)
+            return predict_keeping(model, images, batch_size=setup.batch_size, blocks=blocks)
+        return compute
 
-    found = shared_logits.shared_outputs([(screen, lambda: keeping(data)),
-                                          (confirm, lambda: keeping(_confirm_set(setup, model)))])
-    return ((*found[0], partial(shared_logits.load_tokens, screen)),
-            (*found[1], partial(shared_logits.load_tokens, confirm)))
+    def images(path: Path) -> TensorSet | None:  # built here, else written by the worker that built them
+        return built[path] if path in built else shared_logits.load_images(path)
+
+    found = shared_logits.shared_outputs([(screen, keeping(screen, lambda: _screen_set(setup, model))),
+                                          (confirm, keeping(confirm, lambda: _confirm_set(setup, model)))])
+    data = images(screen)
+    return ((data if data is not None else _screen_set(setup, model), *found[0],
+             partial(shared_logits.load_tokens, screen)),
+            (images(confirm), *found[1], partial(shared_logits.load_tokens, confirm)))
 
 
 def confirm_context(setup: WorkerSetup) -> tuple[TensorSet, Tensor]:
     """The confirmation images (disjoint from the screening set) and their unreduced logits, built once."""
     ctx = context(setup)
     if ctx.confirm is None:
-        data = _confirm_set(setup, ctx.model)
+        data = ctx.confirm_data if ctx.confirm_data is not None else _confirm_set(setup, ctx.model)
         reference = ctx.confirm_reference
         ctx.confirm = (data, reference if reference is not None else predict(ctx.model, data, batch_size=setup.batch_size))
         ctx.confirm_prefix = PrefixCache(ctx.model, data, batch_size=setup.batch_size,

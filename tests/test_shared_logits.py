@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from reducers.prefix import embed, tokens_entering
+from search import worker
 from search.models import model_spec
 from search.shared_logits import cache_path, drop_tokens, shared_outputs, wait_for_tokens
 from search.worker import _CONTEXTS, WorkerSetup, confirm_context, context
@@ -66,16 +67,30 @@ def test_a_set_another_worker_holds_is_waited_for_while_the_next_is_computed(tmp
     torch.testing.assert_close(got[1], torch.zeros(2, 2))
 
 
-def test_workers_of_one_run_share_the_reference_logits(tmp_path: Path) -> None:
+def test_workers_of_one_run_share_the_reference_logits_and_the_images(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     setup = WorkerSetup(space=_space(), model=FAST, num_images=16, batch_size=8, confirm_images=8,
                         cache_dir=str(tmp_path))
     first = context(setup)
     files = sorted(p.name for p in tmp_path.glob("logits-*.pt"))
     assert len(files) == 2 and files[0].startswith("logits-confirm-") and files[1].startswith("logits-screen-")
-    _CONTEXTS.clear()  # as a new worker process would start
-    second = context(setup)
+    images = sorted(p.name for p in tmp_path.glob("images-*.pt"))  # the decoded sets, written beside them
+    assert [name.removeprefix("images-") for name in images] == [name.removeprefix("logits-") for name in files]
+    _CONTEXTS.clear()  # as a new worker process would start: it builds no image set
+    with monkeypatch.context() as patched:
+        patched.setattr(worker, "load_eval_set", lambda *a, **k: _never())
+        patched.setattr(worker, "load_confirm_set", lambda *a, **k: _never())
+        second = context(setup)
+        confirm_data, _ = confirm_context(setup)
     torch.testing.assert_close(second.reference, first.reference)
     assert second.confirm_reference is not None and second.confirm_reference.shape[0] == 8
+    assert torch.equal(second.data.images, first.data.images) and torch.equal(second.data.labels, first.data.labels)
+    assert (second.data.mean, second.data.std, second.data.source) == (first.data.mean, first.data.std, first.data.source)
+    assert torch.equal(confirm_data.images, first.confirm_data.images) and len(confirm_data) == 8
+    assert not torch.equal(confirm_data.images, second.data.images[:8])  # another set
+    _CONTEXTS.clear()
+    drop_tokens(tmp_path, "images-")  # gone (the driver drops them after the last stage): built again
+    third = context(setup)
+    assert torch.equal(third.data.images, first.data.images) and not list(tmp_path.glob("images-*"))
     _CONTEXTS.clear()
 
 
