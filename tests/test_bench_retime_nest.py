@@ -25,6 +25,7 @@ def test_spread_and_differences_by_hand() -> None:
     assert rows[0]["median_diff"] == 0.0 and rows[0]["max_diff"] == 0.0
     # means: nest 1 2.0 and 4.2, nest 2 2.0 and 4.6
     assert rows[1]["max_diff"] == pytest.approx(4.6 / 4.2 - 1) and rows[1]["median_diff"] == pytest.approx((4.6 / 4.2 - 1) / 2)
+    assert rows[0]["median_ratio"] == 1.0 and rows[1]["median_ratio"] == pytest.approx((1.0 + 4.6 / 4.2) / 2)
 
 
 @pytest.mark.parametrize(("args", "needle"), [
