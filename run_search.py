@@ -12,11 +12,9 @@ The same as the installed ``tokensched`` command; the code is in ``search/cli/``
 
 from __future__ import annotations
 
-import sys
-
-from search.cli import main
+from search.cli import exit_process, main
 
 __all__ = ["main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main(exiting=True))

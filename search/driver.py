@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -139,8 +140,19 @@ def _init_ray(cfg: SearchConfig) -> str | None:
     return f"http://{url}" if url and not url.startswith("http") else url
 
 
-def run(cfg: SearchConfig) -> SearchOutcome:
-    """The whole search: prepare the run directory, run the trials, write every output."""
+def release_ray() -> threading.Thread:
+    """Shut Ray down in a thread of its own (its workers, and the local cluster this driver started),
+    while the driver writes its reports: for a process that ends right after the search."""
+    import ray
+
+    thread = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+    thread.start()
+    return thread
+
+
+def run(cfg: SearchConfig, *, exiting: bool = False) -> SearchOutcome:
+    """The whole search: prepare the run directory, run the trials, write every output. With
+    ``exiting`` (the process ends right after), Ray is shut down while the reports are written."""
     start = time.perf_counter()
     # Tune's new console output prints configuration boxes and a TensorBoard hint on stdout even at
     # verbose=0; the legacy reporter at verbose=0 prints nothing, so stdout keeps the closing table.
@@ -183,7 +195,12 @@ def run(cfg: SearchConfig) -> SearchOutcome:
         "presets": round(presets_done - profiled, 3), "tune": round(toc - presets_done, 3),
         "confirm": round(confirmed - toc, 3), "finetune": round(finetuned - confirmed, 3),
         "retime": round(time.perf_counter() - finetuned, 3)})
-    return finish(cfg, run)
+    releasing = release_ray() if exiting else None  # nothing below uses Ray
+    try:
+        return finish(cfg, run)
+    finally:
+        if releasing is not None:
+            releasing.join()
 
 
 def command_line(argv: list[str]) -> str:

@@ -39,6 +39,29 @@ def test_script_runs_as_a_program() -> None:
     assert json.loads(proc.stdout)["gmacs"] == pytest.approx(2.95, abs=0.01)
 
 
+def test_the_process_ends_with_its_code_after_the_exit_handlers_and_with_its_output_flushed() -> None:
+    """exit_process skips only the interpreter's teardown: atexit handlers run, buffered output is written."""
+    code = ("import atexit, sys; from search.cli import exit_process; "
+            "atexit.register(lambda: print('handler ran', file=sys.stderr)); "
+            "print('buffered', end=''); sys.stderr.write('err'); exit_process(3)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and proc.stdout == "buffered" and proc.stderr == "errhandler ran\n"
+
+
+def test_release_ray_shuts_ray_down_in_a_thread_of_its_own(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    import ray
+
+    from search.driver import release_ray
+
+    called: list[str] = []
+    monkeypatch.setattr(ray, "shutdown", lambda: called.append(threading.current_thread().name))
+    thread = release_ray()
+    thread.join(timeout=30)
+    assert called == ["ray-shutdown"] and thread.name != threading.main_thread().name
+
+
 def test_tokensched_console_command_is_the_same_command_line() -> None:
     """pyproject installs `tokensched` (search.cli:console); it answers as `python run_search.py` does."""
     import shutil

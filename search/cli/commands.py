@@ -265,12 +265,12 @@ def _check_latency_profile(args: argparse.Namespace, spec) -> str | None:  # typ
     return str(path)
 
 
-def cmd_search(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+def cmd_search(args: argparse.Namespace, argv: Sequence[str] = (), *, exiting: bool = False) -> int:
     from search.driver import check_budget, run
 
     cfg = search_config(args, argv)
     check_budget(cfg.setup.space)
-    return run(cfg).exit_code
+    return run(cfg, exiting=exiting).exit_code
 
 
 def _finetune_model(args: argparse.Namespace, schedule, source: dict):  # type: ignore[no-untyped-def]
