@@ -10,8 +10,9 @@ schedules a search re-timed (its front and presets, from trials.jsonl) with each
 one-pass chains each, the nests alternated in ABBA order in one process, and prints per nest:
 seconds a pass, the median over schedules of the relative spread of a schedule's speed-up across
 passes (the re-timing's own noise; the search re-times in one pass), and the median ratio of a
-schedule's mean speed-up to the first nest's (a bias) with the median and largest relative difference. Random weights (speed does
-not depend on them), the trials' thread count.
+schedule's mean speed-up to the first nest's (a bias) with the median and largest relative
+difference. The schedules run on the embedded default model, the default command's, at the trials'
+thread count (`--threads`, default 1).
 """
 
 from __future__ import annotations

@@ -186,7 +186,7 @@ def run(cfg: SearchConfig, *, exiting: bool = False) -> SearchOutcome:
     confirmed = time.perf_counter()
     if cfg.finetune_top > 0:
         run_finetunes(cfg, run)
-    shared_logits.drop_tokens(cfg.setup.cache_dir, "images-")  # the decoded image sets: large with --data
+    shared_logits.drop_images(cfg.setup.cache_dir)  # no stage after the fine-tunes builds a worker
     finetuned = time.perf_counter()
     if cfg.retime:
         run_retime(cfg, run)

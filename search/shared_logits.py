@@ -110,12 +110,21 @@ def load_tokens(path: Path, skip: Collection[int] = ()) -> dict[int, Tensor]:
     return dict(sorted(found.items()))
 
 
-def drop_tokens(cache_dir: str | Path | None, prefix: str = "tokens-") -> None:
-    """Delete the kept tokens of a run cache, and any half-written ones (large; a later stage that
-    needs them computes its own); with ``prefix="images-"`` the decoded image sets."""
+def _drop(cache_dir: str | Path | None, prefix: str) -> None:
+    """Delete the files of a run cache whose names start with `prefix`, half-written ones included."""
     if cache_dir is not None:
         for file in Path(cache_dir).glob(f"{prefix}*"):
             file.unlink(missing_ok=True)
+
+
+def drop_tokens(cache_dir: str | Path | None) -> None:
+    """Delete the kept tokens of a run cache (large; a later stage that needs them computes its own)."""
+    _drop(cache_dir, "tokens-")
+
+
+def drop_images(cache_dir: str | Path | None) -> None:
+    """Delete the decoded image sets of a run cache (large with --data; a later worker builds its own)."""
+    _drop(cache_dir, "images-")
 
 
 Computed = Tensor | tuple[Tensor, dict[int, Tensor]]  # the logits, or the logits and tokens by block

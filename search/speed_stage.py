@@ -25,7 +25,8 @@ from search.worker import WorkerSetup
 
 PROFILE_FILE = "latency_profile.json"  # the run's copy: a resumed run keeps the profile it started with
 # Schedules per pair of unreduced timings in the batched re-timing (evaluate.throughput_many): two
-# take 0.69x the time of one with no more spread across passes (bench/retime_nest.py, docs/RESULTS.md).
+# take 0.73x the time of one with no more spread across passes (`python bench/retime_nest.py --run
+# runs/s40-head --passes 4 --nests 1,2`, commit 3c312ed: docs/RESULTS.md §4, "Session 40").
 RETIME_NEST = 2
 
 

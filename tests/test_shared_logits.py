@@ -12,7 +12,7 @@ import torch
 from reducers.prefix import embed, tokens_entering
 from search import worker
 from search.models import model_spec
-from search.shared_logits import cache_path, drop_tokens, shared_outputs, wait_for_tokens
+from search.shared_logits import cache_path, drop_images, drop_tokens, shared_outputs, wait_for_tokens
 from search.worker import _CONTEXTS, WorkerSetup, confirm_context, context
 from spaces.search_space import SearchSpace
 
@@ -88,7 +88,7 @@ def test_workers_of_one_run_share_the_reference_logits_and_the_images(tmp_path: 
     assert torch.equal(confirm_data.images, first.confirm_data.images) and len(confirm_data) == 8
     assert not torch.equal(confirm_data.images, second.data.images[:8])  # another set
     _CONTEXTS.clear()
-    drop_tokens(tmp_path, "images-")  # gone (the driver drops them after the last stage): built again
+    drop_images(tmp_path)  # gone (the driver drops them after the last stage): built again
     third = context(setup)
     assert torch.equal(third.data.images, first.data.images) and not list(tmp_path.glob("images-*"))
     _CONTEXTS.clear()
