@@ -8,14 +8,18 @@ stage: presets, searched trials, confirmation), and what the stage took beyond i
 spread over the run's ``--concurrency`` workers (stage seconds - evaluation seconds / concurrency):
 starting workers, loading the model, the images and the unreduced logits, waiting between stages
 and for the slowest worker. Evaluation seconds depend on how fast the machine runs at the time; this
-difference much less.
+difference much less. How fast the machine ran is the unreduced model's throughput in the run's
+re-timing (the median of the re-timed records' ``baseline_images_per_s``: the same model, batch and
+thread count in every run of one command), when the run re-timed its schedules.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +54,15 @@ def overhead(run: Path) -> dict[str, Any]:
     rows["all"] = {k: sum(rows[s][k] for s in STAGES) for k in ("stage_s", "eval_s", "beyond_s")}
     return {"run": str(run), "workers": workers, "stages": rows,
             "ray_s": sum(t.get("ray_init_and_setup", 0.0) for t in timing),
-            "retime_s": sum(t.get("retime", 0.0) for t in timing)}
+            "retime_s": sum(t.get("retime", 0.0) for t in timing),
+            "unreduced_images_per_s": machine_speed(latest.values())}
+
+
+def machine_speed(records: Iterable[dict[str, Any]]) -> float | None:
+    """The unreduced model's images/s in the run's re-timing (median over the re-timed records), or
+    None when nothing was re-timed."""
+    found = [r["baseline_images_per_s"] for r in records if r.get("baseline_images_per_s")]
+    return statistics.median(found) if found else None
 
 
 def main() -> int:
@@ -70,7 +82,10 @@ def main() -> int:
     for result in results:
         for stage, row in result["stages"].items():
             print(f"{result['run'][-28:]:28} {stage:8} {row['stage_s']:8.1f} {row['eval_s']:12.1f} {row['beyond_s']:14.1f}")
-        print(f"{'':28} {'ray':8} {result['ray_s']:8.1f}   re-timing {result['retime_s']:.1f} s, {result['workers']} workers")
+        speed = result["unreduced_images_per_s"]
+        machine = f", unreduced {speed:.1f} images/s in the re-timing" if speed else ""
+        print(f"{'':28} {'ray':8} {result['ray_s']:8.1f}   re-timing {result['retime_s']:.1f} s, {result['workers']} workers"
+              f"{machine}")
     return 0
 
 

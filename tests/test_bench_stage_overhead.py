@@ -24,6 +24,9 @@ def _run(path: Path, timing: list[dict] | None) -> Path:
                {"ray_trial": "t2", "preset": None, "fidelity": "stopped", "eval_seconds": 1.0},
                {"ray_trial": "t3", "preset": None, "fidelity": "finetune", "eval_seconds": 50.0},  # not a stage's
                {"ray_trial": "c-0", "preset": "tome:8", "fidelity": "confirm", "eval_seconds": 8.0}]
+    if timing and timing[0].get("retime"):  # re-timed: each record again, with the unreduced model's speed then
+        records += [{**records[1], "baseline_images_per_s": 150.0}, {**records[3], "baseline_images_per_s": 170.0},
+                    {**records[6], "baseline_images_per_s": 160.0}]
     (path / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
@@ -36,6 +39,15 @@ def test_stage_seconds_beyond_the_evaluations_spread_over_the_workers(tmp_path: 
     assert rows["tune"]["eval_s"] == 7.0 and rows["tune"]["beyond_s"] == 5.5
     assert rows["confirm"]["eval_s"] == 8.0 and rows["confirm"]["beyond_s"] == 1.0
     assert rows["all"]["beyond_s"] == 13.5 and result["ray_s"] == 4.0 and result["retime_s"] == 3.0
+    assert result["unreduced_images_per_s"] == 160.0  # the median of the three re-timed records
+
+
+def test_a_run_without_re_timing_has_no_machine_speed(tmp_path: Path) -> None:
+    run = _run(tmp_path / "a", [{"ray_init_and_setup": 4.0, "presets": 10.0, "tune": 9.0, "confirm": 5.0}])
+    assert overhead(run)["unreduced_images_per_s"] is None
+    proc = subprocess.run([sys.executable, "bench/stage_overhead.py", str(run)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "images/s" not in proc.stdout
 
 
 @pytest.mark.parametrize("case", ["no run", "unfinished"])
