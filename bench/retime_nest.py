@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.passes < 2:
         print(f"error: --passes must be at least 2 (a spread needs two), got {args.passes}", file=sys.stderr)
         return 2
+    for flag, value in (("--batch", args.batch), ("--threads", args.threads), ("--most", args.most)):
+        if value is not None and value < 1:
+            print(f"error: {flag} must be at least 1, got {value}", file=sys.stderr)
+            return 2
     if not (args.run / "trials.jsonl").is_file():
         print(f"error: --run {args.run}: no trials.jsonl there", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ def test_spread_and_differences_by_hand() -> None:
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["--nests", "0,2"], "--nests"), (["--nests", "a"], "--nests"), (["--passes", "1"], "--passes"),
+    (["--batch", "0"], "--batch"), (["--threads", "0"], "--threads"), (["--most", "0"], "--most"),
     (["--run", "/nonexistent/run"], "no trials.jsonl"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(args: list[str], needle: str, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
