@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "run_search.py", exit
 def exit_process(code: int) -> NoReturn:
     """End the process with `code` once everything is written: the atexit handlers run (Ray's
     shutdown, the run directory's clean-up) and the output is flushed, then the interpreter's own
-    teardown is skipped (about 2 s with torch, timm and Ray loaded, and nothing left to write)."""
+    teardown is skipped (slow with torch, timm and Ray loaded, and nothing is left to write)."""
     import atexit
 
     atexit._run_exitfuncs()
